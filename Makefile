@@ -1,0 +1,30 @@
+# Two commands a new user types (README): `make demo` and `make test`. Each sets up .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch and torchvision as a matching pair of the index's default builds: the local CPU-only
+# torch wheel has no matching torchvision (see ../shared/ENVIRONMENT.md); these run on CPU too.
+TORCH_PAIR := torch==2.15.0 torchvision==0.29.2
+SAM2 := sam2==1.1.0
+
+.PHONY: demo test setup clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_PAIR)
+	$(PY) -m pip install -q -e ".[test]" $(TORCH_PAIR)
+	# sam2 is an sdist that imports torch at build time: build it against the torch above.
+	SAM2_BUILD_CUDA=0 $(PY) -m pip install -q --no-build-isolation $(SAM2)
+	$(PY) -c "import torch, torchvision, sam2, segment_anything, segment_anything_hq, timm, open_clip, fvcore, pycocotools, lvis, faster_coco_eval; print('environment ready: torch', torch.__version__, 'torchvision', torchvision.__version__)"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) tools/demo.py
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) output

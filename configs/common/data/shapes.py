@@ -1,0 +1,28 @@
+# The synthetic shapes dataset (samantics_d2/data/shapes.py; generated on first use).
+from omegaconf import OmegaConf
+
+from samantics_d2.d2 import COCOEvaluator
+from samantics_d2.d2 import LazyCall as L
+from samantics_d2.d2 import build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
+from samantics_d2.data.mapper import DetectionMapper, random_flip
+
+dataloader = OmegaConf.create()
+
+dataloader.train = L(build_detection_train_loader)(
+    dataset=L(get_detection_dataset_dicts)(names="shapes_train"),
+    mapper=L(DetectionMapper)(is_train=True, augmentations=[L(random_flip)(horizontal=True)]),
+    total_batch_size=8,
+    num_workers=0,
+)
+
+dataloader.test = L(build_detection_test_loader)(
+    dataset=L(get_detection_dataset_dicts)(names="shapes_val", filter_empty=False),
+    mapper=L(DetectionMapper)(is_train=False, augmentations=[]),
+    num_workers=0,
+)
+
+dataloader.evaluator = L(COCOEvaluator)(
+    dataset_name="${..test.dataset.names}",
+    output_dir="${...train.output_dir}/inference",
+    use_fast_impl=False,
+)

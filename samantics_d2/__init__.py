@@ -1,0 +1,11 @@
+"""samantics_d2: a Detectron2 extension that gives the Segment Anything Model semantics.
+
+``import samantics_d2`` registers the project's datasets (COCO, LVIS, synthetic shapes) and its
+components (backbones, meta-architectures) in the registries of the active backend
+(see :mod:`samantics_d2.d2`).
+"""
+from . import d2  # noqa: F401  (choose the backend first)
+from . import data  # noqa: F401  (dataset registration)
+from . import modeling  # noqa: F401  (backbones, meta-architectures)
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+from ..common.base import model, train
+
+model.width = 16
+train.max_iter = 20
+extra = [1, 2, 3]

@@ -1,0 +1,85 @@
+"""LazyConfig through the seam: relative imports, instantiate, overrides, save/load round trip."""
+import collections
+import os
+
+import pytest
+import torch
+from omegaconf import DictConfig
+
+from samantics_d2.config import check_override_keys
+from samantics_d2.d2 import LazyCall as L
+from samantics_d2.d2 import LazyConfig, instantiate
+
+HERE = os.path.dirname(__file__)
+CHILD = os.path.join(HERE, "configs_fixture", "exp", "child.py")
+
+
+def test_relative_import_and_instantiate():
+    cfg = LazyConfig.load(CHILD)
+    assert isinstance(cfg.model, DictConfig)
+    assert cfg.train.max_iter == 20 and cfg.train.nested.lr == 0.1
+    assert list(cfg.extra) == [1, 2, 3]
+    model = instantiate(cfg.model)
+    assert model == collections.OrderedDict(depth=2, width=16)
+    # The base file is untouched by the child's edits.
+    base = LazyConfig.load(os.path.join(HERE, "configs_fixture", "common", "base.py"))
+    assert base.model.width == 8 and base.train.max_iter == 10
+    assert LazyConfig.load(CHILD, keys="train").max_iter == 20
+
+
+def test_instantiate_nested_lists_and_plain_dicts():
+    node = L(dict)(layers=[L(torch.nn.Linear)(in_features=2, out_features=3)], plain=dict(a=1))
+    out = instantiate(node)
+    assert isinstance(out["layers"][0], torch.nn.Linear)
+    assert out["plain"]["a"] == 1
+    assert isinstance(instantiate(L("torch.nn.ReLU")()), torch.nn.ReLU)
+    with pytest.raises(ImportError, match="no_such_module"):
+        instantiate(L("no_such_module.Thing")(x=1))
+
+
+def test_overrides_and_strict_key_check():
+    cfg = LazyConfig.load(CHILD)
+    LazyConfig.apply_overrides(cfg, ["train.max_iter=7", "train.nested.lr=0.5", "model.width=4"])
+    assert cfg.train.max_iter == 7 and cfg.train.nested.lr == 0.5 and cfg.model.width == 4
+    check_override_keys(cfg, ["train.max_iter=3"])
+    with pytest.raises(KeyError, match=r"train\.max_itr.*train\.max_iter"):
+        check_override_keys(cfg, ["train.max_itr=3"])
+    # Detectron2 semantics: apply_overrides itself adds a new key silently.
+    LazyConfig.apply_overrides(cfg, ["train.brand_new=1"])
+    assert cfg.train.brand_new == 1
+
+
+def test_override_of_lazycall_argument_left_at_default():
+    cfg = DictConfig({"layer": L(torch.nn.Linear)(in_features=2, out_features=3)}, flags={"allow_objects": True})
+    check_override_keys(cfg, ["layer.bias=false"])  # Linear(bias=...) exists in the signature
+    with pytest.raises(KeyError, match="layer.biass"):
+        check_override_keys(cfg, ["layer.biass=false"])
+
+
+def test_save_load_round_trip(tmp_path):
+    cfg = LazyConfig.load(CHILD)
+    cfg.layer = L(torch.nn.Linear)(in_features=2, out_features=3)
+    path = tmp_path / "config.yaml"
+    LazyConfig.save(cfg, str(path))
+    again = LazyConfig.load(str(path))
+    assert again.train.max_iter == 20 and again.model.width == 16
+    assert again.layer._target_ in ("torch.nn.Linear", "torch.nn.modules.linear.Linear")
+    assert isinstance(instantiate(again.layer), torch.nn.Linear)
+    assert instantiate(again.model) == instantiate(cfg.model)
+
+
+def test_unserialisable_config_is_not_half_written(tmp_path):
+    cfg = DictConfig({"f": L(dict)(fn=lambda x: x)}, flags={"allow_objects": True})
+    path = tmp_path / "bad.yaml"
+    LazyConfig.save(cfg, str(path))
+    assert not path.exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+
+
+def test_bad_config_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.py"):
+        LazyConfig.load(str(tmp_path / "nope.py"))
+    broken = tmp_path / "broken.py"
+    broken.write_text("from .missing import x\n")
+    with pytest.raises(ImportError, match="missing.py"):
+        LazyConfig.load(str(broken))

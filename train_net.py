@@ -1,0 +1,125 @@
+#!/usr/bin/env python
+"""Train or evaluate a model described by a LazyConfig file (Detectron2's lazyconfig script shape).
+
+    python train_net.py --config-file configs/quick/tiny_segmenter_shapes.py
+    python train_net.py --config-file configs/quick/tiny_segmenter_shapes.py --eval-only \
+        train.init_checkpoint=output/quick_tiny_segmenter/model_final.pth
+    python train_net.py --config-file ... --num-gpus 2 train.max_iter=100   # 2 processes (gloo on CPU)
+
+The config provides ``model``, ``optimizer``, ``lr_multiplier``, ``dataloader.{train,test,evaluator}``
+and ``train`` (see configs/common/train.py). Configs without ``dataloader.train`` or without an
+optimizer (training-free pipelines) can only be run with ``--eval-only``.
+Every Detectron2 name comes from the seam ``samantics_d2.d2`` (Detectron2 or its lite subset).
+"""
+from __future__ import annotations
+
+import logging
+
+import samantics_d2  # noqa: F401  (registers datasets and components)
+from samantics_d2.config import check_override_keys
+from samantics_d2.d2 import (
+    AMPTrainer,
+    DetectionCheckpointer,
+    LazyConfig,
+    SimpleTrainer,
+    comm,
+    create_ddp_model,
+    default_argument_parser,
+    default_setup,
+    default_writers,
+    hooks,
+    inference_on_dataset,
+    instantiate,
+    launch,
+    log_backend,
+    print_csv_format,
+    setup_logger,
+)
+
+logger = logging.getLogger("samantics_d2.train_net")
+
+
+def do_test(cfg, model):
+    """Run ``dataloader.test`` through the model and ``dataloader.evaluator``; returns the results."""
+    if "evaluator" not in cfg.dataloader:
+        logger.warning("The config has no dataloader.evaluator: nothing to evaluate.")
+        return {}
+    results = inference_on_dataset(model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator))
+    if comm.is_main_process() and results:
+        print_csv_format(results)
+    return results
+
+
+def do_train(args, cfg):
+    model = instantiate(cfg.model)
+    logger.info("Model:\n%s", model)
+    model.to(cfg.train.device)
+
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    train_loader = instantiate(cfg.dataloader.train)
+
+    model = create_ddp_model(model, **cfg.train.ddp)
+    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optimizer)
+    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    trainer.register_hooks(
+        [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
+            hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
+            hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period)
+            if comm.is_main_process()
+            else None,
+        ]
+    )
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    trainer.train(start_iter, cfg.train.max_iter)
+
+
+def main(args):
+    cfg = LazyConfig.load(args.config_file)
+    check_override_keys(cfg, args.opts)  # a misspelt key fails here, before anything runs
+    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    default_setup(cfg, args)
+    setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="samantics_d2")
+    log_backend()
+
+    if args.eval_only:
+        model = instantiate(cfg.model)
+        model.to(cfg.train.device)
+        model = create_ddp_model(model)
+        if cfg.train.init_checkpoint:
+            DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+        else:
+            logger.warning("train.init_checkpoint is empty: evaluating the model as built by the config.")
+        return do_test(cfg, model)
+    for needed in ("optimizer", "lr_multiplier"):
+        if needed not in cfg or "train" not in cfg.get("dataloader", {}):
+            raise ValueError(
+                f"{args.config_file} describes no training (missing {needed!r} or dataloader.train): "
+                "run it with --eval-only."
+            )
+    do_train(args, cfg)
+
+
+def invoke_main() -> None:
+    parser = default_argument_parser()
+    args = parser.parse_args()
+    if args.config_file is None or not args.config_file:
+        parser.error("--config-file is required, e.g. --config-file configs/quick/tiny_segmenter_shapes.py")
+    # Validate the overrides in the parent process too, so a typo fails before workers are spawned.
+    check_override_keys(LazyConfig.load(args.config_file), args.opts)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+
+
+if __name__ == "__main__":
+    invoke_main()
