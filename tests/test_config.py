@@ -18,7 +18,7 @@ def test_relative_import_and_instantiate():
     cfg = LazyConfig.load(CHILD)
     assert isinstance(cfg.model, DictConfig)
     assert cfg.train.max_iter == 20 and cfg.train.nested.lr == 0.1
-    assert list(cfg.extra) == [1, 2, 3]
+    assert list(cfg.extra.items_) == [1, 2, 3]
     model = instantiate(cfg.model)
     assert model == collections.OrderedDict(depth=2, width=16)
     # The base file is untouched by the child's edits.
@@ -28,7 +28,7 @@ def test_relative_import_and_instantiate():
 
 
 def test_instantiate_nested_lists_and_plain_dicts():
-    node = L(dict)(layers=[L(torch.nn.Linear)(in_features=2, out_features=3)], plain=dict(a=1))
+    node = L(collections.OrderedDict)(layers=[L(torch.nn.Linear)(in_features=2, out_features=3)], plain=dict(a=1))
     out = instantiate(node)
     assert isinstance(out["layers"][0], torch.nn.Linear)
     assert out["plain"]["a"] == 1
@@ -69,7 +69,7 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_unserialisable_config_is_not_half_written(tmp_path):
-    cfg = DictConfig({"f": L(dict)(fn=lambda x: x)}, flags={"allow_objects": True})
+    cfg = DictConfig({"f": L(collections.OrderedDict)(fn=lambda x: x)}, flags={"allow_objects": True})
     path = tmp_path / "bad.yaml"
     LazyConfig.save(cfg, str(path))
     assert not path.exists()

@@ -47,7 +47,8 @@ class BoxMode(IntEnum):
         Args:
             box: one box (list/tuple of 4 or 5 numbers) or ``[N, 4]`` / ``[N, 5]`` array or tensor.
         Returns:
-            The converted box(es), of the same type as ``box`` (a copy, never ``box`` itself).
+            The converted box(es), of the same type as ``box``; a copy unless the modes are equal
+            (then ``box`` itself, as in Detectron2).
         """
         from_mode, to_mode = BoxMode(from_mode), BoxMode(to_mode)
         if from_mode == to_mode:
@@ -69,11 +70,15 @@ class BoxMode(IntEnum):
                 )
             arr = torch.tensor(box, dtype=torch.float64)[None, :]
         elif isinstance(box, np.ndarray):
-            arr = torch.from_numpy(np.asarray(box)).clone()
+            arr = torch.from_numpy(np.ascontiguousarray(box)).clone()
         elif isinstance(box, torch.Tensor):
             arr = box.clone()
         else:
             raise TypeError(f"BoxMode.convert got a {original_type.__name__}; expected list, tuple, ndarray or Tensor.")
+        if arr.dim() != 2 or arr.shape[1] not in (4, 5):
+            raise ValueError(
+                f"BoxMode.convert got boxes of shape {tuple(arr.shape)}; expected [N, 4] (or [N, 5] for XYWHA_ABS)."
+            )
 
         if from_mode == BoxMode.XYWHA_ABS:
             if to_mode != BoxMode.XYXY_ABS:

@@ -2,4 +2,4 @@ from ..common.base import model, train
 
 model.width = 16
 train.max_iter = 20
-extra = [1, 2, 3]
+extra = dict(items_=[1, 2, 3])

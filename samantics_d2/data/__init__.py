@@ -1,0 +1,17 @@
+"""Datasets and data mapping of samantics_d2.
+
+Importing this package registers COCO 2017 / LVIS v1 (under ``$DETECTRON2_DATASETS``) and the synthetic
+shapes datasets in ``DatasetCatalog``: names not registered yet only, nothing read or generated now.
+"""
+from . import builtin, shapes  # noqa: F401  (registration)
+from .io import read_image, to_rgb_uint8
+from .mapper import DetectionMapper, large_scale_jitter, random_flip, resize_shortest_edge
+
+__all__ = [
+    "DetectionMapper",
+    "large_scale_jitter",
+    "random_flip",
+    "read_image",
+    "resize_shortest_edge",
+    "to_rgb_uint8",
+]

@@ -1,0 +1,68 @@
+"""COCO 2017 and LVIS v1 under ``$DETECTRON2_DATASETS``, with Detectron2's dataset names.
+
+Only names not already in ``DatasetCatalog`` are registered (real Detectron2 registers them itself).
+The root is read when a dataset is loaded, not at import, so a tool may set ``DETECTRON2_DATASETS``
+after ``import samantics_d2``; ``json_file`` and ``image_root`` are put on the metadata at that time.
+The expected layout is in ``datasets/README.md``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable
+
+from ..d2 import DatasetCatalog, MetadataCatalog, load_coco_json, load_lvis_json
+
+__all__ = ["BUILTIN_COCO", "BUILTIN_LVIS", "datasets_root", "register_all_builtin"]
+
+logger = logging.getLogger(__name__)
+
+DATASETS_ENV = "DETECTRON2_DATASETS"
+
+# name -> (image root, json file), relative to the datasets root.
+BUILTIN_COCO: dict[str, tuple[str, str]] = {
+    "coco_2017_train": ("coco/train2017", "coco/annotations/instances_train2017.json"),
+    "coco_2017_val": ("coco/val2017", "coco/annotations/instances_val2017.json"),
+}
+# LVIS v1 uses COCO 2017 images: file names come from each image's coco_url, under coco/.
+BUILTIN_LVIS: dict[str, tuple[str, str]] = {
+    "lvis_v1_train": ("coco/", "lvis/lvis_v1_train.json"),
+    "lvis_v1_val": ("coco/", "lvis/lvis_v1_val.json"),
+}
+
+
+def datasets_root() -> str:
+    """``$DETECTRON2_DATASETS`` (default ``"datasets"``), read now; an error naming it when missing."""
+    root = os.path.expanduser(os.environ.get(DATASETS_ENV, "datasets"))
+    if not os.path.isdir(root):
+        source = f"{DATASETS_ENV}={os.environ[DATASETS_ENV]!r}" if DATASETS_ENV in os.environ else (
+            f"{DATASETS_ENV} is unset, so the default 'datasets' relative to {os.getcwd()!r} is used"
+        )
+        raise FileNotFoundError(
+            f"Dataset root {os.path.abspath(root)!r} does not exist ({source}). Set {DATASETS_ENV} to the folder "
+            "holding coco/ and lvis/, laid out as in datasets/README.md."
+        )
+    return root
+
+
+def _loader(name: str, image_dir: str, json_name: str, load: Callable, evaluator_type: str) -> Callable[[], list[dict]]:
+    def load_builtin() -> list[dict]:
+        root = datasets_root()
+        json_file, image_root = os.path.join(root, json_name), os.path.join(root, image_dir)
+        MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type=evaluator_type)
+        return load(json_file, image_root, name)
+
+    return load_builtin
+
+
+def register_all_builtin() -> None:
+    """Register the COCO and LVIS names that are not registered yet (cheap: nothing is read)."""
+    for table, load, evaluator_type in ((BUILTIN_COCO, load_coco_json, "coco"), (BUILTIN_LVIS, load_lvis_json, "lvis")):
+        for name, (image_dir, json_name) in table.items():
+            if name in DatasetCatalog.list():
+                continue
+            DatasetCatalog.register(name, _loader(name, image_dir, json_name, load, evaluator_type))
+            MetadataCatalog.get(name).set(evaluator_type=evaluator_type)
+
+
+register_all_builtin()

@@ -1,0 +1,168 @@
+"""``EncoderBackbone``: the interface every image encoder of the project exposes.
+
+An encoder backbone is a Detectron2 ``Backbone`` over an upstream trunk (segment_anything, sam2,
+timm, open_clip). Besides ``output_shape()``, ``size_divisibility`` and ``padding_constraints`` it
+names one dense feature map and one global embedding among its outputs, and knows its own
+preprocessing, so any encoder can drive the linear probe or the semantic classifier:
+
+    feats = backbone(backbone.prepare(images))
+    dense = feats[backbone.dense_feature]    # [N, C, h, w]
+    vector = feats[backbone.global_feature]  # [N, D]
+"""
+from __future__ import annotations
+
+import logging
+from typing import ClassVar, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from ...d2 import Backbone, ShapeSpec
+from ..preprocess import ImageFit, PreprocessSpec, prepare_batch, preprocess_spec
+from ..weights import default_tag
+
+__all__ = ["EncoderBackbone", "SIZES"]
+
+logger = logging.getLogger(__name__)
+
+SIZES = ("full", "tiny")
+
+
+class EncoderBackbone(Backbone):
+    """Base class of the encoder backbones.
+
+    Attributes:
+        weight_family: converter family of :mod:`samantics_d2.modeling.weights` (class attribute).
+        variant: architecture name in the family (``"vit_b"``, ``"hiera_l"``, ``"vitg14_reg"``...).
+        size: ``"full"`` (the published architecture) or ``"tiny"`` (same structure, depth 2 and
+            width 32, random init, for tests).
+        dense_feature: name of the ``[N, C, h, w]`` output used as dense features.
+        global_feature: name of the ``[N, D]`` output used as the image embedding.
+        preprocess: how images are fitted and normalised for this encoder.
+
+    Subclasses build their upstream module as ``self.encoder`` and call :meth:`_set_outputs`.
+    """
+
+    weight_family: ClassVar[str] = ""
+    variants: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, *, variant: str, size: str, preprocess: Optional[PreprocessSpec]) -> None:
+        super().__init__()
+        if variant not in self.variants:
+            raise ValueError(f"{type(self).__name__} got variant={variant!r}; expected one of {self.variants}.")
+        if size not in SIZES:
+            raise ValueError(f"{type(self).__name__} got size={size!r}; expected one of {SIZES}.")
+        self.variant = variant
+        self.size = size
+        self._preprocess = preprocess
+        self.dense_feature = ""
+        self.global_feature = ""
+
+    # ------------------------------------------------------------------ outputs
+
+    def _default_preprocess(self, input_size: int) -> PreprocessSpec:
+        tag = default_tag(self.weight_family, self.variant)
+        assert tag is not None, (self.weight_family, self.variant)
+        return preprocess_spec(tag, input_size=input_size)
+
+    def _set_outputs(
+        self,
+        shapes: Mapping[str, ShapeSpec],
+        *,
+        out_features: Optional[Sequence[str]],
+        dense_feature: str,
+        global_feature: str,
+        input_size: int,
+    ) -> None:
+        """Declare the available outputs; ``out_features`` (default: dense + global) selects them."""
+        self._available = dict(shapes)
+        selected = list(out_features) if out_features is not None else [dense_feature, global_feature]
+        unknown = [name for name in selected if name not in self._available]
+        if unknown or not selected:
+            raise ValueError(
+                f"{type(self).__name__} got out_features={selected}; unknown {unknown}. Available: {list(self._available)}."
+            )
+        self._out_features = selected
+        self._out_feature_channels = {n: self._available[n].channels for n in selected}
+        self._out_feature_strides = {n: self._available[n].stride for n in selected}
+        self.dense_feature = dense_feature
+        self.global_feature = global_feature
+        if self._preprocess is None:
+            self._preprocess = self._default_preprocess(input_size)
+        self.preprocess: PreprocessSpec = self._preprocess
+
+    @property
+    def available_features(self) -> list[str]:
+        """Every output name this backbone can produce (select with ``out_features``)."""
+        return list(self._available)
+
+    def output_shape(self) -> dict[str, ShapeSpec]:
+        """``ShapeSpec`` per selected output; the global embedding has ``stride=None`` (a vector)."""
+        return {name: self._available[name] for name in self._out_features}
+
+    # ------------------------------------------------------------------ input contract
+
+    @property
+    def square_size(self) -> int:
+        """Input side the trunk requires (0: any size that satisfies ``size_divisibility``)."""
+        return 0
+
+    @property
+    def padding_constraints(self) -> dict[str, int]:
+        constraints = {"size_divisibility": self.size_divisibility}
+        if self.square_size:
+            constraints["square_size"] = self.square_size
+        return constraints
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        """Validate ``x: [N, 3, H, W]`` float against the trunk's constraints."""
+        if x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
+            raise ValueError(
+                f"{type(self).__name__}.forward expects normalised images [N, 3, H, W] float; got shape "
+                f"{tuple(x.shape)} dtype {x.dtype}. Use backbone.prepare(images) to build it."
+            )
+        h, w = x.shape[-2:]
+        if self.square_size and (h, w) != (self.square_size, self.square_size):
+            raise ValueError(
+                f"{type(self).__name__} ({self.variant}, {self.size}) needs {self.square_size}x{self.square_size} "
+                f"inputs (its position embedding has a fixed size); got {h}x{w}. Use backbone.prepare(images)."
+            )
+        d = self.size_divisibility
+        if d and (h % d or w % d):
+            raise ValueError(
+                f"{type(self).__name__} ({self.variant}) needs input sides divisible by {d}; got {h}x{w}. "
+                "Pad or resize (backbone.prepare does it)."
+            )
+
+    # ------------------------------------------------------------------ preprocessing
+
+    def _param_device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        for p in self.parameters():
+            if p.is_floating_point():
+                return p.device, p.dtype
+        return torch.device("cpu"), torch.float32
+
+    def prepare_with_fits(
+        self, images: Sequence[Union[np.ndarray, torch.Tensor]]
+    ) -> tuple[torch.Tensor, list[ImageFit]]:
+        """Like :meth:`prepare`, also returning one :class:`ImageFit` per image (to map masks,
+        points and boxes back to the original images)."""
+        device, dtype = self._param_device_dtype()
+        if device.type == "meta":
+            device = torch.device("cpu")
+        return prepare_batch(images, self.preprocess, device=device, dtype=dtype)
+
+    def prepare(self, images: Sequence[Union[np.ndarray, torch.Tensor]]) -> torch.Tensor:
+        """Fit and normalise RGB images per :attr:`preprocess`.
+
+        Args:
+            images: numpy ``[H, W(, C)]`` arrays (gray, RGB, RGBA; uint8, uint16, bool or float in
+                [0, 1]) or ``[3, H, W]`` uint8 RGB tensors.
+
+        Returns:
+            ``[N, 3, S, S]`` on the backbone's device, in its parameter dtype.
+        """
+        return self.prepare_with_fits(images)[0]
+
+    def extra_repr(self) -> str:
+        return f"variant={self.variant!r}, size={self.size!r}, out_features={self._out_features}"

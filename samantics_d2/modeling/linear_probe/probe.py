@@ -1,0 +1,506 @@
+"""Linear probes on frozen encoders: the meta-architecture and the one-pass grid trainer.
+
+- :class:`LinearProbe` (``META_ARCH_REGISTRY``): frozen encoder -> pooling -> ``nn.Linear``; for
+  ``train_net.py`` with the encoder in the loop. Training returns ``{"loss_cls"}``, inference
+  ``[{"logits": [C], "pred_class"}]`` (evaluate with ``ClassificationEvaluator``).
+- :func:`train_probe_grid`: many probes (learning rate x pooling, each its own ``nn.Linear`` and
+  parameter group) trained together, every probe on the same mini-batches, as DINOv2's linear
+  evaluation does. The features come from a :class:`CachedFeatures` (the feature cache: one
+  encoder pass for the whole grid and all epochs) or an :class:`EncoderFeatures` (the encoder
+  re-run every epoch, for comparison). Both visit the rows in the same seeded order, so with the
+  same rows they train the same numbers (see the tests). The best probe is chosen by top-1 on a
+  seeded, class-stratified held-out part of train and reported on val.
+- :func:`run_linear_probe`: cache train and val, train the grid, write the results JSON.
+
+Since the probes share nothing, training them together gives each exactly what training it alone
+would (Adam/SGD are per-parameter; the gradient of the summed losses w.r.t. one probe is its own).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Protocol, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ...d2 import META_ARCH_REGISTRY, DatasetCatalog, MetadataCatalog, comm
+from ...data.classification import atomic_path
+from ...data.io import read_image
+from ...evaluation.classification import accuracy_from_topk, classification_metrics, write_classification_report
+from .feature_cache import FeatureCache, PooledEncoder, build_feature_cache
+
+__all__ = [
+    "GRID_PROTOCOL",
+    "PAPER_PROTOCOL",
+    "RESULTS_FILE",
+    "CachedFeatures",
+    "EncoderFeatures",
+    "LinearProbe",
+    "ProbeGridOutput",
+    "ProbeTrainingConfig",
+    "holdout_split",
+    "run_linear_probe",
+    "train_probe_grid",
+]
+
+logger = logging.getLogger(__name__)
+
+RESULTS_FILE = "linear_probe_results.json"
+HEAD_FILE = "linear_probe_head.pth"
+RESULTS_FORMAT = "samantics_d2.linear_probe/1"
+
+
+@dataclass(frozen=True)
+class ProbeTrainingConfig:
+    """How the probes are trained.
+
+    Attributes:
+        learning_rates: one probe per learning rate (and per pooling).
+        optimizer: ``"adam"`` or ``"sgd"`` (with ``momentum``).
+        weight_decay: L2 penalty of the optimizer.
+        epochs, batch_size: passes over the training rows, rows per step (the last batch may be smaller).
+        schedule: ``"constant"`` or ``"cosine"`` (per step, to 0 at the end).
+        holdout_fraction: share of each class's training rows held out to choose the best probe
+            (0: no held-out part; only allowed with a single probe).
+        seed: seeds the held-out split, the probe initialisation and the order of the rows.
+        eval_batch_size: rows per step when computing accuracies.
+        topk: accuracies reported.
+    """
+
+    learning_rates: tuple[float, ...] = (1e-3,)
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    epochs: int = 10
+    batch_size: int = 128
+    schedule: str = "constant"
+    holdout_fraction: float = 0.0
+    seed: int = 0
+    eval_batch_size: int = 4096
+    topk: tuple[int, ...] = (1, 5)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "learning_rates", tuple(float(lr) for lr in self.learning_rates))
+        object.__setattr__(self, "topk", tuple(int(k) for k in self.topk))
+        problems = []
+        if not self.learning_rates or min(self.learning_rates) <= 0:
+            problems.append(f"learning_rates={self.learning_rates} must be non-empty and positive")
+        if self.optimizer not in ("adam", "sgd"):
+            problems.append(f"optimizer={self.optimizer!r} must be 'adam' or 'sgd'")
+        if self.schedule not in ("constant", "cosine"):
+            problems.append(f"schedule={self.schedule!r} must be 'constant' or 'cosine'")
+        if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
+            problems.append(f"epochs={self.epochs}, batch_size={self.batch_size}, eval_batch_size="
+                            f"{self.eval_batch_size} must be >= 1")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            problems.append(f"holdout_fraction={self.holdout_fraction} must be in [0, 1)")
+        if problems:
+            raise ValueError("Invalid ProbeTrainingConfig: " + "; ".join(problems) + ".")
+
+
+# "There is no SAMantics!": Linear(d, classes), Adam 1e-3, 10 epochs, batch 128, no augmentation,
+# trained on all of train (pair it with normalization="imagenet" in the encoder).
+PAPER_PROTOCOL = ProbeTrainingConfig()
+# A DINOv2-style sweep: five learning rates chosen on 10% of train.
+GRID_PROTOCOL = ProbeTrainingConfig(learning_rates=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2), holdout_fraction=0.1)
+
+
+def _init_linear(in_features: int, num_classes: int, seed: int) -> nn.Linear:
+    """``nn.Linear`` with weights ~ N(0, 0.01^2) from ``seed`` and zero bias (as DINOv2's linear eval)."""
+    layer = nn.Linear(in_features, num_classes)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(num_classes, in_features, generator=generator) * 0.01)
+        layer.bias.zero_()
+    return layer
+
+
+def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split row indices into (train, held-out), ``round(fraction * n_c)`` held out per class ``c``.
+
+    Deterministic in ``seed``; both arrays are sorted.
+    """
+    labels = np.asarray(labels)
+    if fraction <= 0:
+        return np.arange(len(labels)), np.zeros(0, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    held = []
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        held.append(rng.permutation(rows)[: int(round(fraction * len(rows)))])
+    held_rows = np.sort(np.concatenate(held)).astype(np.int64)
+    return np.setdiff1d(np.arange(len(labels)), held_rows), held_rows
+
+
+def _epoch_order(rows: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(rows)
+
+
+class FeatureSource(Protocol):
+    """Rows of pooled features: ``labels`` ``[N]``, ``feature_dims`` ``{pooling: D}``, ``batch(rows)``."""
+
+    labels: np.ndarray
+    feature_dims: dict[str, int]
+
+    def batch(self, rows: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.Tensor]: ...
+
+
+class CachedFeatures:
+    """Rows of a :class:`FeatureCache`; with ``preload`` all features sit on ``device`` as float16.
+
+    ``batch(rows)`` -> ``({pooling: [n, D] float32}, labels [n] int64)`` on ``device``.
+    """
+
+    def __init__(self, cache: Union[FeatureCache, str], *, poolings: Sequence[str], device: Union[str, torch.device] = "cpu",
+                 preload: bool = True):
+        self.cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
+        self.device = torch.device(device)
+        self.poolings = list(poolings)
+        for p in self.poolings:
+            self.cache._check(p)
+        self.labels = self.cache.labels()
+        self.feature_dims = {p: int(self.cache.feature_dims[p]) for p in self.poolings}
+        self._labels = torch.from_numpy(self.labels).to(self.device)
+        self._features = ({p: torch.from_numpy(self.cache.features(p)).to(self.device) for p in self.poolings}
+                          if preload else None)
+
+    def batch(self, rows: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        index = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.device)
+        if self._features is not None:
+            features = {p: t.index_select(0, index).float() for p, t in self._features.items()}
+        else:
+            features = {p: torch.from_numpy(self.cache.take(p, rows)).to(self.device).float() for p in self.poolings}
+        return features, self._labels.index_select(0, index)
+
+
+class EncoderFeatures:
+    """Rows computed on demand by the frozen encoder (the encoder-in-the-loop path).
+
+    Row ``i`` is ``dataset[i]``. Images that cannot be read are logged by file name and dropped from
+    the batch. With ``encoder.round_to=torch.float16`` the features are rounded as the cache stores them.
+    """
+
+    def __init__(self, dataset: Sequence[dict], *, encoder: PooledEncoder, device: Union[str, torch.device] = "cpu",
+                 image_reader: Callable[[str], np.ndarray] = read_image, autocast_dtype: Optional[torch.dtype] = None):
+        self.dataset, self.encoder, self.reader = dataset, encoder, image_reader
+        self.device = torch.device(device)
+        self.autocast_dtype = autocast_dtype
+        self.labels = np.asarray([int(d["label"]) for d in dataset], dtype=np.int64)
+        self.skipped: set[str] = set()  # file names of unreadable images
+        probe_features, _ = self.batch(np.zeros(1, dtype=np.int64))
+        self.feature_dims = {p: int(t.shape[1]) for p, t in probe_features.items()}
+
+    def batch(self, rows: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        images, labels = [], []
+        for r in rows:
+            file_name = self.dataset[int(r)]["file_name"]
+            try:
+                images.append(self.reader(file_name))
+            except (OSError, ValueError) as e:
+                logger.warning("Skipping unreadable image %s: %s", file_name, e)
+                self.skipped.add(file_name)
+                continue
+            labels.append(int(self.labels[int(r)]))
+        if not images:
+            raise RuntimeError(f"None of the {len(rows)} images of a batch could be read (first row {int(rows[0])}).")
+        x = self.encoder.prepare(images).to(self.device)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            features = self.encoder(x)
+        return {p: t.float() for p, t in features.items()}, torch.tensor(labels, dtype=torch.int64, device=self.device)
+
+
+def _probe_name(pooling: str, lr: float) -> str:
+    return f"{pooling}_lr{lr:g}"
+
+
+@torch.no_grad()
+def _rank_predictions(heads: nn.ModuleDict, probes: Sequence[dict], source: FeatureSource, rows: np.ndarray,
+                      *, batch_size: int, k: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """``({probe: [n, k] int64 best classes}, labels [n])`` over ``rows``."""
+    ranked: dict[str, list[torch.Tensor]] = {p["name"]: [] for p in probes}
+    labels = []
+    for start in range(0, len(rows), batch_size):
+        features, y = source.batch(rows[start : start + batch_size])
+        labels.append(y)
+        for p in probes:
+            logits = heads[p["name"]](features[p["pooling"]])
+            ranked[p["name"]].append(logits.topk(min(k, logits.shape[1]), dim=1).indices)
+    if not labels:
+        return {name: np.zeros((0, k), np.int64) for name in ranked}, np.zeros(0, np.int64)
+    return ({name: torch.cat(v).cpu().numpy() for name, v in ranked.items()}, torch.cat(labels).cpu().numpy())
+
+
+@dataclass
+class ProbeGridOutput:
+    """What :func:`train_probe_grid` returns: the JSON-able ``results`` and the trained ``heads``."""
+
+    results: dict[str, Any]
+    heads: nn.ModuleDict  # probe name -> nn.Linear, in eval mode
+
+
+def train_probe_grid(
+    *,
+    train: FeatureSource,
+    val: FeatureSource,
+    poolings: Sequence[str],
+    num_classes: int,
+    config: ProbeTrainingConfig = PAPER_PROTOCOL,
+    device: Union[str, torch.device] = "cpu",
+    output_dir: Optional[str] = None,
+    class_names: Optional[Sequence[str]] = None,
+    run_info: Optional[Mapping[str, Any]] = None,
+) -> ProbeGridOutput:
+    """Train one probe per (pooling, learning rate) in one pass over ``train``; evaluate on ``val``.
+
+    Args:
+        train, val: feature sources (:class:`CachedFeatures` or :class:`EncoderFeatures`).
+        poolings: the poolings to probe (each must be in both sources).
+        num_classes: C, the size of each probe's output.
+        config: optimisation, grid and selection (:data:`PAPER_PROTOCOL` by default).
+        output_dir: if given, ``linear_probe_results.json``, the chosen probe's weights
+            (``linear_probe_head.pth``, loadable into :class:`LinearProbe`) and its validation
+            confusion matrix / per-class accuracy are written there, atomically.
+        class_names: for the per-class files (default ``"0".."C-1"``).
+        run_info: JSON-able facts recorded in the results (encoder tag, datasets, cache provenance).
+
+    Returns:
+        ``results`` (as written to ``linear_probe_results.json``: per probe its final training loss
+        and held-out / val top-k in percent, and ``chosen``: the probe with the best held-out top-1,
+        or the only probe when there is no held-out part, with its val metrics) and the ``heads``.
+    """
+    if isinstance(config, Mapping):
+        config = ProbeTrainingConfig(**config)
+    device = torch.device(device)
+    probes = [{"name": _probe_name(p, lr), "pooling": p, "lr": lr} for p in poolings for lr in config.learning_rates]
+    if len(probes) > 1 and config.holdout_fraction <= 0:
+        raise ValueError(
+            f"{len(probes)} probes ({[p['name'] for p in probes]}) but holdout_fraction=0: there is no held-out part "
+            "to choose among them without looking at val. Set holdout_fraction (e.g. 0.1) or train one probe."
+        )
+    if num_classes < 2:
+        raise ValueError(f"num_classes={num_classes}; a classifier needs at least 2 classes.")
+    for name, source in (("train", train), ("val", val)):
+        missing = [p for p in poolings if p not in source.feature_dims]
+        if missing:
+            raise KeyError(f"The {name} features have no pooling {missing}; they have {sorted(source.feature_dims)}.")
+        if len(source.labels) and (source.labels.min() < 0 or source.labels.max() >= num_classes):
+            raise ValueError(f"The {name} labels span [{source.labels.min()}, {source.labels.max()}], outside 0..{num_classes - 1}.")
+    tic = time.perf_counter()
+    train_rows, holdout_rows = holdout_split(train.labels, config.holdout_fraction, config.seed)
+    heads = nn.ModuleDict({
+        p["name"]: _init_linear(train.feature_dims[p["pooling"]], num_classes, config.seed) for p in probes
+    }).to(device)
+    groups = [{"params": list(heads[p["name"]].parameters()), "lr": p["lr"]} for p in probes]
+    if config.optimizer == "adam":
+        optimizer = torch.optim.Adam(groups, lr=config.learning_rates[0], weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=config.learning_rates[0], momentum=config.momentum,
+                                    weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(train_rows) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    if config.schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
+    else:
+        scheduler = None
+    logger.info("Training %d linear probes (%s) on %d rows (%d held out), %d epochs x %d steps.",
+                len(probes), ", ".join(p["name"] for p in probes), len(train_rows), len(holdout_rows),
+                config.epochs, steps_per_epoch)
+    final_loss: dict[str, float] = {}
+    heads.train()
+    for epoch in range(config.epochs):
+        order = _epoch_order(train_rows, config.seed, epoch)
+        loss_sums = torch.zeros(len(probes), device=device)
+        for start in range(0, len(order), config.batch_size):
+            features, labels = train.batch(order[start : start + config.batch_size])
+            losses = torch.stack([
+                F.cross_entropy(heads[p["name"]](features[p["pooling"]]), labels) for p in probes
+            ])
+            optimizer.zero_grad(set_to_none=True)
+            losses.sum().backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            loss_sums += losses.detach() * len(labels)
+        epoch_loss = (loss_sums / max(len(order), 1)).tolist()
+        final_loss = {p["name"]: float(v) for p, v in zip(probes, epoch_loss)}
+        best = min(final_loss, key=final_loss.get)
+        logger.info("Epoch %d/%d: mean training loss %s (lowest %s).", epoch + 1, config.epochs,
+                    ", ".join(f"{k}={v:.4f}" for k, v in final_loss.items()), best)
+    heads.eval()
+
+    k = max(config.topk)
+    val_rows = np.arange(len(val.labels))
+    val_ranked, val_labels = _rank_predictions(heads, probes, val, val_rows, batch_size=config.eval_batch_size, k=k)
+    if len(holdout_rows):
+        held_ranked, held_labels = _rank_predictions(heads, probes, train, holdout_rows,
+                                                     batch_size=config.eval_batch_size, k=k)
+    ks = config.topk
+    records = []
+    for p in probes:
+        record = dict(p, final_train_loss=final_loss[p["name"]])
+        if len(holdout_rows):
+            record["holdout"] = {f"top{k_}": v for k_, v in accuracy_from_topk(held_ranked[p["name"]], held_labels, ks=ks).items()}
+        record["val"] = {f"top{k_}": v for k_, v in accuracy_from_topk(val_ranked[p["name"]], val_labels, ks=ks).items()}
+        records.append(record)
+    if len(holdout_rows):
+        chosen = max(records, key=lambda r: r["holdout"][f"top{ks[0]}"])  # first in grid order on ties
+        selected_by = f"held-out top-{ks[0]} ({len(holdout_rows)} training rows)"
+    else:
+        chosen = records[0]
+        selected_by = "single probe"
+    val_metrics, confusion = classification_metrics(val_ranked[chosen["name"]], val_labels, num_classes, ks=ks)
+    names = [str(c) for c in class_names] if class_names is not None else [str(i) for i in range(num_classes)]
+    results = {
+        "format": RESULTS_FORMAT,
+        **({"encoder": run_info["encoder_tag"]} if run_info and "encoder_tag" in run_info else {}),
+        "run": dict(run_info or {}),
+        "config": dataclasses.asdict(config),
+        "num_classes": num_classes,
+        "rows": {"train": int(len(train_rows)), "holdout": int(len(holdout_rows)), "val": int(len(val_labels))},
+        "probes": records,
+        "chosen": {"name": chosen["name"], "pooling": chosen["pooling"], "lr": chosen["lr"], "selected_by": selected_by,
+                   "val": val_metrics},
+        "time_s": round(time.perf_counter() - tic, 3),
+    }
+    logger.info("Chosen probe %s (%s): val %s.", chosen["name"], selected_by,
+                ", ".join(f"{k_}={v:.2f}" for k_, v in val_metrics.items()))
+    if output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+        write_classification_report(output_dir, confusion, names, prefix="val_")
+        head = heads[chosen["name"]]
+        with atomic_path(os.path.join(output_dir, HEAD_FILE)) as tmp:
+            torch.save({"model": {"head.weight": head.weight.detach().cpu(), "head.bias": head.bias.detach().cpu()},
+                        "pooling": chosen["pooling"], "num_classes": num_classes}, tmp)
+        with atomic_path(os.path.join(output_dir, RESULTS_FILE)) as tmp:
+            with open(tmp, "w") as f:
+                json.dump(results, f, indent=1)
+                f.write("\n")
+    return ProbeGridOutput(results=results, heads=heads)
+
+
+def run_linear_probe(
+    *,
+    encoder: nn.Module,
+    encoder_tag: str,
+    poolings: Sequence[str],
+    train_dataset: str,
+    val_dataset: str,
+    cache_root: str,
+    output_dir: str,
+    normalization: str = "imagenet",
+    config: Union[ProbeTrainingConfig, Mapping[str, Any]] = PAPER_PROTOCOL,
+    device: Union[str, torch.device] = "cpu",
+    weights_hash: Optional[str] = None,
+    shard_size: int = 4096,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    autocast_dtype: Optional[torch.dtype] = None,
+    preload: bool = True,
+) -> dict[str, Any]:
+    """Cache the features of two registered datasets (all ranks), train the grid (main process).
+
+    Returns the results on the main process, ``{}`` elsewhere. See :func:`build_feature_cache`
+    and :func:`train_probe_grid` for the arguments.
+    """
+    if isinstance(config, Mapping):
+        config = ProbeTrainingConfig(**config)
+    pooled = PooledEncoder(encoder=encoder, poolings=poolings, normalization=normalization)
+    caches = {}
+    for split, name in (("train", train_dataset), ("val", val_dataset)):
+        caches[split] = build_feature_cache(
+            DatasetCatalog.get(name), encoder=pooled, encoder_tag=encoder_tag, dataset_name=name, cache_root=cache_root,
+            weights_hash=weights_hash, shard_size=shard_size, batch_size=batch_size, num_workers=num_workers,
+            device=device, autocast_dtype=autocast_dtype)
+    if not comm.is_main_process():
+        return {}
+    classes = MetadataCatalog.get(train_dataset).get("classes")
+    if classes is None:
+        raise ValueError(f"Dataset {train_dataset!r} has no 'classes' metadata; register it as a classification dataset.")
+    run_info = {
+        "encoder_tag": encoder_tag,
+        "train_dataset": train_dataset,
+        "val_dataset": val_dataset,
+        "caches": {split: c.cache_dir for split, c in caches.items()},
+        "provenance": caches["train"].provenance,
+        "skipped_images": {split: c.manifest["num_skipped"] for split, c in caches.items()},
+    }
+    output = train_probe_grid(
+        train=CachedFeatures(caches["train"], poolings=poolings, device=device, preload=preload),
+        val=CachedFeatures(caches["val"], poolings=poolings, device=device, preload=preload),
+        poolings=poolings, num_classes=len(classes), config=config, device=device, output_dir=output_dir,
+        class_names=classes, run_info=run_info)
+    return output.results
+
+
+@META_ARCH_REGISTRY.register()
+class LinearProbe(nn.Module):
+    """A linear classifier on pooled features of a frozen encoder.
+
+    Input: a list of dataset dicts with ``image`` (uint8 ``[3, H, W]`` RGB, any size: it is fitted by
+    the encoder's preprocessing) and, in training, ``label`` (int). Training returns
+    ``{"loss_cls": scalar}``; inference returns ``[{"logits": [C], "pred_class": int64 scalar}]``.
+    Only ``head`` has trainable parameters; the encoder stays frozen and in eval mode.
+
+    Args:
+        backbone: the encoder (``EncoderBackbone`` interface, see :class:`PooledEncoder`).
+        pooling: one of ``cls``, ``embed``, ``mean_patch``, ``neck_mean``.
+        num_classes: C.
+        normalization: ``"encoder"`` or ``"imagenet"`` pixel statistics.
+        in_features: the pooled feature size; default from ``backbone.output_shape()`` (or one
+            forward pass on a blank image when the output is not listed there).
+        round_features_to: e.g. ``torch.float16`` to see features exactly as the feature cache stores them.
+        init_seed: seed of the head's N(0, 0.01^2) initialisation.
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        pooling: str,
+        num_classes: int,
+        normalization: str = "encoder",
+        in_features: Optional[int] = None,
+        round_features_to: Optional[torch.dtype] = None,
+        init_seed: int = 0,
+    ):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes={num_classes}; a classifier needs at least 2 classes.")
+        self.encoder = PooledEncoder(encoder=backbone, poolings=[pooling], normalization=normalization,
+                                     round_to=round_features_to)
+        self.pooling = pooling
+        if in_features is None:
+            in_features = self._feature_size()
+        self.head = _init_linear(in_features, num_classes, init_seed)
+
+    def _feature_size(self) -> int:
+        key = self.encoder.keys[self.pooling]
+        shapes = self.encoder.encoder.output_shape() if hasattr(self.encoder.encoder, "output_shape") else {}
+        if key in shapes and shapes[key].channels:
+            return int(shapes[key].channels)
+        size = self.encoder.spec.input_size
+        logger.info("LinearProbe: %r is not in the encoder's output_shape(); measuring it with one forward pass.", key)
+        param = next(self.encoder.encoder.parameters(), None)
+        x = torch.zeros(1, 3, size, size, device=param.device if param is not None else "cpu")
+        return int(self.encoder(x)[self.pooling].shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    def forward(self, batched_inputs: list[dict]):
+        x = self.encoder.prepare([d["image"] for d in batched_inputs]).to(self.device)
+        logits = self.head(self.encoder(x)[self.pooling])
+        if self.training:
+            labels = torch.tensor([int(d["label"]) for d in batched_inputs], dtype=torch.int64, device=self.device)
+            return {"loss_cls": F.cross_entropy(logits, labels)}
+        pred = logits.argmax(dim=1)
+        return [{"logits": logits[i], "pred_class": pred[i]} for i in range(len(batched_inputs))]
