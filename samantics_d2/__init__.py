@@ -6,6 +6,7 @@ components (backbones, meta-architectures) in the registries of the active backe
 """
 from . import d2  # noqa: F401  (choose the backend first)
 from . import data  # noqa: F401  (dataset registration)
-from . import modeling  # noqa: F401  (backbones, meta-architectures)
+from . import modeling  # noqa: F401  (backbones)
+from .modeling import linear_probe, meta_arch  # noqa: F401  (meta-architectures)
 
 __version__ = "0.1.0"

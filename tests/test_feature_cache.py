@@ -18,7 +18,7 @@ from PIL import Image
 
 from samantics_d2.d2 import comm
 from samantics_d2.data.io import read_image
-from samantics_d2.modeling.linear_probe import FeatureCache, PooledEncoder, build_feature_cache, feature_cache_dir
+from samantics_d2.modeling.linear_probe import PooledEncoder, build_feature_cache, feature_cache_dir
 from samantics_d2.modeling.linear_probe import feature_cache as feature_cache_module
 from samantics_d2.modeling.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
 
@@ -50,8 +50,11 @@ class TinyEncoder(nn.Module):
         return {"dense": dense, "global": self.proj(dense.mean(dim=(2, 3)))}
 
 
-def write_color_dataset(folder, *, images_per_class, num_classes=4, seed=0):
-    """Colour-coded PNGs of random size (12-40 px) with noise; returns dataset dicts (file_name, label)."""
+def write_color_dataset(folder, *, images_per_class, num_classes=4, seed=0, class_folders=False):
+    """Colour-coded PNGs of random size (12-40 px) with noise; returns dataset dicts (file_name, label).
+
+    With ``class_folders`` the images go to ``folder/class<label>/`` (an image-folder dataset).
+    """
     rng = np.random.default_rng(seed)
     os.makedirs(folder, exist_ok=True)
     dicts = []
@@ -59,7 +62,8 @@ def write_color_dataset(folder, *, images_per_class, num_classes=4, seed=0):
         label = i % num_classes
         h, w = rng.integers(12, 41, size=2)
         image = COLOURS[label] + rng.normal(0, 25, size=(h, w, 3)) + rng.uniform(-30, 30)
-        path = os.path.join(folder, f"{i:04d}.png")
+        path = os.path.join(folder, f"class{label}" if class_folders else "", f"{i:04d}.png")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(path)
         dicts.append({"file_name": path, "image_id": i, "label": label})
     return dicts

@@ -249,10 +249,10 @@ def test_empty_instances():
     assert Instances((5, 5)).image_size == (5, 5)
     with pytest.raises(NotImplementedError):
         len(Instances((5, 5)))  # no fields: no length, as in Detectron2
-    empty = Instances((8, 8), pred_boxes=Boxes([]), scores=torch.zeros(0), pred_classes=torch.zeros(0, dtype=torch.int64))
+    empty = Instances((8, 8), pred_boxes=Boxes([]), scores=torch.zeros(0), pred_classes=torch.zeros(0).long())
     assert len(empty) == 0
     assert len(empty[empty.scores > 0.5]) == 0
-    full = Instances((8, 8), pred_boxes=Boxes([[0, 0, 1, 1]]), scores=torch.ones(1), pred_classes=torch.ones(1, dtype=torch.int64))
+    full = Instances((8, 8), pred_boxes=Boxes([[0, 0, 1, 1]]), scores=torch.ones(1), pred_classes=torch.ones(1).long())
     cat = Instances.cat([empty, full])
     assert len(cat) == 1 and cat.pred_classes.tolist() == [1]
     assert len(empty.to("cpu")) == 0

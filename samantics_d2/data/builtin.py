@@ -2,7 +2,8 @@
 
 Only names not already in ``DatasetCatalog`` are registered (real Detectron2 registers them itself).
 The root is read when a dataset is loaded, not at import, so a tool may set ``DETECTRON2_DATASETS``
-after ``import samantics_d2``; ``json_file`` and ``image_root`` are put on the metadata at that time.
+after ``import samantics_d2``; ``json_file`` and ``image_root`` are put on the metadata at that time
+(unless already set, e.g. by an evaluator that converted the dataset itself).
 The expected layout is in ``datasets/README.md``.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Callable
 
 from ..d2 import DatasetCatalog, MetadataCatalog, load_coco_json, load_lvis_json
 
-__all__ = ["BUILTIN_COCO", "BUILTIN_LVIS", "datasets_root", "register_all_builtin"]
+__all__ = ["BUILTIN_COCO", "BUILTIN_LVIS", "datasets_root", "register_all_builtin", "set_paths_if_missing"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +46,26 @@ def datasets_root() -> str:
     return root
 
 
-def _loader(name: str, image_dir: str, json_name: str, load: Callable, evaluator_type: str) -> Callable[[], list[dict]]:
+def set_paths_if_missing(name: str, *, json_file: str, image_root: str) -> None:
+    """Put ``json_file``/``image_root`` on the metadata of ``name`` unless already set.
+
+    An evaluator built before the dataset is loaded may already have pointed ``json_file`` at its own
+    conversion of the dataset; metadata cannot change, so the first value stays.
+    """
+    meta = MetadataCatalog.get(name)
+    for key, value in (("json_file", json_file), ("image_root", image_root)):
+        current = meta.get(key)
+        if current is None:
+            setattr(meta, key, value)
+        elif current != value:
+            logger.info("Metadata of %s keeps %s=%s (this load used %s).", name, key, current, value)
+
+
+def _loader(name: str, image_dir: str, json_name: str, load: Callable) -> Callable[[], list[dict]]:
     def load_builtin() -> list[dict]:
         root = datasets_root()
         json_file, image_root = os.path.join(root, json_name), os.path.join(root, image_dir)
-        MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type=evaluator_type)
+        set_paths_if_missing(name, json_file=json_file, image_root=image_root)
         return load(json_file, image_root, name)
 
     return load_builtin
@@ -61,7 +77,7 @@ def register_all_builtin() -> None:
         for name, (image_dir, json_name) in table.items():
             if name in DatasetCatalog.list():
                 continue
-            DatasetCatalog.register(name, _loader(name, image_dir, json_name, load, evaluator_type))
+            DatasetCatalog.register(name, _loader(name, image_dir, json_name, load))
             MetadataCatalog.get(name).set(evaluator_type=evaluator_type)
 
 

@@ -23,7 +23,7 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
+import uuid
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
@@ -66,8 +66,8 @@ def atomic_path(path: str) -> Iterator[str]:
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
+    # A unique name the writer creates itself, so the file gets the usual permissions (umask).
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
     try:
         yield tmp
         os.replace(tmp, path)

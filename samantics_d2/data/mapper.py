@@ -37,16 +37,33 @@ def segmentation_to_mask(segmentation: Any, height: int, width: int) -> np.ndarr
     elif isinstance(segmentation, dict):
         if tuple(segmentation.get("size", ())) != (height, width):
             raise ValueError(f"RLE of size {segmentation.get('size')} for an image of size {(height, width)}.")
-        rle = mask_util.frPyObjects(segmentation, height, width) if isinstance(segmentation["counts"], list) else segmentation
+        uncompressed = isinstance(segmentation["counts"], list)
+        rle = mask_util.frPyObjects(segmentation, height, width) if uncompressed else segmentation
     elif isinstance(segmentation, np.ndarray):
         if segmentation.shape != (height, width):
             raise ValueError(f"Mask of shape {segmentation.shape} for an image of size {(height, width)}.")
         return segmentation.astype(np.uint8)
     else:
         raise ValueError(
-            f"Segmentation of type {type(segmentation).__name__}; expected polygons (list), an RLE dict or an [H, W] array."
+            f"Segmentation of type {type(segmentation).__name__}; expected polygons (list), an RLE dict or an "
+            "[H, W] array."
         )
     return mask_util.decode(rle)
+
+
+def _flatten_augmentations(augmentations: Any) -> list[Callable]:
+    """``[t1, [t2, t3]] -> [t1, t2, t3]``: the builders return lists, configs nest them."""
+    flat: list[Callable] = []
+    for item in augmentations:
+        if callable(item):
+            flat.append(item)
+        elif isinstance(item, Sequence) and not isinstance(item, str):
+            flat.extend(_flatten_augmentations(item))
+        else:
+            raise TypeError(
+                f"DetectionMapper got augmentation {item!r}; expected torchvision.transforms.v2 transforms or lists of them."
+            )
+    return flat
 
 
 class DetectionMapper:
@@ -71,7 +88,8 @@ class DetectionMapper:
         """
         Args:
             is_train: build ``instances`` from the annotations.
-            augmentations: ``torchvision.transforms.v2`` transforms, applied in order.
+            augmentations: ``torchvision.transforms.v2`` transforms, applied in order; nested lists
+                (what the builders below return) are flattened.
             image_format: ``"RGB"`` (the project's format) or ``"BGR"``.
             use_instance_mask: rasterise the segmentations into ``gt_masks``.
             recompute_boxes: replace the boxes by the masks' bounding boxes after the augmentations
@@ -82,7 +100,7 @@ class DetectionMapper:
         if recompute_boxes and not use_instance_mask:
             raise ValueError("DetectionMapper: recompute_boxes=True needs use_instance_mask=True (boxes come from masks).")
         self.is_train = is_train
-        self.augmentations = list(augmentations)
+        self.augmentations = _flatten_augmentations(augmentations)
         self.transform = T.Compose(self.augmentations) if self.augmentations else None
         self.image_format = image_format
         self.use_instance_mask = use_instance_mask

@@ -40,6 +40,8 @@ import math
 import os
 import tempfile
 import time
+from itertools import chain
+from operator import itemgetter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -395,34 +397,44 @@ def resolve_categories(categories: CategorySpec, coco_categories: Sequence[Mappi
 def _annotation_arrays(coco: Mapping[str, Any], source: str) -> dict[str, np.ndarray]:
     """Columns of the annotations: ``ids``, ``image`` (row in ``image_ids``), ``category``,
     ``xywh`` ``[N, 4]``, ``area``, ``crowd``; and the images' ``image_ids``, ``heights``, ``widths``."""
-    images = coco["images"]
+    images, anns = coco["images"], coco["annotations"]
+
+    def column(items: list, key: str, dtype: type, default: Any = None) -> np.ndarray:
+        get = itemgetter(key) if default is None else (lambda item: item.get(key, default))
+        return np.fromiter(map(get, items), dtype=dtype, count=len(items))
+
     try:
-        image_ids = np.array([im["id"] for im in images], dtype=np.int64)
-        heights = np.array([im["height"] for im in images], dtype=np.float64)
-        widths = np.array([im["width"] for im in images], dtype=np.float64)
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{source!r}: an image lacks the key {e}; COCO images need id, height and width.") from e
-    anns = coco["annotations"]
-    try:
-        ann_ids = np.array([a["id"] for a in anns], dtype=np.int64)
-        ann_images = np.array([a["image_id"] for a in anns], dtype=np.int64)
-        categories = np.array([a["category_id"] for a in anns], dtype=np.int64)
-        xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
-        crowd = np.array([a.get("iscrowd", 0) for a in anns], dtype=bool)
-        area = np.array([a.get("area", math.nan) for a in anns], dtype=np.float64)
+        image_ids = column(images, "id", np.int64)
+        heights = column(images, "height", np.float64)
+        widths = column(images, "width", np.float64)
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(
-            f"{source!r}: an annotation is malformed ({type(e).__name__}: {e}); COCO annotations need id, image_id, "
-            "category_id and bbox [x, y, w, h]."
+            f"{source!r}: an image is malformed ({type(e).__name__}: {e}); COCO images need an integer id, height "
+            "and width."
+        ) from e
+    try:
+        ann_ids = column(anns, "id", np.int64)
+        ann_images = column(anns, "image_id", np.int64)
+        categories = column(anns, "category_id", np.int64)
+        crowd = column(anns, "iscrowd", bool, 0)
+        area = column(anns, "area", np.float64, math.nan)
+        bboxes = list(map(itemgetter("bbox"), anns))
+        if len(anns) and (np.fromiter(map(len, bboxes), dtype=np.int64, count=len(anns)) != 4).any():
+            raise ValueError("a bbox does not have 4 numbers")
+        xywh = np.fromiter(chain.from_iterable(bboxes), dtype=np.float64, count=4 * len(anns)).reshape(-1, 4)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(
+            f"{source!r}: an annotation is malformed ({type(e).__name__}: {e}); COCO annotations need integer id, "
+            "image_id and category_id, and bbox [x, y, w, h]."
         ) from e
     no_area = np.isnan(area)
     area[no_area] = xywh[no_area, 2] * xywh[no_area, 3]
-    if len(np.unique(ann_ids)) != len(ann_ids):
+    if (np.diff(np.sort(ann_ids)) == 0).any():
         raise ValueError(f"{source!r}: annotation ids are not unique; each annotation needs its own id.")
-    if len(np.unique(image_ids)) != len(image_ids):
-        raise ValueError(f"{source!r}: image ids are not unique; each image needs its own id.")
     by_id = np.argsort(image_ids, kind="stable")
     sorted_ids = image_ids[by_id]
+    if (np.diff(sorted_ids) == 0).any():
+        raise ValueError(f"{source!r}: image ids are not unique; each image needs its own id.")
     pos = np.minimum(np.searchsorted(sorted_ids, ann_images), max(len(image_ids) - 1, 0))
     known = sorted_ids[pos] == ann_images if len(image_ids) else np.zeros(len(ann_ids), dtype=bool)
     image_rows = by_id[pos] if len(image_ids) else np.zeros(len(ann_ids), dtype=np.int64)
@@ -468,7 +480,9 @@ def _max_box_iou(xywh: np.ndarray, image_rows: np.ndarray, wanted: np.ndarray, *
     if len(xywh) == 0:
         return result
     order = np.argsort(image_rows, kind="stable")
-    _, starts, counts = np.unique(image_rows[order], return_index=True, return_counts=True)
+    sorted_rows = image_rows[order]
+    starts = np.flatnonzero(np.r_[True, sorted_rows[1:] != sorted_rows[:-1]])
+    counts = np.diff(np.r_[starts, len(order)])
     wanted_per_image = np.add.reduceat(wanted[order].astype(np.int64), starts) > 0
     boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
     areas = xywh[:, 2] * xywh[:, 3]

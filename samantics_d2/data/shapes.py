@@ -38,6 +38,7 @@ from PIL import Image
 from pycocotools import mask as mask_util
 
 from ..d2 import DatasetCatalog, MetadataCatalog, load_coco_json
+from .builtin import set_paths_if_missing
 
 __all__ = [
     "SHAPES_CATEGORIES",
@@ -70,7 +71,7 @@ SHAPES_CATEGORIES: tuple[tuple[int, str, str, tuple[int, int, int], str], ...] =
     (7, "cyan diamond", "diamond", (40, 220, 230), "checker"),
     (8, "purple pentagon", "pentagon", (140, 60, 200), "dots"),
 )
-_CLASS_NAMES = [c[1] for c in SHAPES_CATEGORIES]
+SHAPES_CLASSES = [c[1] for c in SHAPES_CATEGORIES]
 
 SHAPES_SPLITS: dict[str, list[str]] = {
     "base": ["red circle", "green square", "blue triangle", "yellow star", "orange cross"],
@@ -214,10 +215,12 @@ def generate_shapes(
             f"generate_shapes got num_images={num_images}, image_size={image_size}, instances_per_image="
             f"{instances_per_image}; expected num_images > 0, sides >= 32 px and 1 <= min <= max."
         )
-    names = list(class_names) if class_names is not None else _CLASS_NAMES
-    unknown = sorted(set(names) - set(_CLASS_NAMES))
+    names = list(class_names) if class_names is not None else SHAPES_CLASSES
+    unknown = sorted(set(names) - set(SHAPES_CLASSES))
     if unknown or not names:
-        raise ValueError(f"generate_shapes got class_names {names}; unknown {unknown}. Expected names from {_CLASS_NAMES}.")
+        raise ValueError(
+            f"generate_shapes got class_names {names}; unknown {unknown}. Expected names from {SHAPES_CLASSES}."
+        )
     categories = [c for c in SHAPES_CATEGORIES if c[1] in names]
 
     rng = np.random.default_rng(seed)
@@ -257,7 +260,8 @@ def generate_shapes(
             )
         canvas += rng.normal(0, 3, size=canvas.shape)  # nothing perfectly flat
         file_name = f"{image_id:06d}.png"
-        _atomic_write_bytes(os.path.join(image_dir, file_name), _png_bytes(np.clip(np.round(canvas), 0, 255).astype(np.uint8)))
+        pixels = np.clip(np.round(canvas), 0, 255).astype(np.uint8)
+        _atomic_write_bytes(os.path.join(image_dir, file_name), _png_bytes(pixels))
         images.append({"id": image_id, "file_name": file_name, "height": height, "width": width})
 
     data = {
@@ -341,15 +345,16 @@ def shapes_json_file(name: str) -> str:
 
 
 def _split_classes(split: Optional[str]) -> list[str]:
-    names = _CLASS_NAMES if split is None else SHAPES_SPLITS[split]
-    return [n for n in _CLASS_NAMES if n in names]  # ordered by category id, as load_coco_json orders them
+    names = SHAPES_CLASSES if split is None else SHAPES_SPLITS[split]
+    return [n for n in SHAPES_CLASSES if n in names]  # ordered by category id, as load_coco_json orders them
 
 
 def register_shapes(name: str, *, part: str, split: Optional[str] = None) -> None:
     """Register ``name``: ``part``'s images with the classes of ``split`` (None: all); nothing is generated now.
 
     On load, the cache folder is found (or generated) under the current ``$SAMANTICS_CACHE`` and the
-    metadata gets ``json_file`` and ``image_root``.
+    metadata gets ``json_file`` and ``image_root`` (unless already set). ``shapes_json_file(name)``
+    gives the json path (generating it) without loading.
     """
     if part not in SHAPES_PARTS or (split is not None and split not in SHAPES_SPLITS):
         raise ValueError(
@@ -360,7 +365,7 @@ def register_shapes(name: str, *, part: str, split: Optional[str] = None) -> Non
     def load() -> list[dict]:
         folder = ensure_shapes(part)
         json_file, image_root = os.path.join(folder, _split_json_name(split)), os.path.join(folder, "images")
-        MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root)
+        set_paths_if_missing(name, json_file=json_file, image_root=image_root)
         return load_coco_json(json_file, image_root, name)
 
     classes = _split_classes(split)

@@ -151,22 +151,35 @@ class ClassificationEvaluator(DatasetEvaluator):
         topk: Sequence[int] = (1, 5),
         per_class_results: bool = True,
     ):
-        if class_names is None and dataset_name is not None:
-            class_names = MetadataCatalog.get(dataset_name).get("classes")
-        if class_names is None and num_classes is None:
-            raise ValueError(
-                f"ClassificationEvaluator needs the classes: dataset {dataset_name!r} has no 'classes' metadata "
-                "and neither num_classes nor class_names was given. Load the dataset first or pass them."
-            )
+        if class_names is None and num_classes is None and dataset_name is None:
+            raise ValueError("ClassificationEvaluator needs dataset_name (with 'classes' metadata), class_names or num_classes.")
         if class_names is not None and num_classes is not None and len(class_names) != num_classes:
             raise ValueError(f"num_classes={num_classes} but {len(class_names)} class_names were given.")
-        self.class_names = [str(c) for c in class_names] if class_names is not None else [str(i) for i in range(num_classes)]
-        self.num_classes = len(self.class_names)
+        self.dataset_name = dataset_name
+        self._class_names = [str(c) for c in class_names] if class_names is not None else None
+        self._num_classes = num_classes
         self.output_dir = output_dir
         self.distributed = distributed
         self.topk = tuple(sorted(set(int(k) for k in topk)))
         self.per_class_results = per_class_results
         self.reset()
+
+    @property
+    def class_names(self) -> list[str]:
+        """From the arguments, else the dataset's ``classes`` metadata (set when it is loaded), else "0".."C-1"."""
+        if self._class_names is None:
+            classes = MetadataCatalog.get(self.dataset_name).get("classes") if self.dataset_name else None
+            if classes is None and self._num_classes is None:
+                raise ValueError(
+                    f"ClassificationEvaluator: dataset {self.dataset_name!r} has no 'classes' metadata (it is set "
+                    "when a classification dataset is loaded) and neither num_classes nor class_names was given."
+                )
+            self._class_names = [str(c) for c in classes] if classes is not None else [str(i) for i in range(self._num_classes)]
+        return self._class_names
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
 
     def reset(self) -> None:
         self._topk: list[np.ndarray] = []

@@ -20,6 +20,7 @@ from fvcore.common.timer import Timer
 
 from . import comm
 from .engine.train_loop import HookBase
+from .evaluation.testing import flatten_results_dict
 from .events import EventWriter
 from .solver import LRMultiplier
 
@@ -208,18 +209,6 @@ class PeriodicCheckpointer(_PeriodicCheckpointer, HookBase):
 
     def after_step(self) -> None:
         self.step(self.trainer.iter)
-
-
-def flatten_results_dict(results: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"bbox": {"AP": 40.1}}`` -> ``{"bbox/AP": 40.1}`` (nested to any depth)."""
-    flat: dict[str, Any] = {}
-    for key, value in results.items():
-        if isinstance(value, Mapping):
-            for sub_key, sub_value in flatten_results_dict(value).items():
-                flat[f"{key}/{sub_key}"] = sub_value
-        else:
-            flat[key] = value
-    return flat
 
 
 class EvalHook(HookBase):

@@ -34,8 +34,12 @@ class _ColorfulFormatter(logging.Formatter):
         self._abbrev_name = abbrev_name + "." if abbrev_name else ""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        record.name = record.name.replace(self._root_name, self._abbrev_name)
-        message = super().formatMessage(record)
+        full_name = record.name
+        record.name = full_name.replace(self._root_name, self._abbrev_name)
+        try:
+            message = super().formatMessage(record)
+        finally:
+            record.name = full_name  # other handlers (the log file) keep the full name
         if record.levelno == logging.WARNING:
             return colored("WARNING", "red", attrs=["blink"]) + " " + message
         if record.levelno >= logging.ERROR:

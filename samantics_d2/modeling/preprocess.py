@@ -12,9 +12,9 @@ Fitting modes (the ones the upstream packages use):
 - ``"resize_square"`` (SAM 2, or a DINOv2 "full image" setting): stretch the whole image to
   ``input_size x input_size`` (aspect ratio not kept).
 - ``"resize_center_crop"`` (CLIP, DINOv2 classification): resize so the shorter side is
-  ``input_size / crop_pct``, then take the centre ``input_size x input_size`` crop. Only the source
-  window that survives the crop is resized, so a 1 x 100000 image never makes a huge intermediate;
-  the result equals resize-then-crop up to sub-pixel rounding.
+  ``input_size / crop_pct``, then take the centre ``input_size x input_size`` crop. When the
+  resized image would exceed 16M pixels (extreme aspect ratios, e.g. 1 x 100000), only the source
+  window that survives the crop is resized (same result up to half a pixel of shift).
 
 Resizing is done on ``uint8`` with antialiasing (like the PIL resizes of the upstream pipelines),
 so pixel values are quantised exactly as they would be by those pipelines; interpolation kernels
@@ -35,19 +35,26 @@ import torch.nn.functional as F
 
 __all__ = [
     "FIT_MODES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "OPENAI_CLIP_MEAN",
+    "OPENAI_CLIP_STD",
     "PREPROCESS",
     "ImageFit",
     "PreprocessSpec",
     "fit_image",
     "image_to_tensor",
-    "preprocess_spec",
     "normalize",
+    "prepare_batch",
+    "preprocess_spec",
 ]
 
 logger = logging.getLogger(__name__)
 
 FIT_MODES = ("longest_side_pad", "resize_square", "resize_center_crop")
 _INTERPOLATIONS = ("bilinear", "bicubic")
+# resize_center_crop resizes the whole image up to this many pixels, a crop window beyond.
+_MAX_RESIZED_PIXELS = 1 << 24
 
 # Pixel statistics on the 0-255 scale, RGB order.
 IMAGENET_MEAN = (123.675, 116.28, 103.53)  # (0.485, 0.456, 0.406) * 255
@@ -286,22 +293,25 @@ def fit_image(image: Union[np.ndarray, torch.Tensor], spec: PreprocessSpec) -> t
     if spec.fit == "resize_square":
         out = _resize_uint8(pixels, (S, S), spec.interpolation)
         return out, ImageFit((H, W), (S, S), (S / H, S / W), (0.0, 0.0), (0, 0, S, S))
-    # resize_center_crop: the shorter side goes to S / crop_pct; only the source window that
-    # survives the centre crop (plus a 2-pixel margin for the kernel support) is resized.
+    # resize_center_crop: the shorter side goes to S / crop_pct, then the centre S x S crop (as
+    # torchvision's Resize + CenterCrop). When the resized image would be huge (extreme aspect
+    # ratios), only the source window that survives the crop (plus a 2-pixel margin for the kernel
+    # support) is resized: same result up to sub-pixel rounding, bounded memory.
     short = S / spec.crop_pct
     scale = short / min(H, W)
-    full_h, full_w = max(S, int(round(H * scale))), max(S, int(round(W * scale)))
+    # torchvision's Resize(int): the longer side is truncated, not rounded
+    full_h, full_w = (int(short), int(short * W / H)) if H <= W else (int(short * H / W), int(short))
     crop_top, crop_left = int(round((full_h - S) / 2.0)), int(round((full_w - S) / 2.0))
-    win_h, win_w = min(H, math.ceil(S / scale) + 4), min(W, math.ceil(S / scale) + 4)
-    src_top = min(max(0, int(math.floor(crop_top / scale)) - 2), H - win_h)
-    src_left = min(max(0, int(math.floor(crop_left / scale)) - 2), W - win_w)
-    window = pixels[:, src_top : src_top + win_h, src_left : src_left + win_w]
-    if win_h == H and win_w == W:
-        resized = _resize_uint8(window, (full_h, full_w), spec.interpolation)
-        sy, sx = full_h / H, full_w / W
-        y0, x0 = crop_top, crop_left
+    if full_h * full_w <= _MAX_RESIZED_PIXELS:
+        resized = _resize_uint8(pixels, (full_h, full_w), spec.interpolation)
+        sy, sx, src_top, src_left, y0, x0 = full_h / H, full_w / W, 0, 0, crop_top, crop_left
     else:
-        rh, rw = max(1, int(round(win_h * scale))), max(1, int(round(win_w * scale)))
+        margin = math.ceil(4 / scale) + 2  # source pixels under the resampling kernel at the border
+        win_h, win_w = min(H, math.ceil(S / scale) + 2 * margin), min(W, math.ceil(S / scale) + 2 * margin)
+        src_top = min(max(0, int(math.floor(crop_top / scale)) - margin), H - win_h)
+        src_left = min(max(0, int(math.floor(crop_left / scale)) - margin), W - win_w)
+        window = pixels[:, src_top : src_top + win_h, src_left : src_left + win_w]
+        rh, rw = max(S, int(round(win_h * scale))), max(S, int(round(win_w * scale)))
         resized = _resize_uint8(window, (rh, rw), spec.interpolation)
         sy, sx = rh / win_h, rw / win_w
         # where the full-image crop origin lands inside the resized window

@@ -317,6 +317,8 @@ def _read_torchscript(path: Path, archive: zipfile.ZipFile, prefix: str) -> dict
 
 
 def _describe(obj: Any) -> str:
+    if isinstance(obj, Mapping) and not obj:
+        return "an empty dict"
     if isinstance(obj, Mapping):
         bad = [(k, v) for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
         key, value = bad[0]
@@ -611,7 +613,10 @@ def match_state_dict(
         parts.append(f"Unexpected keys ({len(unexpected)}): {_listing(unexpected)}.")
     if wrong_shape:
         parts.append(f"Wrong shapes ({len(wrong_shape)}, file vs model): {_listing(wrong_shape)}.")
-    parts.append("Check that the weights and the backbone variant match (e.g. sam_vit_l weights need variant='vit_l').")
+    if looked_like is not None and looked_like != family:
+        parts.append(f"These are {looked_like!r} weights: load them into the {looked_like!r} backbone.")
+    else:
+        parts.append("Check that the weights and the backbone variant match (e.g. sam_vit_l weights need variant='vit_l').")
     raise KeyMismatchError(" ".join(parts))
 
 

@@ -275,7 +275,9 @@ def get_detection_dataset_dicts(
                         f"Datasets {names[0]!r} and {name!r} have different thing_classes ({classes[0]} vs {other}); "
                         "they cannot be trained on together."
                     )
-            counts = Counter(a["category_id"] for d in dataset_dicts for a in d["annotations"] if not a.get("iscrowd", 0))
+            counts = Counter(
+                a["category_id"] for d in dataset_dicts for a in d["annotations"] if not a.get("iscrowd", 0)
+            )
             logger.info(
                 "%d instances of %d classes in %s: %s",
                 sum(counts.values()),
@@ -284,11 +286,15 @@ def get_detection_dataset_dicts(
                 ", ".join(f"{classes[0][k]}: {counts[k]}" for k in sorted(counts) if 0 <= k < len(classes[0])),
             )
     if not dataset_dicts:
-        raise ValueError(f"No images left in {names} after filtering (filter_empty={filter_empty}, min_keypoints={min_keypoints}).")
+        raise ValueError(
+            f"No images left in {names} after filtering (filter_empty={filter_empty}, min_keypoints={min_keypoints})."
+        )
     return dataset_dicts
 
 
-def _as_dataset(dataset: Union[list, torchdata.Dataset], mapper: Optional[Callable], *, copy: bool) -> torchdata.Dataset:
+def _as_dataset(
+    dataset: Union[list, torchdata.Dataset], mapper: Optional[Callable], *, copy: bool
+) -> torchdata.Dataset:
     if isinstance(dataset, list):
         dataset = DatasetFromList(dataset, copy=copy)
     elif not isinstance(dataset, torchdata.Dataset):

@@ -22,7 +22,9 @@ class _DatasetCatalog(UserDict):
     def register(self, name: str, func: Callable[[], Any]) -> None:
         """Register ``func`` (no arguments, returns ``list[dict]``) under ``name``."""
         if not callable(func):
-            raise TypeError(f"DatasetCatalog.register({name!r}, ...) got {func!r}; expected a callable returning list[dict].")
+            raise TypeError(
+                f"DatasetCatalog.register({name!r}, ...) got {func!r}; expected a callable returning list[dict]."
+            )
         if name in self:
             raise KeyError(
                 f"Dataset {name!r} is already registered. Pick another name, or call "

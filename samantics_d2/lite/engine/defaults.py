@@ -125,7 +125,6 @@ def default_setup(cfg: Any, args: argparse.Namespace) -> None:
     rank = comm.get_rank()
     if output_dir and comm.is_main_process():
         g_pathmgr.mkdirs(output_dir)
-    comm.synchronize()  # the other ranks write their log files into it
     for name in ("fvcore", "samantics_d2"):
         setup_logger(output_dir, distributed_rank=rank, name=name)
     d2_logger = setup_logger(output_dir, distributed_rank=rank, name="detectron2")

@@ -102,7 +102,10 @@ def _convert_to_coco_dict(dataset_name: str) -> dict[str, Any]:
             ".thing_classes to convert it to COCO format."
         )
     id_map = getattr(metadata, "thing_dataset_id_to_contiguous_id", None)
-    to_dataset_id = {v: k for k, v in id_map.items()} if id_map is not None else {i: i for i in range(len(thing_classes))}
+    if id_map is None:
+        to_dataset_id = {i: i for i in range(len(thing_classes))}
+    else:
+        to_dataset_id = {v: k for k, v in id_map.items()}
     categories = [{"id": to_dataset_id[i], "name": name} for i, name in enumerate(thing_classes)]
 
     images, annotations = [], []
@@ -184,7 +187,8 @@ class _InstancesEvaluator(DatasetEvaluator):
             if "instances" in output:
                 image_id = input_dict["image_id"]
                 instances = output["instances"].to("cpu")
-                self._predictions.append({"image_id": image_id, "instances": instances_to_coco_json(instances, image_id)})
+                results = instances_to_coco_json(instances, image_id)
+                self._predictions.append({"image_id": image_id, "instances": results})
 
     def _gathered_predictions(self) -> Optional[list[dict[str, Any]]]:
         """All processes' predictions on the main process; None on the others."""
@@ -223,7 +227,8 @@ class COCOEvaluator(_InstancesEvaluator):
             tasks: subset of ("bbox", "segm"); None: "bbox", plus "segm" when outputs have masks.
             distributed: gather predictions from all processes and evaluate on the main one.
             output_dir: where ``coco_instances_results.json`` is written (optional).
-            max_dets_per_image: detections kept per image; maxDets becomes [1, 10, this] (default 100).
+            max_dets_per_image: COCOeval's maxDets becomes [1, 10, this] (default 100); like COCOeval,
+                it limits detections per image and category. AR at it is named ``AR<this>``.
             use_fast_impl: faster-coco-eval's C++ evaluation instead of pycocotools' Python one.
             allow_cached_coco: reuse a COCO json converted by an earlier run.
         """
@@ -276,7 +281,8 @@ class COCOEvaluator(_InstancesEvaluator):
             logger.warning("[COCOEvaluator] Did not receive valid predictions.")
             return {}
 
-        coco_results = self._to_dataset_ids(list(itertools.chain(*[p["instances"] for p in predictions])))
+        # Copies: mapping the category ids must not change the kept predictions (evaluate may run twice).
+        coco_results = self._to_dataset_ids([dict(r) for p in predictions for r in p["instances"]])
         if self._output_dir:
             path = os.path.join(self._output_dir, "coco_instances_results.json")
             logger.info("Saving results to %s", path)
@@ -286,7 +292,8 @@ class COCOEvaluator(_InstancesEvaluator):
             return {}
 
         tasks = self._tasks or self._tasks_from_predictions(coco_results)
-        logger.info("Evaluating predictions with %s COCO API...", "faster-coco-eval" if self._use_fast_impl else "pycocotools")
+        api = "faster-coco-eval" if self._use_fast_impl else "pycocotools"
+        logger.info("Evaluating predictions with the %s COCO API...", api)
         results: OrderedDict = OrderedDict()
         for task in sorted(tasks):
             if len(coco_results) == 0:  # the COCO API does not handle empty results
@@ -355,7 +362,7 @@ class COCOEvaluator(_InstancesEvaluator):
         precisions = coco_eval.eval["precision"]
         per_category = []
         for k, cat_id in enumerate(coco_eval.params.catIds):
-            contiguous = id_map.get(cat_id) if id_map is not None else cat_id
+            contiguous = id_map.get(cat_id) if id_map is not None else k
             if contiguous is None or not 0 <= contiguous < len(class_names):
                 continue  # a ground-truth category the model does not know
             precision = precisions[:, :, k, 0, -1]
@@ -388,7 +395,7 @@ def _evaluate_predictions_on_coco(
         # With a "bbox", the COCO API would take the box area as the instance area for the
         # small/medium/large split; mask AP must use the mask area.
         for c in coco_results:
-            pass
+            c.pop("bbox", None)
     if use_fast_impl:
         from faster_coco_eval import COCOeval_faster
 

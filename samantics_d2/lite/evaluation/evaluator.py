@@ -103,7 +103,9 @@ def inference_on_dataset(
     callbacks = dict(callbacks or {})
     unknown = set(callbacks) - set(_CALLBACK_NAMES)
     if unknown:
-        raise ValueError(f"inference_on_dataset: unknown callbacks {sorted(unknown)}; valid keys are {_CALLBACK_NAMES}.")
+        raise ValueError(
+            f"inference_on_dataset: unknown callbacks {sorted(unknown)}; valid keys are {_CALLBACK_NAMES}."
+        )
 
     def run_callback(name: str) -> None:
         if name in callbacks:

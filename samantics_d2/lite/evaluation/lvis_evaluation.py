@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import itertools
 import logging
 import os
 from collections import OrderedDict
@@ -99,7 +98,8 @@ class LVISEvaluator(_InstancesEvaluator):
             logger.warning("[LVISEvaluator] Did not receive valid predictions.")
             return {}
 
-        lvis_results = list(itertools.chain(*[p["instances"] for p in predictions]))
+        # Copies: mapping the category ids must not change the kept predictions (evaluate may run twice).
+        lvis_results = [dict(r) for p in predictions for r in p["instances"]]
         id_map = getattr(self._metadata, "thing_dataset_id_to_contiguous_id", None)
         to_dataset_id = {v: k for k, v in id_map.items()} if id_map is not None else None
         for result in lvis_results:

@@ -6,10 +6,10 @@ packages (segment_anything, sam2, timm, open_clip) are imported when a backbone 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 from ..preprocess import preprocess_spec
-from ..weights import get_weight_spec, load_encoder_weights
+from ..weights import get_weight_spec, load_encoder_weights, resolve_weights
 from .base import SIZES, EncoderBackbone
 from .clip import CLIPBackbone
 from .dinov2 import DINOv2Backbone
@@ -43,29 +43,41 @@ def build_encoder(
     *,
     size: str = "full",
     pretrained: bool = False,
+    weights: Optional[str] = None,
     input_size: Optional[int] = None,
-    out_features: Optional[list[str]] = None,
+    fit: Optional[str] = None,
+    out_features: Optional[Sequence[str]] = None,
 ) -> EncoderBackbone:
-    """The backbone of weight tag ``tag`` with the tag's preprocessing.
+    """The backbone of weight tag ``tag``, with the tag's preprocessing (and weights).
+
+    The LazyConfig entries of ``configs/common/backbones.py`` call this. With ``pretrained=True``
+    the weight file is looked up before the model is built, so an absent file fails at once.
 
     Args:
         tag: a weight tag (``"sam_vit_b"``, ``"sam2.1_hiera_l"``, ``"dinov2_vitl14_reg"``...).
-        size: ``"tiny"`` builds the tiny random variant of the same family (tests, benchmarks).
-        pretrained: load the tag's official weights (from ``$SAMANTICS_WEIGHTS``), strictly.
-        input_size: another input size for the preprocessing (DINOv2 also stores its position
-            grid at that size); None: the tag's.
+        size: ``"tiny"`` builds the tiny random variant of the same architecture (tests, benchmarks).
+        pretrained: load official weights, strictly (checksum checked where published).
+        weights: another location of the weights (a path or a file name under
+            ``$SAMANTICS_WEIGHTS``); default: the tag's official file name.
+        input_size, fit: preprocessing overrides (``preprocess_spec``); DINOv2 also stores its
+            position grid at ``input_size``.
         out_features: outputs to return; None: dense + global.
     """
     spec = get_weight_spec(tag)
+    path = None
+    if pretrained:
+        if size != "full":
+            raise ValueError(f"build_encoder({tag!r}, size={size!r}, pretrained=True): only size='full' has weights.")
+        path = resolve_weights(weights if weights is not None else tag)
     cls = BACKBONE_CLASSES[spec.family]
     kwargs: dict = {"variant": spec.variant, "size": size, "out_features": out_features}
-    if size == "full" or input_size is not None:
-        kwargs["preprocess"] = preprocess_spec(tag, input_size=input_size)
+    if size == "full" or input_size is not None or fit is not None:
+        kwargs["preprocess"] = preprocess_spec(tag, input_size=input_size, fit=fit)
     if cls is DINOv2Backbone and input_size is not None:
         kwargs["img_size"] = input_size
     model = cls(**kwargs)
-    if pretrained:
-        if size != "full":
-            raise ValueError(f"build_encoder({tag!r}, size={size!r}, pretrained=True): only full-size models have weights.")
-        load_encoder_weights(model, tag)
+    if path is not None:
+        # the published checksum applies to the published file name
+        sha256 = spec.sha256 if path.name == spec.file_name else None
+        load_encoder_weights(model, path, sha256=sha256)
     return model

@@ -33,11 +33,12 @@ HIERA_VARIANTS: dict[str, dict[str, Any]] = {
         window_spec=(8, 4, 16, 8),
     ),
 }
-# size="tiny": four one-block stages (the last one global), small windows, 32-channel FPN.
+# size="tiny": four short stages, one global-attention block inside stage 3 (as upstream: never
+# a stage's first, query-pooling block), small windows, 32-channel FPN.
 _HIERA_TINY: dict[str, Any] = dict(
     embed_dim=16,
     num_heads=1,
-    stages=(1, 1, 1, 1),
+    stages=(1, 1, 2, 1),
     global_att_blocks=(3,),
     window_pos_embed_bkg_spatial_size=(4, 4),
     window_spec=(4, 2, 2, 1),
@@ -64,7 +65,7 @@ class SAM2Backbone(EncoderBackbone):
 
     Args:
         variant: ``"hiera_t"``, ``"hiera_s"``, ``"hiera_b+"`` or ``"hiera_l"``.
-        size: ``"full"`` or ``"tiny"`` (4 one-block stages, width 16-128, 128 px, for tests).
+        size: ``"full"`` or ``"tiny"`` (5 blocks in 4 stages, width 16-128, 128 px, for tests).
         out_features: default ``["p4", "pooled"]``.
         preprocess: default: the variant's SAM 2.1 tag (stretch to 1024, ImageNet statistics).
     """

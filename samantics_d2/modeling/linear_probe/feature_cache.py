@@ -167,6 +167,9 @@ class PooledEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``x: [N, 3, S, S]`` -> ``{pooling: [N, D] float32}``."""
+        param = next(self.encoder.parameters(), None)
+        if param is not None and param.is_floating_point() and x.dtype != param.dtype:
+            x = x.to(param.dtype)  # e.g. an encoder kept in bfloat16
         features = self.encoder(x)
         out = {}
         for pooling in self.poolings:

@@ -222,10 +222,11 @@ def _probe_name(pooling: str, lr: float) -> str:
 
 
 @torch.no_grad()
-def _rank_predictions(heads: nn.ModuleDict, probes: Sequence[dict], source: FeatureSource, rows: np.ndarray,
-                      *, batch_size: int, k: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """``({probe: [n, k] int64 best classes}, labels [n])`` over ``rows``."""
+def _rank_predictions(heads: Mapping[str, nn.Module], probes: Sequence[dict], source: FeatureSource, rows: np.ndarray,
+                      *, batch_size: int, k: int) -> tuple[dict[str, np.ndarray], dict[str, float], np.ndarray]:
+    """``({probe: [n, k] int64 best classes}, {probe: mean cross-entropy}, labels [n])`` over ``rows``."""
     ranked: dict[str, list[torch.Tensor]] = {p["name"]: [] for p in probes}
+    loss_sums: dict[str, list[torch.Tensor]] = {p["name"]: [] for p in probes}  # kept on the device: no sync per batch
     labels = []
     for start in range(0, len(rows), batch_size):
         features, y = source.batch(rows[start : start + batch_size])
@@ -233,9 +234,13 @@ def _rank_predictions(heads: nn.ModuleDict, probes: Sequence[dict], source: Feat
         for p in probes:
             logits = heads[p["name"]](features[p["pooling"]])
             ranked[p["name"]].append(logits.topk(min(k, logits.shape[1]), dim=1).indices)
+            loss_sums[p["name"]].append(F.cross_entropy(logits, y, reduction="sum").double())
     if not labels:
-        return {name: np.zeros((0, k), np.int64) for name in ranked}, np.zeros(0, np.int64)
-    return ({name: torch.cat(v).cpu().numpy() for name, v in ranked.items()}, torch.cat(labels).cpu().numpy())
+        return ({name: np.zeros((0, k), np.int64) for name in ranked}, {name: float("nan") for name in ranked},
+                np.zeros(0, np.int64))
+    labels_np = torch.cat(labels).cpu().numpy()
+    losses = {name: float(torch.stack(v).sum()) / len(labels_np) for name, v in loss_sums.items()}
+    return {name: torch.cat(v).cpu().numpy() for name, v in ranked.items()}, losses, labels_np
 
 
 @dataclass
@@ -243,7 +248,7 @@ class ProbeGridOutput:
     """What :func:`train_probe_grid` returns: the JSON-able ``results`` and the trained ``heads``."""
 
     results: dict[str, Any]
-    heads: nn.ModuleDict  # probe name -> nn.Linear, in eval mode
+    heads: dict[str, nn.Linear]  # probe name -> its trained layer (eval mode)
 
 
 def train_probe_grid(
@@ -295,9 +300,11 @@ def train_probe_grid(
             raise ValueError(f"The {name} labels span [{source.labels.min()}, {source.labels.max()}], outside 0..{num_classes - 1}.")
     tic = time.perf_counter()
     train_rows, holdout_rows = holdout_split(train.labels, config.holdout_fraction, config.seed)
-    heads = nn.ModuleDict({
-        p["name"]: _init_linear(train.feature_dims[p["pooling"]], num_classes, config.seed) for p in probes
-    }).to(device)
+    if len(train_rows) == 0 or len(val.labels) == 0:
+        raise ValueError(f"Nothing to train or evaluate on: {len(train_rows)} training rows, {len(val.labels)} val rows.")
+    layers = nn.ModuleList([_init_linear(train.feature_dims[p["pooling"]], num_classes, config.seed) for p in probes])
+    layers.to(device)
+    heads = {p["name"]: layer for p, layer in zip(probes, layers)}
     groups = [{"params": list(heads[p["name"]].parameters()), "lr": p["lr"]} for p in probes]
     if config.optimizer == "adam":
         optimizer = torch.optim.Adam(groups, lr=config.learning_rates[0], weight_decay=config.weight_decay)
@@ -314,7 +321,7 @@ def train_probe_grid(
                 len(probes), ", ".join(p["name"] for p in probes), len(train_rows), len(holdout_rows),
                 config.epochs, steps_per_epoch)
     final_loss: dict[str, float] = {}
-    heads.train()
+    layers.train()
     for epoch in range(config.epochs):
         order = _epoch_order(train_rows, config.seed, epoch)
         loss_sums = torch.zeros(len(probes), device=device)
@@ -334,25 +341,29 @@ def train_probe_grid(
         best = min(final_loss, key=final_loss.get)
         logger.info("Epoch %d/%d: mean training loss %s (lowest %s).", epoch + 1, config.epochs,
                     ", ".join(f"{k}={v:.4f}" for k, v in final_loss.items()), best)
-    heads.eval()
+    layers.eval()
 
     k = max(config.topk)
     val_rows = np.arange(len(val.labels))
-    val_ranked, val_labels = _rank_predictions(heads, probes, val, val_rows, batch_size=config.eval_batch_size, k=k)
+    val_ranked, val_loss, val_labels = _rank_predictions(heads, probes, val, val_rows,
+                                                         batch_size=config.eval_batch_size, k=k)
     if len(holdout_rows):
-        held_ranked, held_labels = _rank_predictions(heads, probes, train, holdout_rows,
-                                                     batch_size=config.eval_batch_size, k=k)
+        held_ranked, held_loss, held_labels = _rank_predictions(heads, probes, train, holdout_rows,
+                                                                batch_size=config.eval_batch_size, k=k)
     ks = config.topk
     records = []
     for p in probes:
         record = dict(p, final_train_loss=final_loss[p["name"]])
         if len(holdout_rows):
-            record["holdout"] = {f"top{k_}": v for k_, v in accuracy_from_topk(held_ranked[p["name"]], held_labels, ks=ks).items()}
-        record["val"] = {f"top{k_}": v for k_, v in accuracy_from_topk(val_ranked[p["name"]], val_labels, ks=ks).items()}
+            accuracy = accuracy_from_topk(held_ranked[p["name"]], held_labels, ks=ks)
+            record["holdout"] = {**{f"top{k_}": v for k_, v in accuracy.items()}, "loss": held_loss[p["name"]]}
+        accuracy = accuracy_from_topk(val_ranked[p["name"]], val_labels, ks=ks)
+        record["val"] = {**{f"top{k_}": v for k_, v in accuracy.items()}, "loss": val_loss[p["name"]]}
         records.append(record)
     if len(holdout_rows):
-        chosen = max(records, key=lambda r: r["holdout"][f"top{ks[0]}"])  # first in grid order on ties
-        selected_by = f"held-out top-{ks[0]} ({len(holdout_rows)} training rows)"
+        # Best held-out top-1; ties (frequent on easy data) go to the lower held-out loss, then grid order.
+        chosen = min(records, key=lambda r: (-r["holdout"][f"top{ks[0]}"], r["holdout"]["loss"]))
+        selected_by = f"held-out top-{ks[0]}, then held-out loss ({len(holdout_rows)} training rows)"
     else:
         chosen = records[0]
         selected_by = "single probe"

@@ -7,7 +7,8 @@ refines the boxes of the previous one through its own box MLP (the boxes fed to 
 detached) and predicts one sigmoid logit per query: "this box is an instance of the reference's
 class". Pure PyTorch: deformable attention samples through ``grid_sample``.
 
-Boxes are (cx, cy, w, h) normalised to [0, 1] by the size of the (padded) feature maps.
+Boxes are (cx, cy, w, h) normalised to [0, 1] by the size of the valid (unpadded) image region:
+the whole map when no padding masks are given; with masks, the valid fraction of each map.
 """
 from __future__ import annotations
 
