@@ -7,13 +7,17 @@
     python train_net.py --config-file ... --num-gpus 2 train.max_iter=100   # 2 processes (gloo on CPU)
 
 The config provides ``model``, ``optimizer``, ``lr_multiplier``, ``dataloader.{train,test,evaluator}``
-and ``train`` (see configs/common/train.py). Configs without ``dataloader.train`` or without an
-optimizer (training-free pipelines) can only be run with ``--eval-only``.
+and ``train`` (see configs/common/train.py). A config with a ``job`` node trains by running that job
+instead of the iteration loop (the cached linear-probe grid). Configs without ``dataloader.train``
+or without an optimizer (training-free pipelines) can only be run with ``--eval-only``.
 Every Detectron2 name comes from the seam ``samantics_d2.d2`` (Detectron2 or its lite subset).
 """
 from __future__ import annotations
 
+import json
 import logging
+
+from omegaconf import OmegaConf
 
 import samantics_d2  # noqa: F401  (registers datasets and components)
 from samantics_d2.config import check_override_keys
@@ -95,12 +99,15 @@ def main(args):
         else:
             logger.warning("train.init_checkpoint is empty: evaluating the model as built by the config.")
         return do_test(cfg, model)
-    for needed in ("optimizer", "lr_multiplier"):
-        if needed not in cfg or "train" not in cfg.get("dataloader", {}):
-            raise ValueError(
-                f"{args.config_file} describes no training (missing {needed!r} or dataloader.train): "
-                "run it with --eval-only."
-            )
+    if "job" in cfg:
+        # A training job that is not an iteration loop (the cached linear-probe grid): run it.
+        results = instantiate(cfg.job)
+        if comm.is_main_process():
+            logger.info("Job results:\n%s", json.dumps(results, indent=1, default=str))
+        return results
+    missing = [key for key in ("optimizer", "lr_multiplier", "dataloader.train") if OmegaConf.select(cfg, key) is None]
+    if missing:
+        raise ValueError(f"{args.config_file} describes no training (missing {missing}): run it with --eval-only.")
     do_train(args, cfg)
 
 

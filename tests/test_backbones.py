@@ -148,7 +148,8 @@ def test_hiera_variants_match_sam2_configs():
 
     defaults = {k: p.default for k, p in inspect.signature(Hiera.__init__).parameters.items() if p.default is not inspect.Parameter.empty}
     short = {"t": "hiera_t", "s": "hiera_s", "b+": "hiera_b+", "l": "hiera_l"}
-    configs = sorted(pathlib.Path(sam2.__file__).parent.glob("configs/sam2*/sam2*_hiera_*.yaml"))
+    root = pathlib.Path(sam2.__file__).parent / "configs"
+    configs = sorted(root.glob("sam2/sam2_hiera_*.yaml")) + sorted(root.glob("sam2.1/sam2.1_hiera_*.yaml"))
     assert len(configs) == 8
     for path in configs:
         encoder = OmegaConf.load(path).model.image_encoder

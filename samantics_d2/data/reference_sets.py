@@ -13,7 +13,7 @@ The training-free pipeline builds class prototypes from ``n_ref`` reference inst
   as a dataset of its own; nothing is computed until ``DatasetCatalog.get`` (the json is then made
   once into ``$SAMANTICS_CACHE``). :func:`register_all_reference_sets` registers the standard
   names (``coco_2017_train_ref{n}_seed{s}``, ``coco_2017_train_novel_ref{n}_seed{s}``,
-  ``shapes_train_ref{n}_seed{s}``).
+  ``shapes_train_ref{n}_seed{s}``, ``shapes_train_novel_ref{n}_seed{s}``).
 
 Guarantees:
 
@@ -102,8 +102,6 @@ _ORDERS = ("random", "largest")
 _INFO_KEY = "samantics_d2_reference_set"
 _FORMAT_VERSION = 1
 _CACHE_ENV = "SAMANTICS_CACHE"
-# Names of the filters, as reported in shortfall diagnostics.
-_FILTERS = ("crowd", "area", "area_fraction", "aspect_ratio", "border_distance", "box_iou", "border_overlap")
 
 CategorySpec = Union[None, str, Sequence[Union[str, int]]]
 
@@ -131,8 +129,8 @@ class ReferenceSelection:
         border_frame: width in pixels of the frame along the image edges used by
             ``max_border_overlap``. Default 4.
         max_border_overlap: largest share of the instance's mask that lies in the border frame.
-            Default 0.1: drops instances visibly cut by the image edge (a side of 40 px or less
-            along the edge); 1.0 disables the filter and no mask is decoded.
+            Default 0.1 (with the 4-px frame): an instance cut by an image edge is dropped unless
+            it reaches at least 40 px into the image; 1.0 disables the filter (no mask decoded).
         max_box_iou: largest box IoU with any other annotation (any category, crowd included) of
             the same image. Default 0.5: drops heavily overlapped, ambiguous instances.
     """
@@ -178,7 +176,9 @@ class ReferenceSelection:
                 f"ReferenceSelection got min_border_distance={self.min_border_distance!r}; expected pixels >= 0."
             )
         if isinstance(self.border_frame, bool) or not isinstance(self.border_frame, int) or self.border_frame < 0:
-            raise ValueError(f"ReferenceSelection got border_frame={self.border_frame!r}; expected an int >= 0 (pixels).")
+            raise ValueError(
+                f"ReferenceSelection got border_frame={self.border_frame!r}; expected an int >= 0 (pixels)."
+            )
         for name in ("max_border_overlap", "max_box_iou"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 <= value <= 1:
@@ -207,15 +207,17 @@ class ReferenceSet:
         shots: references per category this set holds at most (``selection.n_ref``, or k after
             :meth:`k_shot`).
         source: the source json path, or ``"<dict>"``.
-        categories: every category dict of the source, sorted by id (all are written to the json,
-            so that its contiguous ids equal the source dataset's).
-        category_ids: the selected category ids, sorted.
+        categories: every category dict of the source, sorted by id.
+        category_ids: the selected category ids, sorted (only these are written to the json, so
+            its contiguous ids are those of the source restricted to the same categories).
         picks: category id -> picked annotation ids, largest area first (ties: smaller id first).
         num_candidates: category id -> number of annotations passing the vectorised filters
             (all but ``max_border_overlap``, which is only checked for candidates reached).
         rejected: category id -> filter name -> number of the category's annotations failing that
-            filter (filters judged independently; ``border_overlap`` counts the candidates checked,
-            ``image_used`` the candidates skipped because their image was already picked).
+            filter. The vectorised filters (``crowd``, ``area``, ``area_fraction``,
+            ``aspect_ratio``, ``border_distance``) are judged independently; ``box_iou`` counts
+            annotations that passed them; ``image_used`` counts candidates skipped because their
+            image was already picked, ``border_overlap`` candidates whose mask was checked.
         annotations: annotation id -> the source annotation dict of every pick.
         images: image id -> the source image dict of every pick.
     """
@@ -244,7 +246,9 @@ class ReferenceSet:
     def k_shot(self, k: int) -> "ReferenceSet":
         """The first ``k`` picks of every category (the ``k`` largest of this set's picks)."""
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.shots:
-            raise ValueError(f"ReferenceSet.k_shot got k={k!r}; expected an int in [1, {self.shots}] (this set's shots).")
+            raise ValueError(
+                f"ReferenceSet.k_shot got k={k!r}; expected an int in [1, {self.shots}] (this set's shots)."
+            )
         picks = {c: ids[:k] for c, ids in self.picks.items()}
         kept = {a for ids in picks.values() for a in ids}
         annotations = {a: d for a, d in self.annotations.items() if a in kept}
@@ -279,7 +283,7 @@ class ReferenceSet:
         """The reference set as a COCO instances dict.
 
         ``images``: the picked images by id; ``annotations``: grouped by category id, largest
-        first, each with ``"reference_rank"`` (0 = largest); ``categories``: all source categories;
+        first, each with ``"reference_rank"`` (0 = largest); ``categories``: the selected ones;
         ``info``: a description and :meth:`summary` under ``"samantics_d2_reference_set"``.
         """
         annotations = []
@@ -295,7 +299,7 @@ class ReferenceSet:
             "info": {"description": description, _INFO_KEY: self.summary()},
             "images": [self.images[i] for i in sorted(self.images)],
             "annotations": annotations,
-            "categories": list(self.categories),
+            "categories": [c for c in self.categories if int(c["id"]) in set(self.category_ids)],
         }
 
 
@@ -370,6 +374,10 @@ def resolve_categories(categories: CategorySpec, coco_categories: Sequence[Mappi
                 )
             return sorted(by_name[n] for n in split)
         categories = [categories]
+    if len(categories) == 0:
+        raise ValueError(
+            f"Category subset {categories!r} is empty; pass None or 'all' for every category, or at least one name."
+        )
     ids: set[int] = set()
     for item in categories:
         if isinstance(item, str):
@@ -386,7 +394,9 @@ def resolve_categories(categories: CategorySpec, coco_categories: Sequence[Mappi
                 raise ValueError(f"Unknown category id {item!r}; the dataset's ids are {all_ids}.")
             ids.add(int(item))
         else:
-            raise ValueError(f"Category {item!r} is a {type(item).__name__}; expected a category name (str) or id (int).")
+            raise ValueError(
+                f"Category {item!r} is a {type(item).__name__}; expected a category name (str) or id (int)."
+            )
     return sorted(ids)
 
 
@@ -441,7 +451,8 @@ def _annotation_arrays(coco: Mapping[str, Any], source: str) -> dict[str, np.nda
     if not known.all():
         i = int(np.flatnonzero(~known)[0])
         raise ValueError(
-            f"{source!r}: annotation {int(ann_ids[i])} refers to image_id {int(ann_images[i])}, which is not in 'images'."
+            f"{source!r}: annotation {int(ann_ids[i])} refers to image_id {int(ann_images[i])}, which is not in "
+            "'images'."
         )
     return {
         "ids": ann_ids,
@@ -629,11 +640,13 @@ def select_references(
     def count(mask: np.ndarray) -> np.ndarray:
         return np.bincount(cat_rows[mask], minlength=num_selected + 1)[:num_selected]
 
-    rejected = {c: {} for c in category_ids}
+    rejected: dict[int, dict[str, int]] = {c: {} for c in category_ids}
     for name, ok in passes.items():
-        counts = count(in_categories & ~ok)
+        counts = count((cheap if name == "box_iou" else in_categories) & ~ok)
         for c in category_ids:
             rejected[c][name] = int(counts[cat_index[c]])
+    for c in category_ids:  # counted while picking, below
+        rejected[c].update(image_used=0, border_overlap=0)
     num_candidates = {c: int(n) for c, n in zip(category_ids, count(candidate))}
 
     # Candidate order per category: depends only on (seed, category id), so subsets and n_ref agree.
@@ -672,13 +685,13 @@ def select_references(
                 row = int(queue[k])
                 k += 1
                 if int(image_of[row]) in used_images:
-                    rejected[c]["image_used"] = rejected[c].get("image_used", 0) + 1
+                    rejected[c]["image_used"] += 1
                     continue
                 if check_border:
                     r = int(image_of[row])
                     overlap = border_overlap(annotations[row], int(cols["heights"][r]), int(cols["widths"][r]))
                     if overlap > sel.max_border_overlap:
-                        rejected[c]["border_overlap"] = rejected[c].get("border_overlap", 0) + 1
+                        rejected[c]["border_overlap"] += 1
                         continue
                 picked_rows[c].append(row)
                 used_images.add(int(image_of[row]))
@@ -688,9 +701,6 @@ def select_references(
                 bar.update(1)
     if bar is not None:
         bar.close()
-    for c in category_ids:
-        rejected[c].setdefault("border_overlap", 0)
-        rejected[c].setdefault("image_used", 0)
 
     picks: dict[int, tuple[int, ...]] = {}
     picked_annotations: dict[int, dict] = {}
@@ -892,7 +902,8 @@ def write_contact_sheets(
             col, row = i % columns, i // columns
             left, top = col * thumb_size, row * (thumb_size + caption)
             sheet.paste(crop, (left + (thumb_size - crop.width) // 2, top + (thumb_size - crop.height) // 2))
-            draw.text((left + 2, top + thumb_size), f"#{i} id {ann_id} area {ann.get('area', bw * bh):.0f}", fill=(0, 0, 0))
+            label = f"#{i} id {ann_id} area {ann.get('area', bw * bh):.0f}"
+            draw.text((left + 2, top + thumb_size), label, fill=(0, 0, 0))
         safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in names[c])
         path = output_dir / f"{c}_{safe}.png"
         buffer = io.BytesIO()
@@ -987,12 +998,14 @@ def register_reference_set(
     and the selection, so a changed source or selection makes a new file); later calls reuse it.
     Concurrent processes may both write it: the writes are atomic and byte-identical.
 
-    The dataset dicts are loaded with ``load_coco_json`` (contiguous ids of the source's categories)
+    The dataset dicts are loaded with ``load_coco_json`` (contiguous ids of the selected categories)
     and keep ``"id"``, ``"area"`` and ``"reference_rank"`` per annotation (see :func:`take_k_shot`).
     Metadata: ``evaluator_type="coco"``, ``reference_source``, ``reference_selection`` and
     ``metadata`` at once; ``json_file``, ``image_root``, ``thing_classes`` on first load.
     """
     from samantics_d2.d2 import DatasetCatalog, MetadataCatalog, load_coco_json
+
+    from .builtin import set_paths_if_missing
 
     if not isinstance(selection, ReferenceSelection):
         raise TypeError(f"register_reference_set({name!r}) got selection={selection!r}; expected a ReferenceSelection.")
@@ -1004,11 +1017,7 @@ def register_reference_set(
         if not path.exists():
             logger.info("Creating reference set %r from %s into %s.", name, json_file, path)
             write_reference_json(select_references(json_file, selection, categories=categories), path)
-        meta = MetadataCatalog.get(name)
-        if meta.get("json_file") != str(path):
-            meta.set(json_file=str(path))
-        if meta.get("image_root") != image_root:
-            meta.set(image_root=image_root)
+        set_paths_if_missing(name, json_file=str(path), image_root=image_root)
         return load_coco_json(str(path), image_root, name, extra_annotation_keys=["id", "area", "reference_rank"])
 
     DatasetCatalog.register(name, load)
@@ -1023,36 +1032,45 @@ def register_reference_set(
 # Standard names: n references per category, seeds 0..9 (the seed study of "No Time to Train").
 COCO_REFERENCE_SHOTS: tuple[int, ...] = (1, 2, 3, 5, 10, 30)
 COCO_REFERENCE_SEEDS: tuple[int, ...] = tuple(range(10))
-SHAPES_REFERENCE_SHOTS: tuple[int, ...] = (1, 3, 5, 10)
+# shapes_train has 64 images: 8 classes x 5 distinct images fit, 8 x 10 would not.
+SHAPES_REFERENCE_SHOTS: tuple[int, ...] = (1, 3, 5)
 SHAPES_REFERENCE_SEEDS: tuple[int, ...] = (0, 1, 2)
 # The synthetic shapes are small images: no absolute area floor, the share of the image decides.
 SHAPES_SELECTION = ReferenceSelection(min_area=None, min_area_fraction=0.002, border_frame=2)
 
 
 def register_all_reference_sets(*, output_dir: Optional[Union[str, os.PathLike]] = None) -> list[str]:
-    """Register the standard reference sets (lazily; see :func:`register_reference_set`).
+    """Register the standard reference sets not registered yet (lazily; see :func:`register_reference_set`).
 
     - ``coco_2017_train_ref{n}_seed{s}``: all 80 classes, from ``coco_2017_train``;
     - ``coco_2017_train_novel_ref{n}_seed{s}``: the 20 COCO-FSOD novel classes;
-    - ``shapes_train_ref{n}_seed{s}``: from ``shapes_train`` with :data:`SHAPES_SELECTION`.
+    - ``shapes_train_ref{n}_seed{s}``: from ``shapes_train`` with :data:`SHAPES_SELECTION`;
+    - ``shapes_train_novel_ref{n}_seed{s}``: its novel classes (``SHAPES_SPLITS["novel"]``).
 
     for ``n`` in :data:`COCO_REFERENCE_SHOTS` / :data:`SHAPES_REFERENCE_SHOTS` and ``s`` in the
-    matching seeds. Returns the names registered.
+    matching seeds. Returns the names registered by this call.
     """
-    names = []
+    from samantics_d2.d2 import DatasetCatalog
+
+    from .shapes import SHAPES_SPLITS
+
+    table: list[tuple[str, str, ReferenceSelection, CategorySpec]] = []
     for n in COCO_REFERENCE_SHOTS:
         for s in COCO_REFERENCE_SEEDS:
             selection = ReferenceSelection(n_ref=n, seed=s)
-            for suffix, categories in (("", None), ("_novel", "novel")):
-                name = f"coco_2017_train{suffix}_ref{n}_seed{s}"
-                register_reference_set(
-                    name, source="coco_2017_train", selection=selection, categories=categories, output_dir=output_dir
-                )
-                names.append(name)
+            table.append((f"coco_2017_train_ref{n}_seed{s}", "coco_2017_train", selection, None))
+            table.append((f"coco_2017_train_novel_ref{n}_seed{s}", "coco_2017_train", selection, "novel"))
     for n in SHAPES_REFERENCE_SHOTS:
         for s in SHAPES_REFERENCE_SEEDS:
-            name = f"shapes_train_ref{n}_seed{s}"
             selection = dataclasses.replace(SHAPES_SELECTION, n_ref=n, seed=s)
-            register_reference_set(name, source="shapes_train", selection=selection, output_dir=output_dir)
+            table.append((f"shapes_train_ref{n}_seed{s}", "shapes_train", selection, None))
+            novel = list(SHAPES_SPLITS["novel"])
+            table.append((f"shapes_train_novel_ref{n}_seed{s}", "shapes_train", selection, novel))
+    names = []
+    for name, source, selection, categories in table:
+        if name not in DatasetCatalog.list():
+            register_reference_set(
+                name, source=source, selection=selection, categories=categories, output_dir=output_dir
+            )
             names.append(name)
     return names

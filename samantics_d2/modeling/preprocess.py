@@ -314,9 +314,10 @@ def fit_image(image: Union[np.ndarray, torch.Tensor], spec: PreprocessSpec) -> t
         rh, rw = max(S, int(round(win_h * scale))), max(S, int(round(win_w * scale)))
         resized = _resize_uint8(window, (rh, rw), spec.interpolation)
         sy, sx = rh / win_h, rw / win_w
-        # where the full-image crop origin lands inside the resized window
-        y0 = min(max(0, int(round(crop_top - src_top * sy))), rh - S)
-        x0 = min(max(0, int(round(crop_left - src_left * sx))), rw - S)
+        # where the full-image crop origin lands inside the resized window (the window origin
+        # sits at src * full-image scale in the fully resized image)
+        y0 = min(max(0, int(round(crop_top - src_top * full_h / H))), rh - S)
+        x0 = min(max(0, int(round(crop_left - src_left * full_w / W))), rw - S)
     out = resized[:, y0 : y0 + S, x0 : x0 + S]
     assert tuple(out.shape[1:]) == (S, S), (out.shape, spec, (H, W))
     fit = ImageFit((H, W), (S, S), (sy, sx), (-src_top * sy - y0, -src_left * sx - x0), (0, 0, S, S))

@@ -1,0 +1,60 @@
+# Linear probing of a frozen encoder on ImageNet-1K ("There is no SAMantics!", experiment 1).
+#
+# Training (`train_net.py --config-file ...`) runs `job`: one pass of the frozen encoder over
+# imagenet_train and imagenet_val into a float16 feature cache (resumable, reused when nothing
+# changed), then the probes of `job.config` trained together on the cache; the best head is saved
+# as <output_dir>/linear_probe_head.pth. `--eval-only` loads that head into `model` and evaluates it
+# image by image with ClassificationEvaluator (top-1/top-5, per-class accuracy, confusion matrix).
+import os
+
+from omegaconf import OmegaConf
+
+from samantics_d2.d2 import LazyCall as L
+from samantics_d2.d2 import build_detection_test_loader, get_detection_dataset_dicts
+from samantics_d2.data import ClassificationMapper
+from samantics_d2.data.classification import cache_root
+from samantics_d2.evaluation import ClassificationEvaluator
+from samantics_d2.modeling.backbone import build_encoder
+from samantics_d2.modeling.linear_probe import LinearProbe, run_linear_probe
+
+from .train import train
+
+encoder = L(build_encoder)(tag="dinov2_vits14", pretrained=True)
+
+job = L(run_linear_probe)(
+    encoder="${encoder}",
+    encoder_tag="${encoder.tag}",
+    poolings=["cls"],
+    train_dataset="imagenet_train",
+    val_dataset="imagenet_val",
+    cache_root=os.path.join(cache_root(), "features"),
+    output_dir="${train.output_dir}",
+    # The paper's protocol: Adam 1e-3, 10 epochs, batch 128, ImageNet mean/std for every encoder.
+    normalization="imagenet",
+    config=dict(learning_rates=[1e-3], optimizer="adam", epochs=10, batch_size=128, holdout_fraction=0.0),
+    device="${train.device}",
+    batch_size=64,  # images per encoder forward while caching
+    num_workers=4,
+)
+
+model = L(LinearProbe)(
+    backbone="${encoder}",
+    pooling="${job.poolings[0]}",
+    num_classes=1000,
+    normalization="${job.normalization}",
+)
+
+dataloader = OmegaConf.create()
+dataloader.test = L(build_detection_test_loader)(
+    dataset=L(get_detection_dataset_dicts)(names="${job.val_dataset}", filter_empty=False),
+    mapper=L(ClassificationMapper)(),
+    batch_size=64,
+    num_workers=4,
+)
+dataloader.evaluator = L(ClassificationEvaluator)(
+    dataset_name="${..test.dataset.names}",
+    output_dir="${...train.output_dir}/inference",
+)
+
+train.output_dir = "./output/linear_probe/dinov2_vits14"
+train.init_checkpoint = "${train.output_dir}/linear_probe_head.pth"

@@ -1,0 +1,6 @@
+# Linear probe on sam2.1_hiera_t features (mean of the 256-d neck map at 1024 px), the paper's protocol (configs/common/linear_probe.py).
+from ..common.linear_probe import dataloader, encoder, job, model, train
+
+encoder.tag = "sam2.1_hiera_t"
+job.poolings = ["neck_mean"]
+train.output_dir = "./output/linear_probe/sam2_1_hiera_t"

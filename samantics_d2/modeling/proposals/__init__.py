@@ -1,0 +1,38 @@
+"""Class-agnostic mask proposals from SAM, HQ-SAM and SAM 2: the promptable decoders beside our
+image encoders (:mod:`.prompt_decoder`) and point-grid / box-prompted proposals (:mod:`.point_grid`).
+
+Typical use, one encoder forward per image and all prompts through the decoder together::
+
+    backbone = build_encoder("sam2.1_hiera_l", out_features=["p2", "p3", "p4"])
+    proposals = PointGridProposals(decoder=build_prompt_decoder(backbone, weights="sam2.1_hiera_l"))
+    x, fits = backbone.prepare_with_fits(images)
+    feats = backbone(x)
+    per_image = [proposals({k: v[i] for k, v in feats.items()}, fits[i]) for i in range(len(fits))]
+"""
+from .point_grid import MaskProposals, PointGridProposals, mask_logits_to_boxes, point_grid, stability_score
+from .prompt_decoder import (
+    PROMPT_DECODER_CLASSES,
+    HQSAMPromptDecoder,
+    PromptDecoder,
+    SAM2PromptDecoder,
+    SAMPromptDecoder,
+    build_prompt_decoder,
+    convert_prompt_decoder_state_dict,
+    load_prompt_decoder_weights,
+)
+
+__all__ = [
+    "HQSAMPromptDecoder",
+    "MaskProposals",
+    "PROMPT_DECODER_CLASSES",
+    "PointGridProposals",
+    "PromptDecoder",
+    "SAM2PromptDecoder",
+    "SAMPromptDecoder",
+    "build_prompt_decoder",
+    "convert_prompt_decoder_state_dict",
+    "load_prompt_decoder_weights",
+    "mask_logits_to_boxes",
+    "point_grid",
+    "stability_score",
+]

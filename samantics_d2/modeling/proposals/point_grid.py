@@ -1,0 +1,272 @@
+"""Class-agnostic mask proposals: SAM prompted with a regular point grid (or with boxes).
+
+The grid covers the ORIGINAL image, as ``SamAutomaticMaskGenerator`` builds it (point ``(i, j)`` at
+``((j + 0.5) / n * W, (i + 0.5) / n * H)``), and is mapped into the encoder input with the image's
+:class:`~samantics_d2.modeling.preprocess.ImageFit`. All prompts of the image go through the mask
+decoder in chunks (one call per chunk, see :mod:`.prompt_decoder`); each prompt keeps its best mask
+by predicted IoU; filtering happens once, after the last chunk. Masks stay low-resolution logits
+in the encoder-input frame (``MaskProposals.original_masks`` resamples the ones that survive).
+
+Defaults follow "No Time to Train" (SAM 2 Hiera-L, 32x32 single-point prompts, best of 3 masks by
+predicted IoU, keep predicted IoU > 0.4).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.nn as nn
+
+from ..preprocess import ImageFit
+from .prompt_decoder import PromptDecoder
+
+__all__ = ["MaskProposals", "PointGridProposals", "mask_logits_to_boxes", "point_grid", "stability_score"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MaskProposals:
+    """Candidate masks of one image.
+
+    Attributes:
+        mask_logits: ``[P, Hm, Wm]`` low-resolution logits covering the whole ``S x S`` encoder
+            input (``fit`` maps them to the image); a pixel is in the mask where the logit is > 0.
+        iou_pred: ``[P]`` SAM's predicted IoU.
+        stability: ``[P]`` SAM's stability score (IoU of the masks at logit thresholds +-offset),
+            on the low-resolution logits inside the image area.
+        points: ``[P, 2]`` (x, y) of the prompt in original-image pixels (box centres for box prompts).
+        fit: how the image was fitted into the encoder input.
+        prompt_boxes: ``[P, 4]`` XYXY original-image box prompts (box mode), None for point prompts.
+    """
+
+    mask_logits: torch.Tensor
+    iou_pred: torch.Tensor
+    stability: torch.Tensor
+    points: torch.Tensor
+    fit: ImageFit
+    prompt_boxes: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return int(self.mask_logits.shape[0])
+
+    def __getitem__(self, index: Any) -> "MaskProposals":
+        """The proposals selected by ``index`` (a slice, an index tensor or a bool mask ``[P]``)."""
+        values = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            values[f.name] = value[index] if isinstance(value, torch.Tensor) else value
+        return MaskProposals(**values)
+
+    def original_masks(self, *, threshold: float = 0.0) -> torch.Tensor:
+        """``[P, H, W]`` bool masks on the original image grid (logits resampled, then ``> threshold``)."""
+        return self.fit.mask_to_original(self.mask_logits.float()) > threshold
+
+
+def point_grid(
+    points_per_side: int,
+    image_size: tuple[int, int],
+    *,
+    device: Optional[torch.device] = None,
+) -> torch.Tensor:
+    """``[n * n, 2]`` float32 (x, y) points covering an ``(H, W)`` image, x varying fastest.
+
+    Point ``(i, j)`` is at ``((j + 0.5) / n * W, (i + 0.5) / n * H)``, the grid of
+    ``segment_anything.utils.amg.build_point_grid`` scaled to the image.
+    """
+    if points_per_side < 1:
+        raise ValueError(f"points_per_side={points_per_side} must be >= 1.")
+    height, width = image_size
+    steps = (torch.arange(points_per_side, dtype=torch.float64, device=device) + 0.5) / points_per_side
+    ys, xs = torch.meshgrid(steps * height, steps * width, indexing="ij")
+    return torch.stack([xs, ys], dim=-1).reshape(-1, 2).float()
+
+
+def stability_score(mask_logits: torch.Tensor, *, mask_threshold: float = 0.0, offset: float = 1.0) -> torch.Tensor:
+    """SAM's stability score: IoU of the masks ``logits > t + offset`` and ``logits > t - offset``.
+
+    Args:
+        mask_logits: ``[P, h, w]``.
+
+    Returns:
+        ``[P]`` float32 in [0, 1]; 0 for a mask that is empty even at the low threshold.
+    """
+    flat = mask_logits.flatten(1)
+    intersections = (flat > mask_threshold + offset).sum(1, dtype=torch.int32)
+    unions = (flat > mask_threshold - offset).sum(1, dtype=torch.int32)
+    return torch.where(unions > 0, intersections.float() / unions.clamp(min=1).float(), torch.zeros_like(unions, dtype=torch.float32))
+
+
+def mask_logits_to_boxes(mask_logits: torch.Tensor, *, threshold: float = 0.0) -> torch.Tensor:
+    """Tight XYXY boxes of ``mask_logits > threshold`` in the logits' pixel grid (vectorised).
+
+    Args:
+        mask_logits: ``[P, h, w]``.
+
+    Returns:
+        ``[P, 4]`` float32 ``(x0, y0, x1, y1)`` with exclusive ``x1, y1`` (pixel edges); zeros for
+        empty masks.
+    """
+    masks = mask_logits > threshold
+    count, h, w = masks.shape
+    cols = masks.any(dim=1)  # [P, w]
+    rows = masks.any(dim=2)  # [P, h]
+    x_index = torch.arange(w, device=masks.device)
+    y_index = torch.arange(h, device=masks.device)
+    x0 = torch.where(cols, x_index, w).amin(dim=1)
+    x1 = torch.where(cols, x_index + 1, 0).amax(dim=1)
+    y0 = torch.where(rows, y_index, h).amin(dim=1)
+    y1 = torch.where(rows, y_index + 1, 0).amax(dim=1)
+    boxes = torch.stack([x0, y0, x1, y1], dim=1).float()
+    return torch.where(cols.any(dim=1, keepdim=True), boxes, torch.zeros_like(boxes))
+
+
+def _image_region(fit: ImageFit, mask_size: tuple[int, int]) -> tuple[slice, slice]:
+    """Rows and columns of a low-res mask grid covering the input square that hold image content."""
+    x0, y0, x1, y1 = fit.valid_box
+    (s_h, s_w), (m_h, m_w) = fit.input_size, mask_size
+    rows = slice(int(y0 * m_h // s_h), -(-y1 * m_h // s_h))  # floor, ceil
+    cols = slice(int(x0 * m_w // s_w), -(-x1 * m_w // s_w))
+    return rows, cols
+
+
+class PointGridProposals(nn.Module):
+    """SAM / HQ-SAM / SAM 2 mask proposals from a point grid (or from boxes) for one image.
+
+    Args:
+        decoder: a :class:`~.prompt_decoder.PromptDecoder` matching the backbone whose features
+            :meth:`forward` receives (``build_prompt_decoder(backbone)``).
+        points_per_side: ``n``: ``n x n`` single-point prompts over the original image.
+        points_per_batch: prompts per mask-decoder call (memory bound).
+        multimask_output: SAM's three masks per point prompt, the best by predicted IoU is kept
+            (False: SAM's single-mask output).
+        box_multimask_output: the same for box prompts (default False, as SAM recommends for boxes).
+        pred_iou_thresh: keep proposals whose predicted IoU is ``> pred_iou_thresh`` (None: all).
+        stability_score_thresh: keep proposals whose stability is ``>= stability_score_thresh``
+            (None: all). The score is SAM's, at ``stability_score_offset``, computed on the
+            low-resolution logits inside the image area (not upsampled to full size).
+        stability_score_offset: logit offset of the stability score (SAM: 1.0).
+        box_nms_thresh: class-agnostic NMS at this box IoU on the boxes of the low-resolution
+            masks, in decreasing predicted IoU (None: no NMS).
+        max_proposals: keep at most this many, highest predicted IoU first (None: all).
+
+    Point-grid proposals whose mask is empty inside the image are always dropped; the others are
+    returned in decreasing predicted IoU (ties: grid order).
+    """
+
+    def __init__(
+        self,
+        *,
+        decoder: PromptDecoder,
+        points_per_side: int = 32,
+        points_per_batch: int = 256,
+        multimask_output: bool = True,
+        box_multimask_output: bool = False,
+        pred_iou_thresh: Optional[float] = 0.4,
+        stability_score_thresh: Optional[float] = None,
+        stability_score_offset: float = 1.0,
+        box_nms_thresh: Optional[float] = None,
+        max_proposals: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        problems = []
+        if not isinstance(decoder, PromptDecoder):
+            problems.append(f"decoder must be a PromptDecoder (build_prompt_decoder(backbone)); got {type(decoder).__name__}")
+        if points_per_side < 1:
+            problems.append(f"points_per_side={points_per_side} must be >= 1")
+        if points_per_batch < 1:
+            problems.append(f"points_per_batch={points_per_batch} must be >= 1")
+        if box_nms_thresh is not None and not 0.0 < box_nms_thresh <= 1.0:
+            problems.append(f"box_nms_thresh={box_nms_thresh} must be in (0, 1] or None")
+        if max_proposals is not None and max_proposals < 1:
+            problems.append(f"max_proposals={max_proposals} must be >= 1 or None")
+        if stability_score_offset <= 0:
+            problems.append(f"stability_score_offset={stability_score_offset} must be > 0")
+        if problems:
+            raise ValueError("PointGridProposals: " + "; ".join(problems) + ".")
+        self.decoder = decoder
+        self.points_per_side = points_per_side
+        self.points_per_batch = points_per_batch
+        self.multimask_output = multimask_output
+        self.box_multimask_output = box_multimask_output
+        self.pred_iou_thresh = pred_iou_thresh
+        self.stability_score_thresh = stability_score_thresh
+        self.stability_score_offset = stability_score_offset
+        self.box_nms_thresh = box_nms_thresh
+        self.max_proposals = max_proposals
+
+    def _decode(self, image_features, fit: ImageFit, **prompts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple]:
+        """Best mask per prompt: ``(logits [P, Hm, Wm], iou [P], stability [P], image region)``."""
+        logits, iou = self.decoder.decode(image_features, points_per_batch=self.points_per_batch, best_only=True, **prompts)
+        logits, iou = logits[:, 0], iou[:, 0]
+        region = _image_region(fit, tuple(logits.shape[-2:]))
+        stability = stability_score(logits[(slice(None), *region)], offset=self.stability_score_offset)
+        return logits, iou, stability, region
+
+    def forward(
+        self,
+        image_features: Mapping[str, torch.Tensor],
+        fit: ImageFit,
+        *,
+        boxes: Optional[torch.Tensor] = None,
+    ) -> MaskProposals:
+        """Proposals for ONE image.
+
+        Args:
+            image_features: backbone outputs of the image (``{name: [C, h, w]}``), holding
+                ``decoder.required_features``.
+            fit: the image's :class:`ImageFit` (from ``backbone.prepare_with_fits``).
+            boxes: ``[B, 4]`` XYXY original-image boxes to prompt with instead of the point grid
+                (ground-truth boxes: the "GT boxes" oracle). Box mode returns exactly one proposal
+                per box, in the given order, unfiltered.
+
+        Returns:
+            :class:`MaskProposals`.
+        """
+        device = self.decoder.device
+        if boxes is not None:
+            if boxes.ndim != 2 or boxes.shape[-1] != 4:
+                raise ValueError(f"PointGridProposals got boxes of shape {tuple(boxes.shape)}; expected [B, 4] XYXY.")
+            boxes = boxes.to(device=device, dtype=torch.float32)
+            logits, iou, stability, _ = self._decode(
+                image_features, fit, boxes=fit.boxes_to_input(boxes), multimask_output=self.box_multimask_output
+            )
+            centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+            return MaskProposals(logits, iou, stability, centres, fit, prompt_boxes=boxes)
+
+        points = point_grid(self.points_per_side, fit.original_size, device=device)
+        labels = torch.ones(points.shape[0], 1, dtype=torch.int64, device=device)
+        logits, iou, stability, region = self._decode(
+            image_features,
+            fit,
+            points=fit.points_to_input(points)[:, None],
+            point_labels=labels,
+            multimask_output=self.multimask_output,
+        )
+        # Filter once, after the chunk loop.
+        in_image = logits[(slice(None), *region)]
+        keep = (in_image > 0).flatten(1).any(dim=1)
+        if self.pred_iou_thresh is not None:
+            keep &= iou > self.pred_iou_thresh
+        if self.stability_score_thresh is not None:
+            keep &= stability >= self.stability_score_thresh
+        index = keep.nonzero()[:, 0]
+        index = index[torch.sort(iou[index], descending=True, stable=True).indices]
+        if self.box_nms_thresh is not None and index.numel():
+            from torchvision.ops import nms
+
+            mask_boxes = mask_logits_to_boxes(in_image[index])
+            index = index[nms(mask_boxes, iou[index].float(), self.box_nms_thresh)]
+        if self.max_proposals is not None:
+            index = index[: self.max_proposals]
+        return MaskProposals(logits[index], iou[index], stability[index], points[index], fit)
+
+    def extra_repr(self) -> str:
+        return (
+            f"points_per_side={self.points_per_side}, points_per_batch={self.points_per_batch}, "
+            f"multimask_output={self.multimask_output}, pred_iou_thresh={self.pred_iou_thresh}, "
+            f"stability_score_thresh={self.stability_score_thresh}, box_nms_thresh={self.box_nms_thresh}, "
+            f"max_proposals={self.max_proposals}"
+        )
