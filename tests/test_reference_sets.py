@@ -362,8 +362,10 @@ def test_tool_on_shapes_as_a_subprocess(shapes_json, tmp_path):
     assert len(pngs) == sum(1 for ids in expected.picks.values() if ids) > 0
     from PIL import Image
 
-    with Image.open(sheets / pngs[0]) as sheet:
-        assert sheet.size[0] == 5 * 160 and sheet.mode == "RGB"
+    for png in pngs:  # one 160-px cell per reference, plus a caption line
+        with Image.open(sheets / png) as sheet:
+            picked = len(expected.picks[int(png.split("_")[0])])
+            assert sheet.size == (picked * 160, 160 + 14) and sheet.mode == "RGB"
 
 
 def test_tool_errors(shapes_json, tmp_path, capsys):

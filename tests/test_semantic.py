@@ -321,9 +321,9 @@ def shapes(tmp_path_factory):
     return dicts, class_names
 
 
-def _tiny_dinov2(**kw):
+def _tiny_dinov2(tag="dinov2_vits14", **kw):
     torch.manual_seed(0)
-    backbone = build_encoder("dinov2_vits14", size="tiny", **kw)
+    backbone = build_encoder(tag, size="tiny", **kw)
     backbone.calls = 0
     backbone.register_forward_hook(lambda *args: setattr(backbone, "calls", backbone.calls + 1))
     return backbone
@@ -407,20 +407,37 @@ def test_memory_bank_reuse_and_rebuilds(shapes, tmp_path, caplog):
     assert torch.equal(again.features, first.features) and torch.equal(again.class_ids, first.class_ids)
     assert again.annotation_ids == first.annotation_ids
 
+    saved = path.read_bytes()
+
     def rebuilt(why, **changes):
-        before = backbone.calls if changes.get("backbone") is None else changes["backbone"].calls
+        path.write_bytes(saved)  # start from the bank of the original inputs
+        model = changes.get("backbone", backbone)
+        before = model.calls
         with caplog.at_level("INFO", logger="samantics_d2.modeling.semantic.memory_bank"):
             caplog.clear()
             MemoryBank.load_or_build(path, **{**kwargs, "references": dicts, **changes})
-        model = changes.get("backbone", backbone)
         assert model.calls > before, why
-        assert any("Rebuilding memory bank" in r.message and why in r.message for r in caplog.records), why
+        messages = [r.message for r in caplog.records if "Rebuilding memory bank" in r.message]
+        assert len(messages) == 1 and messages[0].endswith(f"changed {why}."), (why, messages)
 
     fewer = [{**dicts[0], "annotations": dicts[0]["annotations"][1:]}] + dicts[1:]
     rebuilt("references", references=fewer)
+    moved = [{**d, "annotations": [{**a, "bbox": [v + 1 for v in a["bbox"]]} for a in d["annotations"]]} for d in dicts]
+    rebuilt("references", references=moved)  # same ids and files, other boxes
     rebuilt("config", config=MemoryBankConfig(context=0.3))
+    rebuilt("config, preprocess", config=MemoryBankConfig(crop="full"))  # full images: the encoder's own fit
     rebuilt("weights", weights_id="random-init:1")
-    rebuilt("backbone", backbone=_tiny_dinov2(input_size=70))
+    rebuilt("backbone, preprocess", backbone=_tiny_dinov2("dinov2_vits14_reg"))  # the spec names its tag
+    rebuilt("preprocess", backbone=_tiny_dinov2(input_size=70))
+    # a file cut short (or not a bank) is rebuilt, with a warning
+    path.write_bytes(saved[: len(saved) // 2])
+    with caplog.at_level("WARNING", logger="samantics_d2.modeling.semantic.memory_bank"):
+        caplog.clear()
+        calls = backbone.calls
+        repaired = MemoryBank.load_or_build(path, references=dicts, **kwargs)
+    assert backbone.calls > calls and any("not a memory bank" in r.message for r in caplog.records)
+    torch.testing.assert_close(repaired.features, first.features)
+    path.write_bytes(saved)
     # the batch size is not part of the provenance
     calls = backbone.calls
     MemoryBank.load_or_build(path, references=dicts, **{**kwargs, "config": MemoryBankConfig(batch_size=3)})
@@ -442,8 +459,9 @@ def test_k_of_n_shots_equals_building_with_k_shots(shapes, aggregation):
     backbone = _tiny_dinov2()
     common = dict(backbone=backbone, config=MemoryBankConfig(batch_size=4), weights_id="w", num_classes=len(class_names))
     full = MemoryBank.build(references=dicts, **common)
-    calls = backbone.calls
-    for k in (1, 2):
+    assert (full.shots_per_class(3) == 3).any()  # with num_centres=2, k=3 runs k-means on some class
+    for k in (1, 3):
+        calls = backbone.calls
         limited, limited_valid = full.prototypes(shots=k, aggregation=aggregation, num_centres=2)
         assert backbone.calls == calls  # no recomputation
         small = MemoryBank.build(references=_first_k(dicts, k), **common)

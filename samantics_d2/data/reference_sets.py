@@ -11,9 +11,12 @@ The training-free pipeline builds class prototypes from ``n_ref`` reference inst
   ``"info"`` and in a sidecar ``<name>.selection.json``.
 - :func:`register_reference_set` registers a reference set of any registered COCO-format dataset
   as a dataset of its own; nothing is computed until ``DatasetCatalog.get`` (the json is then made
-  once into ``$SAMANTICS_CACHE``). :func:`register_all_reference_sets` registers the standard
-  names (``coco_2017_train_ref{n}_seed{s}``, ``coco_2017_train_novel_ref{n}_seed{s}``,
-  ``shapes_train_ref{n}_seed{s}``, ``shapes_train_novel_ref{n}_seed{s}``).
+  once into ``$SAMANTICS_CACHE``). :func:`register_all_reference_sets`, called at import (nothing
+  is read or computed then), registers the standard names (``coco_2017_train_ref{n}_seed{s}``,
+  ``coco_2017_train_novel_ref{n}_seed{s}``, ``shapes_train_ref{n}_seed{s}``,
+  ``shapes_train_novel_ref{n}_seed{s}``).
+- Picking is greedy (rounds, below), not an optimal assignment of images to categories: when
+  images are scarce a category may fall short although a different assignment would have filled it.
 
 Guarantees:
 
@@ -869,9 +872,9 @@ def write_contact_sheets(
         cats = tqdm(cats, desc="contact sheets", unit="category")
     for c in cats:
         ann_ids = reference_set.picks[c]
-        rows = math.ceil(len(ann_ids) / columns)
+        rows, cols = math.ceil(len(ann_ids) / columns), min(columns, len(ann_ids))
         caption = 14
-        sheet = Image.new("RGB", (columns * thumb_size, rows * (thumb_size + caption)), (255, 255, 255))
+        sheet = Image.new("RGB", (cols * thumb_size, rows * (thumb_size + caption)), (255, 255, 255))
         draw = ImageDraw.Draw(sheet)
         for i, ann_id in enumerate(ann_ids):
             ann = reference_set.annotations[ann_id]
@@ -898,7 +901,9 @@ def write_contact_sheets(
             x1 = min(w, int(math.ceil(bx + bw + context * bw)))
             y1 = min(h, int(math.ceil(by + bh + context * bh)))
             crop = Image.fromarray(image[y0 : max(y1, y0 + 1), x0 : max(x1, x0 + 1)])
-            crop.thumbnail((thumb_size, thumb_size))
+            scale = thumb_size / max(crop.width, crop.height)  # small instances are enlarged too
+            size = (max(1, round(crop.width * scale)), max(1, round(crop.height * scale)))
+            crop = crop.resize(size, Image.BILINEAR)
             col, row = i % columns, i // columns
             left, top = col * thumb_size, row * (thumb_size + caption)
             sheet.paste(crop, (left + (thumb_size - crop.width) // 2, top + (thumb_size - crop.height) // 2))
@@ -1074,3 +1079,6 @@ def register_all_reference_sets(*, output_dir: Optional[Union[str, os.PathLike]]
             )
             names.append(name)
     return names
+
+
+register_all_reference_sets()

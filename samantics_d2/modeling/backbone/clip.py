@@ -41,6 +41,8 @@ class CLIPBackbone(EncoderBackbone):
     Args:
         variant: ``"vit_b32"``, ``"vit_b16"``, ``"vit_l14"`` or ``"vit_l14_336"``.
         size: ``"full"`` or ``"tiny"`` (2 layers, width 32, 64 px, or 56 px for patch 14).
+        img_size: another input size (a multiple of the patch size); the learned position
+            embedding then has another shape, so official weights no longer load.
         quick_gelu: OpenAI's weights were trained with QuickGELU (default True); open_clip's
             LAION weights use GELU.
         out_features: default ``["patch_tokens", "image_embed"]``.
@@ -56,6 +58,7 @@ class CLIPBackbone(EncoderBackbone):
         variant: str = "vit_b32",
         size: str = "full",
         quick_gelu: bool = True,
+        img_size: Optional[int] = None,
         out_features: Optional[Sequence[str]] = None,
         preprocess: Optional[PreprocessSpec] = None,
     ) -> None:
@@ -66,6 +69,10 @@ class CLIPBackbone(EncoderBackbone):
         if size == "tiny":
             arch.update(_TINY)
             arch["image_size"] = 4 * arch["patch_size"] if arch["patch_size"] < 32 else 2 * arch["patch_size"]
+        if img_size is not None:
+            if img_size % arch["patch_size"]:
+                raise ValueError(f"CLIPBackbone img_size={img_size} must be a multiple of the patch size {arch['patch_size']}.")
+            arch["image_size"] = img_size
         heads = max(2, arch["width"] // 64) if size == "tiny" else arch["width"] // 64
         self.encoder = VisionTransformer(
             image_size=arch["image_size"],

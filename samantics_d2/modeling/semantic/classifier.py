@@ -29,6 +29,8 @@ __all__ = ["ClassifiedProposals", "MERGE_MODES", "PrototypeClassifier", "prototy
 logger = logging.getLogger(__name__)
 
 MERGE_MODES = ("soft", "none")
+# soft merge: an overlap x within this of 1 counts as 1 (full coverage by an identical-feature mask)
+_ONE_TOLERANCE = 1e-6
 
 
 class ClassifiedProposals(NamedTuple):
@@ -61,7 +63,11 @@ def prototype_scores(
         prototypes of a class, then over classes), its class, and whether any valid prototype
         exists (when not, cosine is ``-inf`` and the class meaningless).
     """
-    if prototypes.ndim != 3 or prototype_valid.shape != prototypes.shape[:2] or features.shape[-1] != prototypes.shape[-1]:
+    if (
+        prototypes.ndim != 3
+        or prototype_valid.shape != prototypes.shape[:2]
+        or features.shape[-1] != prototypes.shape[-1]
+    ):
         raise ValueError(
             f"prototype_scores got features {tuple(features.shape)}, prototypes {tuple(prototypes.shape)} and "
             f"prototype_valid {tuple(prototype_valid.shape)}; expected [P, D], [K, M, D] and [K, M]."
@@ -108,7 +114,9 @@ def soft_merge_scores(
     similarity = (f @ f.T).clamp(0.0, 1.0)
     earlier_same_class = (rank[None, :] < rank[:, None]) & (classes[:, None] == classes[None, :])
     x = (overlap * similarity * earlier_same_class).amax(dim=1)
-    return scores * (1.0 - x).clamp_min(0.0).sqrt()
+    # the square root turns float rounding of a cosine of 1 (about 1e-7) into a factor of 3e-4
+    one_minus_x = torch.where(x > 1.0 - _ONE_TOLERANCE, torch.zeros_like(x), 1.0 - x)
+    return scores * one_minus_x.clamp_min(0.0).sqrt()
 
 
 class PrototypeClassifier(nn.Module):
@@ -192,7 +200,8 @@ class PrototypeClassifier(nn.Module):
 
         boxes = masks_to_boxes(masks)
         survivors = batched_nms(boxes, scores, classes, self.nms_thresh)  # sorted by decreasing score
-        keep, scores, classes, pooled, masks = keep[survivors], scores[survivors], classes[survivors], pooled[survivors], masks[survivors]
+        keep, scores, classes = keep[survivors], scores[survivors], classes[survivors]
+        pooled, masks = pooled[survivors], masks[survivors]
 
         if self.merge == "soft":
             scores = soft_merge_scores(scores, classes, masks, pooled)

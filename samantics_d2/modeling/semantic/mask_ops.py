@@ -218,7 +218,9 @@ def masks_to_boxes(masks: torch.Tensor, *, fit: Optional[ImageFit] = None) -> to
     return fit.boxes_to_original(boxes * to_input) * nonempty[:, None]
 
 
-def mask_intersections(masks_a: torch.Tensor, masks_b: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def mask_intersections(
+    masks_a: torch.Tensor, masks_b: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pairwise intersection areas of binary masks (one float32 matmul; counts are exact).
 
     Args:

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import math
+import numbers
 import os
 import time
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
 
 from ...d2 import BoxMode, load_coco_json
 from ...data.classification import atomic_path
@@ -157,16 +160,16 @@ def _reference_list(references: Sequence[dict], num_classes: int) -> tuple[list[
                 crowd += 1
                 continue
             class_id = ann.get("category_id")
-            if isinstance(class_id, bool) or not isinstance(class_id, int) or not 0 <= class_id < num_classes:
+            if isinstance(class_id, bool) or not isinstance(class_id, numbers.Integral) or not 0 <= class_id < num_classes:
                 raise ValueError(
                     f"Reference annotation {ann.get('id', index)} of {record.get('file_name')!r} has category_id "
                     f"{class_id!r}; expected a contiguous id in [0, {num_classes}). Load COCO jsons with "
                     "load_reference_json or load_coco_json(..., dataset_name)."
                 )
+            class_id = int(class_id)
             annotation_id = ann["id"] if "id" in ann else f"{record.get('image_id', record['file_name'])}:{index}"
-            items.append(
-                _Reference(record["file_name"], int(record["height"]), int(record["width"]), ann, class_id, annotation_id)
-            )
+            height, width = int(record["height"]), int(record["width"])
+            items.append(_Reference(record["file_name"], height, width, ann, class_id, annotation_id))
             keys.append((class_id, float(ann.get("reference_rank", 0)), len(keys)))
     if crowd:
         logger.info("Memory bank: skipped %d crowd annotation(s) among the references.", crowd)
@@ -189,7 +192,10 @@ def _references_digest(items: Sequence[_Reference]) -> str:
     digest = hashlib.sha256()
     for r in items:
         ann = r.annotation
-        key = [r.file_name, r.height, r.width, r.class_id, ann.get("bbox"), int(ann.get("bbox_mode", 1)), ann.get("segmentation")]
+        key = [
+            r.file_name, r.height, r.width, r.class_id,
+            ann.get("bbox"), int(ann.get("bbox_mode", BoxMode.XYWH_ABS)), ann.get("segmentation"),
+        ]
         digest.update(json.dumps(key, default=_json_default).encode("utf-8") + b"\n")
     return digest.hexdigest()
 
@@ -254,6 +260,7 @@ def _backbone_description(backbone: EncoderBackbone) -> dict[str, Any]:
         "variant": getattr(backbone, "variant", None),
         "size": getattr(backbone, "size", None),
         "dense_feature": backbone.dense_feature,
+        "channels": backbone.output_shape()[backbone.dense_feature].channels,
     }
 
 
@@ -330,7 +337,8 @@ class MemoryBank:
                 f"MemoryBank got features {tuple(features.shape)}, class_ids {tuple(class_ids.shape)}, valid "
                 f"{tuple(valid.shape)} and {len(annotation_ids)} annotation ids; expected [S, D], [S], [S] and S."
             )
-        if S and (bool((class_ids[1:] < class_ids[:-1]).any()) or int(class_ids.min()) < 0 or int(class_ids.max()) >= num_classes):
+        unsorted = S > 1 and bool((class_ids[1:] < class_ids[:-1]).any())
+        if S and (unsorted or int(class_ids.min()) < 0 or int(class_ids.max()) >= num_classes):
             raise ValueError(f"MemoryBank class_ids must be sorted and in [0, {num_classes}).")
         self.features = features.float()
         self.class_ids = class_ids.long()
@@ -421,7 +429,12 @@ class MemoryBank:
 
     @staticmethod
     def describe(
-        *, references: Sequence[dict], backbone: EncoderBackbone, config: MemoryBankConfig, weights_id: str, num_classes: int
+        *,
+        references: Sequence[dict],
+        backbone: EncoderBackbone,
+        config: MemoryBankConfig,
+        weights_id: str,
+        num_classes: int,
     ) -> dict[str, Any]:
         """The provenance a bank built from these inputs has (computes no feature)."""
         items, order = _reference_list(references, num_classes)
@@ -513,13 +526,12 @@ class MemoryBank:
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write ``path`` (safetensors; the provenance in its header) and ``path.with_suffix(".json")``
         (the provenance, readable), each atomically."""
-        from safetensors.torch import save as safetensors_bytes
-
         path = Path(path)
         sidecar = _sidecar(path)
         provenance_text = json.dumps(self.provenance, sort_keys=True)
+        tensors = {"features": self.features, "class_ids": self.class_ids, "valid": self.valid}
         data = safetensors_bytes(
-            {"features": self.features.contiguous(), "class_ids": self.class_ids.contiguous(), "valid": self.valid.contiguous()},
+            {name: t.detach().cpu().contiguous() for name, t in tensors.items()},
             metadata={"provenance": provenance_text, "annotation_ids": json.dumps(self.annotation_ids)},
         )
         with atomic_path(str(path)) as tmp:
@@ -532,27 +544,25 @@ class MemoryBank:
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "MemoryBank":
         """Read a bank written by :meth:`save` (tensors on the CPU)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load as safetensors_load
-        from safetensors import safe_open
-
         path = Path(path)
         try:
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata() or {}
-            tensors = safetensors_load(path.read_bytes())
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
             provenance = json.loads(metadata["provenance"])
             annotation_ids = json.loads(metadata["annotation_ids"])
-        except (SafetensorError, KeyError, json.JSONDecodeError) as e:
+            features, class_ids, valid = tensors["features"], tensors["class_ids"], tensors["valid"]
+            num_classes = int(provenance["num_classes"])
+        except (SafetensorError, KeyError, TypeError, ValueError) as e:  # not our file, or cut short
             raise ValueError(
                 f"{str(path)!r} is not a memory bank written by MemoryBank.save ({type(e).__name__}: {e}). "
                 "Delete it to rebuild the bank."
             ) from e
         return cls(
-            features=tensors["features"],
-            class_ids=tensors["class_ids"],
-            valid=tensors["valid"],
-            num_classes=int(provenance["num_classes"]),
+            features=features,
+            class_ids=class_ids,
+            valid=valid,
+            num_classes=num_classes,
             annotation_ids=annotation_ids,
             provenance=provenance,
         )
@@ -583,18 +593,24 @@ class MemoryBank:
                 if bank.provenance == expected:
                     logger.info("Loaded memory bank %s (%d references).", path, len(bank))
                     return bank
-                changed = sorted(k for k in set(expected) | set(bank.provenance) if expected.get(k) != bank.provenance.get(k))
+                keys = set(expected) | set(bank.provenance)
+                changed = sorted(k for k in keys if expected.get(k) != bank.provenance.get(k))
                 logger.info("Rebuilding memory bank %s: changed %s.", path, ", ".join(changed))
         else:
             logger.info("No memory bank at %s yet: building it.", path)
-        bank = cls.build(references=references, backbone=backbone, config=config, weights_id=weights_id, num_classes=num_classes)
+        bank = cls.build(
+            references=references, backbone=backbone, config=config, weights_id=weights_id, num_classes=num_classes
+        )
         bank.save(path)
         return bank
 
 
 def _sidecar(path: Path) -> Path:
     if path.suffix == ".json":
-        raise ValueError(f"Memory bank path {str(path)!r} ends in .json; use a .safetensors name (the .json holds the provenance).")
+        raise ValueError(
+            f"Memory bank path {str(path)!r} ends in .json; use a .safetensors name (the .json beside it holds the "
+            "provenance)."
+        )
     return path.with_suffix(".json")
 
 
@@ -650,7 +666,8 @@ def _shot_features(
         dense = backbone(x)[backbone.dense_feature]  # [B, C, h, w]
         grid = tuple(dense.shape[-2:])
         cropped = [
-            _crop_padded(m, w if w is not None else _input_window(fits[i]), 0) for m, w, i in zip(masks, windows, input_of)
+            _crop_padded(mask, window if window is not None else _input_window(fits[i]), 0)
+            for mask, window, i in zip(masks, windows, input_of)
         ]
         weights = _mask_weights(cropped, grid).to(dense.device, dense.dtype)  # [n, h, w]
         pooled, valid = mask_pooling(dense[torch.as_tensor(input_of, device=dense.device)], weights)
