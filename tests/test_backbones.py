@@ -3,6 +3,7 @@ architecture tables agree with the upstream packages' own definitions, input val
 from __future__ import annotations
 
 import pathlib
+import sys
 import time
 
 import numpy as np
@@ -185,6 +186,11 @@ def test_every_tag_builds_tiny_with_its_family():
         backbone = build_encoder(tag, size="tiny")
         assert isinstance(backbone, BACKBONE_CLASSES[spec.family]) and backbone.variant == spec.variant
         assert backbone.weight_family == spec.family
+    for tag in ("sam_vit_b", "clip_vit_b16_openai", "dinov2_vits14", "sam2.1_hiera_t"):  # another input size
+        backbone = build_encoder(tag, size="tiny", input_size=224)  # a multiple of 14, 16 and 32
+        assert backbone.preprocess.input_size == 224
+        with torch.no_grad():
+            _check_outputs(backbone, backbone(torch.randn(1, 3, 224, 224)), 1, 224)
 
 
 def test_build_encoder_pretrained_fails_before_building(monkeypatch, tmp_path):
@@ -248,3 +254,32 @@ def test_prepare_follows_parameter_dtype():
     assert x.dtype == torch.bfloat16 and x.shape == (2, 3, 56, 56)
     with torch.no_grad():
         assert backbone(x)["cls_token"].dtype == torch.bfloat16
+
+
+def test_benchmark_encoders_tool(tmp_path):
+    """tools/benchmark.py encoders: FLOPs equal a hand count, the table lands in its doc section."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_tool", ROOT / "tools" / "benchmark.py")
+    tool = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = tool  # dataclasses look their module up there
+    spec.loader.exec_module(tool)
+    entry = tool.EncoderEntry.parse("clip_vit_b32_openai/tiny")
+    row = tool.measure(
+        entry, device=torch.device("cpu"), dtype=torch.float32, batch_size=2, channels_last=False,
+        compile_model=False, warmup=0, runs=1,
+    )
+    # tiny CLIP B/32: 64 px -> 4 patches + CLS = 5 tokens, width 32, 2 layers, 32-d projection
+    tokens, width, layers = 5, 32, 2
+    macs = width * 3 * 32 * 32 * 4 + layers * (12 * width * width * tokens + 2 * tokens * tokens * width) + width * 32
+    assert row["gflops"] == pytest.approx(2 * macs / 1e9, rel=1e-6)
+    assert row["images_per_s"] > 0 and row["peak_mib"] > 0 and row["input"] == 64
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\nintro\n")
+    for _ in range(2):  # the second run replaces the section instead of appending another
+        assert tool.main(["encoders", "--encoders", "dinov2_vits14/tiny", "--warmup", "0", "--runs", "1", "--markdown", str(doc)]) == 0
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks\n\nintro\n") and text.count("<!-- encoders-cpu-fp32:begin -->") == 1
+    assert "| dinov2_vits14/tiny | 56 | tiny variant" in text and "Machine: CPU" in text
+    with pytest.raises(SystemExit):
+        tool.main(["encoders", "--encoders", "not_a_tag"])

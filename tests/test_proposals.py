@@ -195,13 +195,18 @@ def test_sam2_decode_matches_sam2_image_predictor(sam_files):
 def test_chunking_does_not_change_results(sam_files):
     backbone, decoder = _ours("sam2", sam_files["sam2"][1])
     feats, fit = _features(backbone, _image(96, 128, seed=2))
-    results = []
+    grid = fit.points_to_input(point_grid(5, fit.original_size))[:, None]
+    decoded, proposed = [], []
     for points_per_batch in (7, 64):
-        proposals = PointGridProposals(decoder=decoder, points_per_side=5, points_per_batch=points_per_batch,
-                                       pred_iou_thresh=None)
         with torch.no_grad():
-            results.append(proposals(feats, fit))
-    small, large = results
+            decoded.append(decoder.decode(feats, points=grid, point_labels=torch.ones(25, 1), multimask_output=True,
+                                          points_per_batch=points_per_batch))
+            proposed.append(PointGridProposals(decoder=decoder, points_per_side=5, points_per_batch=points_per_batch,
+                                               pred_iou_thresh=None)(feats, fit))
+    for small, large in zip(*decoded):
+        torch.testing.assert_close(small, large, rtol=0, atol=1e-5)
+    # the same proposals (their order is by predicted IoU, which float rounding may swap when tied)
+    small, large = (p[torch.argsort(p.points[:, 1] * 1000 + p.points[:, 0])] for p in proposed)
     assert len(small) == len(large) > 0
     assert torch.equal(small.points, large.points)
     torch.testing.assert_close(small.mask_logits, large.mask_logits, rtol=0, atol=1e-5)
@@ -269,7 +274,7 @@ class _ScriptedDecoder(SAMPromptDecoder):
         dist = ((centres[None, :, None] - y) ** 2 + (centres[None, None, :] - x) ** 2).sqrt()  # [B, 16, 16]
         radius = 4 + 12 * noise  # [B, 3]
         amplitude = 5 * torch.frac(noise * 7) - 1.5  # negative: an empty mask
-        logits = amplitude[:, :, None, None] - 4 * dist[:, None] / radius[:, :, None, None]
+        logits = amplitude[:, :, None, None] - dist[:, None] / radius[:, :, None, None]
         return logits, noise.flip(1)
 
 

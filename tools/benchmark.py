@@ -14,7 +14,7 @@ synchronisation around every pass, median of ``--runs`` passes. GFLOPs come from
 ``torch.cuda.max_memory_allocated`` (weights + activations, allocator view); on CPU the weights plus
 the peak of live tensor storages during one pass (:class:`PeakTensorMemory`; the process's RSS is
 useless here because freed memory stays mapped). The Markdown table is printed; ``--markdown FILE`` also writes it, with the machine, into
-that file's ``encoders`` section (atomically).
+that file's section for the device and setting (``encoders-cpu-fp32``...), atomically.
 
 Later benchmarks (``training_free``, ``linear_probe``) add their own subcommands.
 """
@@ -78,17 +78,9 @@ class EncoderEntry:
 
 def build_backbone(entry: EncoderEntry) -> torch.nn.Module:
     """The entry's backbone with random weights, at its input size."""
-    from samantics_d2.modeling.backbone import BACKBONE_CLASSES, SAM2Backbone, build_encoder
+    from samantics_d2.modeling.backbone import build_encoder
 
-    if entry.input_size is None:
-        return build_encoder(entry.tag, size=entry.size)
-    from samantics_d2.modeling.weights import get_weight_spec
-
-    spec = get_weight_spec(entry.tag)
-    cls = BACKBONE_CLASSES[spec.family]
-    if cls is SAM2Backbone:  # any multiple of 32: the input alone changes
-        return build_encoder(entry.tag, size=entry.size, input_size=entry.input_size)
-    return cls(variant=spec.variant, size=entry.size, img_size=entry.input_size)
+    return build_encoder(entry.tag, size=entry.size, input_size=entry.input_size)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -320,7 +312,8 @@ def run_encoders(args: argparse.Namespace) -> int:
     body = f"Machine: {machine}. Date: {stamp}.\n\nCommand: `{command}`\n\n{table}"
     print(body)  # the table is this command's output
     if args.markdown:
-        write_section(args.markdown, f"encoders-{device.type}", body)
+        section = f"encoders-{device.type}-{args.dtype}" + ("-channels-last" if args.channels_last else "")
+        write_section(args.markdown, section + ("-compile" if args.compile else ""), body)
         logger.info("Wrote the table into %s", args.markdown)
     return 0
 

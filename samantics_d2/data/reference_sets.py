@@ -1034,6 +1034,38 @@ def register_reference_set(
     )
 
 
+
+def register_category_subset(name: str, *, source: str, categories: CategorySpec) -> None:
+    """Register ``name``: the COCO-format dataset ``source`` (every image) restricted to ``categories``
+    (e.g. ``coco_2017_val_novel``, the COCO-FSOD novel-class evaluation set).
+
+    Lazy like :func:`register_reference_set`: the filtered json is written on first use to
+    ``reference_cache_dir()/../splits/<name>-<hash of the source file>.json`` and reused; contiguous ids
+    follow the kept categories, so they match reference sets of the same ``categories``.
+    """
+    from samantics_d2.d2 import DatasetCatalog, MetadataCatalog, load_coco_json
+
+    from .builtin import set_paths_if_missing
+    from .shapes import write_split_json
+
+    def load() -> list[dict]:
+        json_file, image_root = _source_json(source)
+        stat = os.stat(json_file)
+        key = hashlib.sha256(f"{os.path.abspath(json_file)}:{stat.st_size}:{stat.st_mtime_ns}:{categories}".encode())
+        path = reference_cache_dir().parent / "splits" / f"{name}-{key.hexdigest()[:10]}.json"
+        if not path.exists():
+            coco_categories = load_coco_dict(json_file)["categories"]
+            ids = set(resolve_categories(categories, coco_categories))
+            names = [c["name"] for c in coco_categories if c["id"] in ids]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            logger.info("Writing %s: %s restricted to %d categories.", path, json_file, len(names))
+            write_split_json(json_file, names, str(path))
+        set_paths_if_missing(name, json_file=str(path), image_root=image_root)
+        return load_coco_json(str(path), image_root, name)
+
+    DatasetCatalog.register(name, load)
+    MetadataCatalog.get(name).set(evaluator_type="coco", subset_of=source)
+
 # Standard names: n references per category, seeds 0..9 (the seed study of "No Time to Train").
 COCO_REFERENCE_SHOTS: tuple[int, ...] = (1, 2, 3, 5, 10, 30)
 COCO_REFERENCE_SEEDS: tuple[int, ...] = tuple(range(10))
@@ -1050,7 +1082,8 @@ def register_all_reference_sets(*, output_dir: Optional[Union[str, os.PathLike]]
     - ``coco_2017_train_ref{n}_seed{s}``: all 80 classes, from ``coco_2017_train``;
     - ``coco_2017_train_novel_ref{n}_seed{s}``: the 20 COCO-FSOD novel classes;
     - ``shapes_train_ref{n}_seed{s}``: from ``shapes_train`` with :data:`SHAPES_SELECTION`;
-    - ``shapes_train_novel_ref{n}_seed{s}``: its novel classes (``SHAPES_SPLITS["novel"]``).
+    - ``shapes_train_novel_ref{n}_seed{s}``: its novel classes (``SHAPES_SPLITS["novel"]``);
+    - ``coco_2017_val_novel`` / ``coco_2017_val_base``: COCO val restricted to the COCO-FSOD splits.
 
     for ``n`` in :data:`COCO_REFERENCE_SHOTS` / :data:`SHAPES_REFERENCE_SHOTS` and ``s`` in the
     matching seeds. Returns the names registered by this call.
@@ -1072,6 +1105,11 @@ def register_all_reference_sets(*, output_dir: Optional[Union[str, os.PathLike]]
             novel = list(SHAPES_SPLITS["novel"])
             table.append((f"shapes_train_novel_ref{n}_seed{s}", "shapes_train", selection, novel))
     names = []
+    for name, source, categories in (("coco_2017_val_novel", "coco_2017_val", "novel"),
+                                     ("coco_2017_val_base", "coco_2017_val", "base")):
+        if name not in DatasetCatalog.list():
+            register_category_subset(name, source=source, categories=categories)
+            names.append(name)
     for name, source, selection, categories in table:
         if name not in DatasetCatalog.list():
             register_reference_set(

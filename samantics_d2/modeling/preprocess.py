@@ -295,8 +295,8 @@ def fit_image(image: Union[np.ndarray, torch.Tensor], spec: PreprocessSpec) -> t
         return out, ImageFit((H, W), (S, S), (S / H, S / W), (0.0, 0.0), (0, 0, S, S))
     # resize_center_crop: the shorter side goes to S / crop_pct, then the centre S x S crop (as
     # torchvision's Resize + CenterCrop). When the resized image would be huge (extreme aspect
-    # ratios), only the source window that survives the crop (plus a 2-pixel margin for the kernel
-    # support) is resized: same result up to sub-pixel rounding, bounded memory.
+    # ratios), only the source window that survives the crop (plus a margin covering the
+    # resampling kernel) is resized: same result up to half a pixel of shift, bounded memory.
     short = S / spec.crop_pct
     scale = short / min(H, W)
     # torchvision's Resize(int): the longer side is truncated, not rounded

@@ -59,8 +59,10 @@ def build_encoder(
         pretrained: load official weights, strictly (checksum checked where published).
         weights: another location of the weights (a path or a file name under
             ``$SAMANTICS_WEIGHTS``); default: the tag's official file name.
-        input_size, fit: preprocessing overrides (``preprocess_spec``); DINOv2 also stores its
-            position grid at ``input_size``.
+        input_size, fit: preprocessing overrides (``preprocess_spec``). SAM, HQ-SAM and CLIP are
+            built for ``input_size`` (their position embeddings have a fixed size, so official
+            weights then no longer fit); DINOv2 stores its position grid at that size (official
+            weights are resampled as DINOv2 does); SAM 2 takes it as it is.
         out_features: outputs to return; None: dense + global.
     """
     spec = get_weight_spec(tag)
@@ -73,7 +75,7 @@ def build_encoder(
     kwargs: dict = {"variant": spec.variant, "size": size, "out_features": out_features}
     if size == "full" or input_size is not None or fit is not None:
         kwargs["preprocess"] = preprocess_spec(tag, input_size=input_size, fit=fit)
-    if cls is DINOv2Backbone and input_size is not None:
+    if input_size is not None and cls is not SAM2Backbone:  # SAM 2 takes any multiple of 32 as it is
         kwargs["img_size"] = input_size
     model = cls(**kwargs)
     if path is not None:

@@ -96,7 +96,8 @@ def stability_score(mask_logits: torch.Tensor, *, mask_threshold: float = 0.0, o
     flat = mask_logits.flatten(1)
     intersections = (flat > mask_threshold + offset).sum(1, dtype=torch.int32)
     unions = (flat > mask_threshold - offset).sum(1, dtype=torch.int32)
-    return torch.where(unions > 0, intersections.float() / unions.clamp(min=1).float(), torch.zeros_like(unions, dtype=torch.float32))
+    scores = intersections.float() / unions.clamp(min=1).float()
+    return torch.where(unions > 0, scores, torch.zeros_like(scores))
 
 
 def mask_logits_to_boxes(mask_logits: torch.Tensor, *, threshold: float = 0.0) -> torch.Tensor:

@@ -1,0 +1,49 @@
+# Training-free instance segmentation (SAM proposals + DINOv2 prototypes), evaluated with --eval-only:
+#   python train_net.py --config-file configs/training_free/<x>.py --eval-only
+# The first run computes the memory bank of the references (saved under
+# $SAMANTICS_CACHE/memory_banks with its provenance); later runs reuse it while the references,
+# encoder and weights are unchanged. Defaults: the "No Time to Train" recipe (DESIGN.md).
+from omegaconf import OmegaConf
+
+from samantics_d2.d2 import COCOEvaluator
+from samantics_d2.d2 import LazyCall as L
+from samantics_d2.d2 import build_detection_test_loader, get_detection_dataset_dicts
+from samantics_d2.data.mapper import DetectionMapper
+from samantics_d2.modeling.backbone import build_encoder
+from samantics_d2.modeling.meta_arch import TrainingFreeSegmenter, build_sam_proposer
+from samantics_d2.modeling.semantic import MemoryBankConfig, PrototypeClassifier
+
+from .train import train
+
+model = L(TrainingFreeSegmenter)(
+    proposer=L(build_sam_proposer)(
+        backbone=L(build_encoder)(tag="sam2.1_hiera_l", pretrained=True, out_features=["p2", "p3", "p4"]),
+        decoder_weights="${.backbone.tag}",  # the prompt decoder comes from the same checkpoint
+        points_per_side=32,  # 32 x 32 single-point prompts
+        points_per_batch=256,
+        multimask_output=True,  # best of 3 masks by predicted IoU
+        pred_iou_thresh=0.4,
+    ),
+    semantic_encoder=L(build_encoder)(tag="dinov2_vitl14", pretrained=True, input_size=518),  # 37 x 37 patches
+    classifier=L(PrototypeClassifier)(score_floor=0.0, nms_thresh=0.5, merge="soft", topk=100),
+    references="coco_2017_train_novel_ref30_seed0",
+    dataset_name="${dataloader.test.dataset.names}",
+    shots=30,
+    aggregation="mean",
+    memory_bank=L(MemoryBankConfig)(crop="square_context", context=0.2),
+    prompt_mode="points",
+)
+
+dataloader = OmegaConf.create()
+dataloader.test = L(build_detection_test_loader)(
+    dataset=L(get_detection_dataset_dicts)(names="coco_2017_val_novel", filter_empty=False),
+    mapper=L(DetectionMapper)(is_train=False, augmentations=[]),
+    num_workers=4,
+)
+dataloader.evaluator = L(COCOEvaluator)(
+    dataset_name="${..test.dataset.names}",
+    output_dir="${...train.output_dir}/inference",
+    max_dets_per_image=100,
+)
+
+train.output_dir = "./output/training_free"

@@ -1,0 +1,277 @@
+"""Train a (tiny) SAM, image encoder and prompt decoder, on instance masks with point prompts.
+
+No pretrained SAM can be downloaded on the project's machines, and a randomly initialised SAM
+proposes meaningless masks. :class:`PromptableSamTrainer` trains one on any instance dataset
+(the synthetic shapes for the demo) with SAM's recipe, reduced to its first interaction round:
+
+- one encoder forward for the whole batch;
+- ``points_per_image`` positive clicks per image, each uniform inside a GT instance drawn uniformly
+  (torch's global RNG, seeded by ``train.seed``); the target is that instance's mask;
+- all clicks of an image through the prompt decoder at once, with SAM's 3 masks per click;
+- per click, only the mask with the lowest ``focal_weight * focal + dice_weight * dice`` loss is
+  supervised (SAM's multimask recipe), at the low-resolution mask size, inside the image area
+  (targets are resampled through the image fit: longest side resized, padded bottom-right);
+- the IoU head learns the actual IoU of every predicted mask (mean squared error).
+
+Its only weights are ``self.proposer`` (a :class:`SamProposer`), so a checkpoint holds
+``proposer.backbone.*`` and ``proposer.proposals.decoder.*``: the keys of
+:class:`TrainingFreeSegmenter`'s proposer, which loads it with ``DetectionCheckpointer``.
+
+In eval mode it returns the class-agnostic point-grid proposals (``pred_classes`` all 0, ``scores``
+the predicted IoU); :class:`ProposalRecallEvaluator` measures how well they cover the GT instances.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.ops import sigmoid_focal_loss
+
+from ...d2 import META_ARCH_REGISTRY, BitMasks, Boxes, DatasetEvaluator, Instances, comm
+from ..preprocess import ImageFit
+from ..proposals.point_grid import _image_region
+from ..semantic import identity_fit, mask_iou_matrix, masks_to_original, resample_masks
+from .training_free import SamProposer
+
+__all__ = ["PromptableSamTrainer", "ProposalRecallEvaluator", "sample_points_in_masks"]
+
+logger = logging.getLogger(__name__)
+
+
+def sample_points_in_masks(masks: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` points, each uniform inside a mask drawn uniformly among ``masks`` (torch's global RNG).
+
+    Args:
+        masks: ``[N, H, W]`` bool, every mask non-empty.
+        count: number of points.
+
+    Returns:
+        ``points [count, 2]`` float32 (x, y) in continuous pixel coordinates (uniform within the
+        chosen pixel), and ``index [count]`` int64: the mask each point lies in.
+    """
+    if masks.ndim != 3 or masks.shape[0] == 0:
+        raise ValueError(f"sample_points_in_masks expects masks [N, H, W] with N >= 1; got {tuple(masks.shape)}.")
+    n, _, width = masks.shape
+    device = masks.device
+    index = torch.randint(n, (count,), device=device)
+    pixel = torch.multinomial(masks[index].flatten(1).float(), 1)[:, 0]  # uniform over each mask's pixels
+    corner = torch.stack([pixel % width, pixel // width], dim=1).float()
+    return corner + torch.rand(count, 2, device=device), index
+
+
+def _instance_masks(inputs: dict, device: torch.device) -> torch.Tensor:
+    """GT masks ``[N, H, W]`` bool of one model input (``instances.gt_masks``), non-empty ones only."""
+    if "instances" not in inputs or not inputs["instances"].has("gt_masks"):
+        raise ValueError(
+            f"PromptableSamTrainer needs GT instance masks in every training input; {inputs.get('file_name', '<no file_name>')!r} "
+            "has none. Use DetectionMapper(is_train=True, use_instance_mask=True)."
+        )
+    masks = inputs["instances"].gt_masks
+    masks = (masks.tensor if isinstance(masks, BitMasks) else masks).to(device=device, dtype=torch.bool)
+    return masks[masks.flatten(1).any(dim=1)]
+
+
+@META_ARCH_REGISTRY.register()
+class PromptableSamTrainer(nn.Module):
+    """SAM's image encoder and prompt decoder, trained on instance masks from single-point prompts.
+
+    Input: a list of model-input dicts: ``image`` (uint8 ``[3, H, W]`` RGB) and, in training,
+    ``instances.gt_masks`` (BitMasks ``[N, H, W]``). Training returns ``{"loss_mask_focal",
+    "loss_mask_dice", "loss_iou"}`` (scalars, weights applied). Eval returns, per image,
+    ``{"instances": Instances}`` at ``height`` x ``width`` with the point-grid proposals:
+    ``pred_masks`` (bool ``[P, H, W]``), ``pred_boxes``, ``scores`` (predicted IoU ``[P]``) and
+    ``pred_classes`` (zeros ``[P]``: class-agnostic).
+
+    Args:
+        proposer: the SAM encoder + point-grid proposals to train (:func:`build_sam_proposer`);
+            its grid options only matter in eval mode.
+        points_per_image: click prompts sampled per image and iteration.
+        multimask_output: decode 3 masks per click and supervise the best (False: SAM's single mask).
+        focal_weight, dice_weight: weights of the mask losses (SAM: 20 and 1).
+        iou_weight: weight of the IoU-prediction loss (SAM: 1).
+    """
+
+    def __init__(
+        self,
+        *,
+        proposer: SamProposer,
+        points_per_image: int = 16,
+        multimask_output: bool = True,
+        focal_weight: float = 20.0,
+        dice_weight: float = 1.0,
+        iou_weight: float = 1.0,
+    ):
+        super().__init__()
+        if not isinstance(proposer, SamProposer):
+            raise TypeError(f"PromptableSamTrainer: proposer must be a SamProposer (build_sam_proposer); got {type(proposer).__name__}.")
+        if points_per_image < 1:
+            raise ValueError(f"PromptableSamTrainer: points_per_image={points_per_image} must be >= 1.")
+        self.proposer = proposer
+        self.points_per_image = points_per_image
+        self.multimask_output = multimask_output
+        self.focal_weight = focal_weight
+        self.dice_weight = dice_weight
+        self.iou_weight = iou_weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.proposer.proposals.decoder.device
+
+    def forward(self, batched_inputs: list[dict]):
+        if self.training:
+            return self.losses(batched_inputs)
+        return [{"instances": self.propose(x)} for x in batched_inputs]
+
+    # ------------------------------------------------------------------ training
+
+    def losses(self, batched_inputs: list[dict]) -> dict[str, torch.Tensor]:
+        """The loss dict of one batch (see the module docstring)."""
+        backbone, decoder = self.proposer.backbone, self.proposer.proposals.decoder
+        x, fits = backbone.prepare_with_fits([inputs["image"] for inputs in batched_inputs])
+        features = backbone(x)  # one encoder forward for the batch
+        terms = []
+        for i, (inputs, fit) in enumerate(zip(batched_inputs, fits)):
+            masks = _instance_masks(inputs, x.device)
+            if masks.shape[0] == 0:
+                continue
+            terms.append(self._image_losses({k: v[i] for k, v in features.items()}, fit, masks, decoder))
+        if not terms:  # no instance in the batch: zero losses that still reach every parameter (DDP)
+            zero = sum(p.sum() for p in self.parameters()) * 0.0
+            return {"loss_mask_focal": zero, "loss_mask_dice": zero, "loss_iou": zero}
+        focal, dice, iou_pred, iou_actual = (torch.cat(t) for t in zip(*terms))  # [P, M] each
+        mask_loss = self.focal_weight * focal + self.dice_weight * dice
+        best = mask_loss.detach().argmin(dim=1, keepdim=True)  # [P, 1]: SAM supervises its best mask only
+        return {
+            "loss_mask_focal": self.focal_weight * focal.gather(1, best).mean(),
+            "loss_mask_dice": self.dice_weight * dice.gather(1, best).mean(),
+            "loss_iou": self.iou_weight * F.mse_loss(iou_pred, iou_actual),
+        }
+
+    def _image_losses(
+        self, features: dict[str, torch.Tensor], fit: ImageFit, masks: torch.Tensor, decoder: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-mask losses of the clicks of one image: focal, dice, predicted and actual IoU, ``[P, M]`` each.
+
+        Args:
+            features: backbone outputs of the image (``{name: [C, h, w]}``).
+            fit: the image's fit into the encoder input.
+            masks: ``[N, H, W]`` bool non-empty GT masks on the image grid.
+        """
+        size = decoder.mask_size
+        points, index = sample_points_in_masks(masks, self.points_per_image)
+        # GT masks in the low-res frame: the share of each low-res pixel they cover (0 in the padding).
+        targets = resample_masks(
+            masks, src_fit=identity_fit(*masks.shape[-2:]), dst_fit=fit, grid_size=(size, size),
+            patch_size=decoder.image_size // size, probabilities=True,
+        )[index]  # [P, m, m]
+        sparse, dense = decoder.embed_prompts(
+            points=fit.points_to_input(points)[:, None], point_labels=torch.ones_like(index)[:, None]
+        )
+        logits, iou_pred = decoder.decode_embeddings(
+            decoder.prepare_image(features), sparse, dense, multimask_output=self.multimask_output,
+            points_per_batch=self.points_per_image,
+        )  # [P, M, m, m], [P, M]
+        rows, cols = _image_region(fit, (size, size))  # supervise the image area, not the padding
+        logits = logits[..., rows, cols].float()
+        targets = targets[:, None, rows, cols].expand_as(logits)
+        focal = sigmoid_focal_loss(logits, targets, reduction="none").flatten(2).mean(dim=2)
+        prob = logits.sigmoid().flatten(2)
+        flat_targets = targets.flatten(2)
+        dice = 1 - (2 * (prob * flat_targets).sum(2) + 1) / (prob.sum(2) + flat_targets.sum(2) + 1)
+        with torch.no_grad():
+            predicted, wanted = logits.flatten(2) > 0, flat_targets > 0.5
+            intersection = (predicted & wanted).sum(2).float()
+            union = (predicted | wanted).sum(2).float()
+            iou_actual = torch.where(union > 0, intersection / union.clamp(min=1), torch.ones_like(union))
+        return focal, dice, iou_pred.float(), iou_actual
+
+    # ------------------------------------------------------------------ inference
+
+    def propose(self, inputs: dict) -> Instances:
+        """Class-agnostic point-grid proposals of one input at its ``height`` x ``width``."""
+        image = inputs["image"]
+        height, width = int(inputs.get("height", image.shape[-2])), int(inputs.get("width", image.shape[-1]))
+        proposals = self.proposer(image)
+        masks = masks_to_original(proposals.mask_logits, proposals.fit)  # [P, h, w] bool, the input image grid
+        if masks.shape[-2:] != (height, width):  # the mapper resized the image
+            masks = F.interpolate(masks[None].float(), size=(height, width), mode="nearest")[0] > 0.5
+        result = Instances((height, width))
+        result.pred_masks = masks
+        result.pred_boxes = BitMasks(masks).get_bounding_boxes() if len(masks) else Boxes(masks.new_zeros((0, 4)).float())
+        result.scores = proposals.iou_pred.float()
+        result.pred_classes = torch.zeros(len(masks), dtype=torch.int64, device=masks.device)
+        return result
+
+
+class ProposalRecallEvaluator(DatasetEvaluator):
+    """How well class-agnostic proposals cover the GT instances.
+
+    Per GT instance (crowds excluded): the best mask IoU over the image's proposals (0 when there are
+    none). Results ``{"proposals": {"mean_best_iou", "recall@<t>" for each threshold,
+    "proposals_per_image"}}`` in percent (the count as it is).
+
+    Reads GT masks from the model inputs: build the test loader with
+    ``DetectionMapper(is_train=True, augmentations=[])`` so that ``instances.gt_masks`` is there at
+    the original size.
+
+    Args:
+        iou_thresholds: IoU thresholds of the recall.
+        max_proposals: use only the first (highest-scoring) proposals of each image (None: all).
+    """
+
+    def __init__(self, *, iou_thresholds: Sequence[float] = (0.5, 0.75), max_proposals: Optional[int] = None):
+        self.iou_thresholds = tuple(float(t) for t in iou_thresholds)
+        self.max_proposals = max_proposals
+        self.reset()
+
+    def reset(self) -> None:
+        self._best_ious: list[np.ndarray] = []
+        self._counts: list[int] = []
+
+    def process(self, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]]) -> None:
+        for x, output in zip(inputs, outputs):
+            if "instances" not in x or not x["instances"].has("gt_masks"):
+                raise ValueError(
+                    f"ProposalRecallEvaluator needs GT masks in the inputs; {x.get('file_name', '<no file_name>')!r} has none. "
+                    "Build the test loader with DetectionMapper(is_train=True, augmentations=[])."
+                )
+            predicted = output["instances"]
+            order = predicted.scores.argsort(descending=True)[: self.max_proposals]
+            pred_masks = predicted.pred_masks[order].bool()
+            gt = x["instances"]
+            gt_masks = gt.gt_masks.tensor if isinstance(gt.gt_masks, BitMasks) else gt.gt_masks
+            gt_masks = gt_masks.to(pred_masks.device).bool()
+            if gt_masks.shape[-2:] != pred_masks.shape[-2:]:
+                raise ValueError(
+                    f"ProposalRecallEvaluator: GT masks of {x.get('file_name')!r} are {tuple(gt_masks.shape[-2:])}, "
+                    f"proposals {tuple(pred_masks.shape[-2:])}; evaluate without resizing augmentations."
+                )
+            if len(pred_masks):
+                best = mask_iou_matrix(gt_masks, pred_masks).amax(dim=1)
+            else:
+                best = torch.zeros(len(gt_masks))
+            self._best_ious.append(best.cpu().numpy())
+            self._counts.append(len(pred_masks))
+
+    def evaluate(self) -> Optional[dict[str, dict[str, float]]]:
+        best_ious = [a for part in comm.gather(self._best_ious) for a in part]
+        counts = [c for part in comm.gather(self._counts) for c in part]
+        if not comm.is_main_process():
+            return None
+        if not counts:
+            logger.warning("ProposalRecallEvaluator received no images.")
+            return {}
+        ious = np.concatenate(best_ious) if best_ious else np.zeros(0)
+        if ious.size == 0:
+            logger.warning("ProposalRecallEvaluator: the %d images have no GT instance.", len(counts))
+            return {}
+        metrics = {"mean_best_iou": 100.0 * float(ious.mean())}
+        for t in self.iou_thresholds:
+            metrics[f"recall@{t:g}"] = 100.0 * float((ious > t).mean())
+        metrics["proposals_per_image"] = float(np.mean(counts))
+        logger.info("Proposal recall over %d GT instances of %d images: %s", ious.size, len(counts), metrics)
+        return {"proposals": metrics}
