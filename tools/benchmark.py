@@ -16,7 +16,16 @@ the peak of live tensor storages during one pass (:class:`PeakTensorMemory`; the
 useless here because freed memory stays mapped). The Markdown table is printed; ``--markdown FILE`` also writes it, with the machine, into
 that file's section for the device and setting (``encoders-cpu-fp32``...), atomically.
 
-Later benchmarks (``training_free``, ``linear_probe``) add their own subcommands.
+``training_free``: images/s, peak memory and COCO box/mask AP of the training-free pipeline
+(:class:`TrainingFreeSegmenter`) against a naive baseline built in the same run over the same SAM
+modules, memory bank and images: upstream ``segment_anything.SamAutomaticMaskGenerator``, then one
+DINOv2 forward per mask crop (see :class:`NaiveBaseline`)::
+
+    python tools/benchmark.py training_free --images 8 --points-per-side 16
+    python tools/benchmark.py training_free --weights output/quick_tiny_sam/model_final.pth --markdown docs/benchmarks.md
+    python tools/benchmark.py training_free --size full --pretrained --device cuda --dtype bf16   # official weights
+
+Later benchmarks (``linear_probe``) add their own subcommands.
 """
 from __future__ import annotations
 
@@ -33,6 +42,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 
 logger = logging.getLogger("samantics_d2.tools.benchmark")
@@ -276,10 +286,16 @@ def write_section(path: str, section: str, body: str) -> None:
         raise
 
 
-def run_encoders(args: argparse.Namespace) -> int:
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu"))
+def resolve_device(name: str) -> torch.device:
+    """``--device auto|cpu|cuda`` -> a device; ``cuda`` without CUDA exits with the fix."""
+    device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else name.replace("auto", "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but CUDA is not available; use --device cpu.")
+    return device
+
+
+def run_encoders(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
     if args.encoders:
         entries = args.encoders
     elif device.type == "cuda":
@@ -318,6 +334,431 @@ def run_encoders(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- training_free
+
+TRAINING_FREE_DEFAULTS = {  # --size -> (SAM tag, semantic tag, semantic input size)
+    "tiny": ("sam_vit_b", "dinov2_vits14", None),
+    "full": ("sam_vit_b", "dinov2_vitl14", 518),  # "No Time to Train": DINOv2 ViT-L/14 at 518 px
+}
+
+
+def _checkpoint_proposer_state(path: str) -> dict[str, torch.Tensor]:
+    """The ``proposer.*`` weights of a ``train.init_checkpoint``-style file (keys without the prefix).
+
+    Raises ValueError naming the file when it holds no ``proposer.*`` keys."""
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    state = loaded.get("model", loaded) if isinstance(loaded, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path!r} holds a {type(loaded).__name__}; expected a checkpoint dict with a 'model' state dict.")
+    proposer = {k[len("proposer."):]: v for k, v in state.items() if k.startswith("proposer.")}
+    if not proposer:
+        raise ValueError(
+            f"{path!r} has no 'proposer.*' keys (first keys: {list(state)[:5]}); expected a checkpoint of a "
+            "SamProposer holder such as configs/quick/tiny_sam_shapes.py (proposer.backbone.*, "
+            "proposer.proposals.decoder.*)."
+        )
+    return proposer
+
+
+def build_training_free_segmenter(
+    *,
+    size: str,
+    references: str,
+    dataset_name: str,
+    points_per_side: int,
+    points_per_batch: int,
+    pred_iou_thresh: Optional[float],
+    shots: Optional[int],
+    weights: Optional[str] = None,
+    pretrained: bool = False,
+    sam_tag: Optional[str] = None,
+    semantic_tag: Optional[str] = None,
+    sam_input_size: Optional[int] = None,
+    semantic_input_size: Optional[int] = None,
+    memory_bank_path: Optional[str] = None,
+    device: torch.device = torch.device("cpu"),
+):
+    """The :class:`TrainingFreeSegmenter` the benchmark measures, in eval mode on ``device``.
+
+    SAM ViT proposals (best of 3 masks per point by predicted IoU, no stability filter, no box NMS),
+    DINOv2 prototypes from square crops with 20 % context, "No Time to Train" classifier settings.
+    ``weights``: a checkpoint whose ``proposer.*`` keys are loaded strictly into the proposer (its
+    SAM input size is read from it unless ``sam_input_size`` is given); ``pretrained``: official
+    weights of both tags (``--size full`` only, files under ``$SAMANTICS_WEIGHTS``).
+    """
+    from samantics_d2.modeling.backbone import build_encoder
+    from samantics_d2.modeling.meta_arch import TrainingFreeSegmenter, build_sam_proposer
+    from samantics_d2.modeling.semantic import MemoryBankConfig, PrototypeClassifier
+
+    default_sam, default_semantic, default_semantic_size = TRAINING_FREE_DEFAULTS[size]
+    sam_tag, semantic_tag = sam_tag or default_sam, semantic_tag or default_semantic
+    semantic_input_size = semantic_input_size or default_semantic_size
+    proposer_state = _checkpoint_proposer_state(weights) if weights else None
+    if proposer_state is not None and sam_input_size is None:
+        pos_embed = proposer_state.get("backbone.encoder.pos_embed")
+        if pos_embed is not None:  # [1, S/16, S/16, C]
+            sam_input_size = int(pos_embed.shape[1]) * 16
+    backbone = build_encoder(sam_tag, size=size, pretrained=pretrained, input_size=sam_input_size)
+    if getattr(backbone, "weight_family", None) != "sam":
+        raise SystemExit(
+            f"--sam-tag {sam_tag!r} is a {getattr(backbone, 'weight_family', '?')!r} model; the baseline is "
+            "segment_anything's SamAutomaticMaskGenerator, so use a SAM ViT tag (sam_vit_b, sam_vit_l, sam_vit_h)."
+        )
+    proposer = build_sam_proposer(
+        backbone=backbone,
+        decoder_weights=sam_tag if pretrained else None,
+        points_per_side=points_per_side,
+        points_per_batch=points_per_batch,
+        multimask_output=True,
+        pred_iou_thresh=pred_iou_thresh,
+        stability_score_thresh=None,
+        box_nms_thresh=None,
+    )
+    if proposer_state is not None:
+        proposer.load_state_dict(proposer_state, strict=True)
+        logger.info("Loaded %d proposer tensors from %s", len(proposer_state), weights)
+    semantic = build_encoder(semantic_tag, size=size, pretrained=pretrained, input_size=semantic_input_size)
+    segmenter = TrainingFreeSegmenter(
+        proposer=proposer,
+        semantic_encoder=semantic,
+        classifier=PrototypeClassifier(score_floor=0.0, nms_thresh=0.5, merge="soft", topk=100),
+        references=references,
+        dataset_name=dataset_name,
+        shots=shots,
+        aggregation="mean",
+        memory_bank=MemoryBankConfig(crop="square_context", context=0.2),
+        memory_bank_path=memory_bank_path,
+        prompt_mode="points",
+    )
+    return segmenter.to(device).eval()
+
+
+def upstream_sam(proposer) -> torch.nn.Module:
+    """A ``segment_anything`` ``Sam`` over the SAME modules (not copies) as ``proposer``: our SAM
+    backbone's upstream ``ImageEncoderViT`` and our prompt decoder's upstream ``PromptEncoder`` /
+    ``MaskDecoder``, with the backbone's pixel statistics."""
+    from segment_anything.modeling import Sam
+
+    backbone, decoder = proposer.backbone, proposer.proposals.decoder
+    spec = backbone.preprocess
+    sam = Sam(
+        image_encoder=backbone.encoder,
+        prompt_encoder=decoder.prompt_encoder,
+        mask_decoder=decoder.mask_decoder,
+        pixel_mean=list(spec.pixel_mean),
+        pixel_std=list(spec.pixel_std),
+    )
+    return sam.to(decoder.device).eval()
+
+
+def classify_pooled(
+    classifier,
+    *,
+    pooled: torch.Tensor,
+    valid: torch.Tensor,
+    masks: torch.Tensor,
+    prototypes: torch.Tensor,
+    prototype_valid: torch.Tensor,
+):
+    """Run ``classifier`` (a :class:`PrototypeClassifier`) on already pooled features, one per mask.
+
+    The features become a ``[D, 1, P]`` "map" and each mask a one-hot weight ``[1, P]`` on it, so
+    the classifier's own pooling returns them unchanged and its scoring, NMS, merge and top-K are
+    the ones of the pipeline. Masks with ``valid`` False get zero weight (dropped, as the pipeline
+    drops masks that cover no patch).
+
+    Args:
+        pooled: ``[P, D]``; valid: ``[P]`` bool; masks: ``[P, H, W]`` bool (boxes and overlaps).
+
+    Returns:
+        :class:`ClassifiedProposals`.
+    """
+    count = pooled.shape[0]
+    weights = torch.eye(count, device=pooled.device, dtype=torch.float32) * valid[:, None].float()
+    return classifier(
+        features=pooled.float().T[:, None, :],
+        weights=weights[:, None, :],
+        masks=masks,
+        prototypes=prototypes,
+        prototype_valid=prototype_valid,
+    )
+
+
+def _instances(masks: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, height: int, width: int):
+    """``Instances`` at ``height x width`` from bool masks ``[K, h, w]`` (resized when the input was)."""
+    from samantics_d2.d2 import BitMasks, Boxes, Instances
+
+    if masks.shape[-2:] != (height, width):
+        masks = torch.nn.functional.interpolate(masks[None].float(), size=(height, width), mode="nearest")[0] > 0.5
+    result = Instances((height, width))
+    result.pred_masks = masks
+    result.pred_boxes = BitMasks(masks).get_bounding_boxes() if len(masks) else Boxes(masks.new_zeros((0, 4)).float())
+    result.scores = scores
+    result.pred_classes = classes
+    return result
+
+
+class NaiveBaseline:
+    """The naive way research code does it, over the segmenter's own SAM modules and prototypes.
+
+    Per image: ``SamAutomaticMaskGenerator`` with the segmenter's settings (points per side, points
+    per batch, predicted-IoU threshold; stability filter off, box NMS off (threshold 1.0), no crops,
+    no small-region cleanup). The generator keeps all 3 masks of every point (full resolution, RLE
+    round trip); to propose what the pipeline proposes, the best mask per point by predicted IoU is
+    kept, empty masks dropped. Then, for every mask, a square crop around its box with the memory
+    bank's context, one semantic-encoder forward per crop, mask-weighted pooling of the crop's
+    patch features (the memory bank's own crop and pooling code, so a reference instance gets its
+    bank feature), and the pipeline's scoring, NMS, soft merge and top-K (:func:`classify_pooled`).
+    """
+
+    def __init__(self, segmenter) -> None:
+        from segment_anything import SamAutomaticMaskGenerator
+
+        proposals = segmenter.proposer.proposals
+        self.segmenter = segmenter
+        self.generator = SamAutomaticMaskGenerator(
+            upstream_sam(segmenter.proposer),
+            points_per_side=proposals.points_per_side,
+            points_per_batch=proposals.points_per_batch,
+            pred_iou_thresh=max(proposals.pred_iou_thresh or 0.0, 0.0),
+            stability_score_thresh=0.0,
+            box_nms_thresh=1.0,
+            crop_n_layers=0,
+            min_mask_region_area=0,
+            output_mode="binary_mask",
+        )
+
+    def propose(self, image: np.ndarray) -> list[dict]:
+        """``SamAutomaticMaskGenerator`` records of ``image`` (``[H, W, 3]`` uint8 RGB), best per point, non-empty."""
+        threshold = self.segmenter.proposer.proposals.pred_iou_thresh
+        best: dict[tuple[float, float], dict] = {}
+        for record in self.generator.generate(image):
+            # upstream skips its IoU filter for thresholds <= 0; the pipeline applies any threshold
+            if record["area"] == 0 or (threshold is not None and record["predicted_iou"] <= threshold):
+                continue
+            point = tuple(record["point_coords"][0])
+            if point not in best or record["predicted_iou"] > best[point]["predicted_iou"]:
+                best[point] = record
+        return list(best.values())
+
+    def crop_features(self, image: np.ndarray, masks: Sequence[np.ndarray], boxes: Sequence[Sequence[float]]):
+        """One semantic-encoder forward per mask crop: ``(pooled [P, D], valid [P])``.
+
+        Args:
+            image: ``[H, W, 3]`` uint8 RGB; masks: ``[H, W]`` bool each; boxes: XYWH per mask.
+        """
+        from samantics_d2.modeling.preprocess import prepare_batch
+        from samantics_d2.modeling.semantic import mask_pooling
+        from samantics_d2.modeling.semantic.memory_bank import _crop_padded, _mask_weights, _reference_spec, _square_window
+
+        encoder, config = self.segmenter.semantic_encoder, self.segmenter.memory_bank_config
+        spec = _reference_spec(encoder, config)
+        fill = np.round(np.asarray(spec.pixel_mean)).astype(np.uint8)
+        device, dtype = encoder._param_device_dtype()
+        pooled, valid = [], []
+        for mask, box in zip(masks, boxes):
+            window = _square_window(tuple(float(v) for v in box), config.context)
+            x, _ = prepare_batch([_crop_padded(image, window, fill)], spec, device=device, dtype=dtype)
+            dense = encoder(x)[encoder.dense_feature]  # [1, C, h, w]
+            weights = _mask_weights([_crop_padded(mask.astype(np.uint8), window, 0)], tuple(dense.shape[-2:]))
+            feature, ok = mask_pooling(dense, weights.to(dense.device, dense.dtype))
+            pooled.append(feature.float())
+            valid.append(ok)
+        if not pooled:
+            channels = encoder.output_shape()[encoder.dense_feature].channels
+            return torch.zeros((0, channels), device=device), torch.zeros((0,), dtype=torch.bool, device=device)
+        return torch.cat(pooled), torch.cat(valid)
+
+    def __call__(self, batched_inputs: list[dict]) -> list[dict]:
+        prototypes, prototype_valid = self.segmenter.prepare_prototypes()
+        device = prototypes.device
+        outputs = []
+        for x in batched_inputs:
+            image = x["image"].permute(1, 2, 0).cpu().numpy()
+            height, width = int(x.get("height", image.shape[0])), int(x.get("width", image.shape[1]))
+            records = self.propose(image)
+            masks_np = [r["segmentation"] for r in records]
+            pooled, valid = self.crop_features(image, masks_np, [r["bbox"] for r in records])
+            masks = (
+                torch.from_numpy(np.stack(masks_np)).to(device)
+                if records
+                else torch.zeros((0, *image.shape[:2]), dtype=torch.bool, device=device)
+            )
+            kept = classify_pooled(
+                self.segmenter.classifier, pooled=pooled, valid=valid, masks=masks,
+                prototypes=prototypes, prototype_valid=prototype_valid,
+            )
+            outputs.append({"instances": _instances(masks[kept.indices], kept.scores, kept.classes, height, width)})
+        return outputs
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    import contextlib
+
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def measure_pipeline(
+    name: str,
+    pipeline: Callable[[list[dict]], list[dict]],
+    inputs: Sequence[dict],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    warmup: int,
+    runs: int,
+    existing: Sequence[torch.Tensor],
+    weight_bytes: int,
+    dataset_name: str,
+    output_dir: str,
+) -> dict:
+    """Time ``pipeline`` image by image over ``inputs`` (median over ``runs`` passes after ``warmup``
+    single-image passes), measure its peak memory and evaluate the last pass's outputs (COCO AP)."""
+    from samantics_d2.d2 import COCOEvaluator
+
+    times, outputs = [], []
+    with torch.no_grad(), _autocast(device, dtype):
+        for i in range(warmup):
+            pipeline([inputs[i % len(inputs)]])
+        for _ in range(runs):
+            outputs = []
+            _synchronize(device)
+            start = time.perf_counter()
+            for x in inputs:
+                outputs.extend(pipeline([x]))
+            _synchronize(device)
+            times.append(time.perf_counter() - start)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            pipeline([inputs[0]])
+            peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
+        else:  # weights + the peak of live tensor storages during one image (numpy arrays not counted)
+            with PeakTensorMemory(existing=existing) as tracker:
+                pipeline([inputs[0]])
+            peak_mib = (weight_bytes + tracker.peak) / 2**20
+    evaluator = COCOEvaluator(dataset_name, output_dir=os.path.join(output_dir, name), use_fast_impl=False, distributed=False)
+    evaluator.reset()
+    for x, y in zip(inputs, outputs):
+        evaluator.process([x], [{"instances": y["instances"].to("cpu")}])
+    results = evaluator.evaluate(img_ids=[x["image_id"] for x in inputs]) or {}
+    median = statistics.median(times)
+    return {
+        "pipeline": name,
+        "images_per_s": len(inputs) / median,
+        "ms_per_image": median * 1000 / len(inputs),
+        "peak_mib": peak_mib,
+        "box_ap": results.get("bbox", {}).get("AP", float("nan")),
+        "mask_ap": results.get("segm", {}).get("AP", float("nan")),
+        "detections": sum(len(y["instances"]) for y in outputs) / len(inputs),
+    }
+
+
+def _optional_float(text: str) -> Optional[float]:
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor 'none'.") from None
+
+
+PIPELINE_NAMES = {
+    "ours": "ours: TrainingFreeSegmenter",
+    "baseline": "naive: SamAutomaticMaskGenerator + DINOv2 per crop",
+}
+
+
+def training_free_table(rows: Sequence[dict]) -> str:
+    """Markdown table; the speed-up is relative to the last row (the baseline)."""
+    baseline = rows[-1]["images_per_s"]
+    lines = [
+        "| pipeline | img/s | ms/img | peak mem (MiB) | box AP | mask AP | detections/img | speed-up |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {PIPELINE_NAMES.get(r['pipeline'], r['pipeline'])} | {r['images_per_s']:.3f} | {r['ms_per_image']:.1f} | {r['peak_mib']:.1f} | "
+            f"{r['box_ap']:.2f} | {r['mask_ap']:.2f} | {r['detections']:.1f} | {r['images_per_s'] / baseline:.1f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run_training_free(args: argparse.Namespace) -> int:
+    import samantics_d2  # noqa: F401  (registers datasets and reference sets)
+    from samantics_d2.d2 import DatasetCatalog
+    from samantics_d2.data.mapper import DetectionMapper
+
+    device = resolve_device(args.device)
+    dtype = DTYPES[args.dtype]
+    if args.pretrained and args.size != "full":
+        raise SystemExit("--pretrained loads official weights, which exist for --size full only.")
+    if args.images < 1 or args.points_per_side < 1:
+        raise SystemExit(f"--images {args.images} and --points-per-side {args.points_per_side} must be >= 1.")
+    output_dir = args.output_dir or tempfile.mkdtemp(prefix="benchmark_training_free.")
+    segmenter = build_training_free_segmenter(
+        size=args.size,
+        references=args.references,
+        dataset_name=args.dataset,
+        points_per_side=args.points_per_side,
+        points_per_batch=args.points_per_batch,
+        pred_iou_thresh=args.pred_iou_thresh,
+        shots=args.shots,
+        weights=args.weights,
+        pretrained=args.pretrained,
+        sam_tag=args.sam_tag,
+        semantic_tag=args.semantic_tag,
+        sam_input_size=args.sam_input_size,
+        semantic_input_size=args.semantic_input_size,
+        memory_bank_path=os.path.join(output_dir, "memory_bank.safetensors"),
+        device=device,
+    )
+    with torch.no_grad():
+        prototypes, prototype_valid = segmenter.prepare_prototypes()  # built once, shared by both pipelines
+    baseline = NaiveBaseline(segmenter)
+    dicts = DatasetCatalog.get(args.dataset)[: args.images]
+    mapper = DetectionMapper(is_train=False, augmentations=[])
+    inputs = [mapper(d) for d in dicts]
+    tensors = list(segmenter.parameters()) + list(segmenter.buffers()) + [prototypes, prototype_valid]
+    tensors += list(baseline.generator.predictor.model.buffers()) + [x["image"] for x in inputs]
+    weight_bytes = sum(t.numel() * t.element_size() for t in segmenter.parameters())
+    common = dict(
+        inputs=inputs, device=device, dtype=dtype, warmup=args.warmup, runs=args.runs, existing=tensors,
+        weight_bytes=weight_bytes, dataset_name=args.dataset, output_dir=output_dir,
+    )
+    rows = []
+    for name, pipeline in (("ours", segmenter), ("baseline", baseline)):
+        logger.info("Measuring %s (%s) on %d image(s) ...", PIPELINE_NAMES[name], name, len(inputs))
+        rows.append(measure_pipeline(name, pipeline, **common))
+        logger.info("%s: %.3f img/s", name, rows[-1]["images_per_s"])
+    backbone, semantic = segmenter.proposer.backbone, segmenter.semantic_encoder
+    weights = args.weights or ("official weights" if args.pretrained else "random initialisation (AP near 0 is expected)")
+    settings = (
+        f"SAM {backbone.variant} ({args.size}, {backbone.preprocess.input_size} px, weights: {weights}); "
+        f"{type(semantic).__name__} {semantic.variant} ({args.size}, {semantic.preprocess.input_size} px); "
+        f"{args.points_per_side}x{args.points_per_side} points, points_per_batch {args.points_per_batch}, "
+        f"pred_iou_thresh {args.pred_iou_thresh}; {len(inputs)} image(s) of {args.dataset}; references "
+        f"{args.references} (shots {args.shots}); dtype {args.dtype}; {args.warmup} warm-up image(s), median of "
+        f"{args.runs} pass(es)"
+    )
+    memory = ("torch.cuda.max_memory_allocated over one image" if device.type == "cuda" else
+              "weights + peak of live torch tensor storages over one image (numpy arrays not counted)")
+    command = "python tools/benchmark.py " + " ".join(sys.argv[1:])
+    body = (
+        f"Machine: {machine_description(device)}. Date: {datetime.date.today().isoformat()}.\n\n"
+        f"Command: `{command}`\n\nSettings: {settings}. Peak memory: {memory}. AP: COCOEvaluator on the same "
+        f"images (percent).\n\n{training_free_table(rows)}"
+    )
+    print(body)  # the table is this command's output
+    if args.markdown:
+        section = f"training-free-{device.type}-{args.dtype}-{args.size}-{backbone.preprocess.input_size}px-pps{args.points_per_side}"
+        write_section(args.markdown, section + ("-weights" if args.weights or args.pretrained else "-random"), body)
+        logger.info("Wrote the table into %s", args.markdown)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
@@ -335,6 +776,31 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--runs", type=int, default=5, help="timed passes; the median is reported")
     enc.add_argument("--markdown", default=None, metavar="FILE", help="also write the table into FILE (e.g. docs/benchmarks.md)")
     enc.set_defaults(func=run_encoders)
+
+    tf = sub.add_parser("training_free", help="the training-free pipeline against a naive AMG + per-crop DINOv2 baseline")
+    tf.add_argument("--size", default="tiny", choices=sorted(TRAINING_FREE_DEFAULTS), help="tiny random variants or full-size models")
+    tf.add_argument("--sam-tag", default=None, help="SAM ViT weight tag (default sam_vit_b)")
+    tf.add_argument("--semantic-tag", default=None, help="semantic encoder tag (default dinov2_vits14 tiny, dinov2_vitl14 full)")
+    tf.add_argument("--sam-input-size", type=int, default=None, help="SAM input side (default: the tag's, or the checkpoint's)")
+    tf.add_argument("--semantic-input-size", type=int, default=None, help="semantic encoder input side (default: tiny 56, full 518)")
+    tf.add_argument("--weights", default=None, metavar="CKPT",
+                    help="checkpoint with proposer.backbone.* / proposer.proposals.decoder.* keys (e.g. output/quick_tiny_sam/model_final.pth)")
+    tf.add_argument("--pretrained", action="store_true", help="official weights of both tags from $SAMANTICS_WEIGHTS (--size full)")
+    tf.add_argument("--points-per-side", type=int, default=16)
+    tf.add_argument("--points-per-batch", type=int, default=64)
+    tf.add_argument("--pred-iou-thresh", type=_optional_float, default=0.4,
+                    help="keep masks with predicted IoU above it, both pipelines ('none': no filter; random SAMs predict IoUs near 0.3)")
+    tf.add_argument("--images", type=int, default=4, help="first N images of --dataset")
+    tf.add_argument("--dataset", default="shapes_val", help="registered COCO-format dataset to run and evaluate on")
+    tf.add_argument("--references", default="shapes_train_ref5_seed0", help="registered reference set (memory bank)")
+    tf.add_argument("--shots", type=int, default=5)
+    tf.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    tf.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="fp32, or autocast to bf16/fp16 for both pipelines")
+    tf.add_argument("--warmup", type=int, default=1, help="untimed images first")
+    tf.add_argument("--runs", type=int, default=3, help="timed passes over the images; the median is reported")
+    tf.add_argument("--output-dir", default=None, help="memory bank and evaluation files (default: a new temporary folder)")
+    tf.add_argument("--markdown", default=None, metavar="FILE", help="also write the table into FILE (e.g. docs/benchmarks.md)")
+    tf.set_defaults(func=run_training_free)
     return parser
 
 

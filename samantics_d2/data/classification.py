@@ -18,13 +18,11 @@ Dataset dicts are ``{"file_name", "image_id", "label"}`` (``"height"``/``"width"
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-import uuid
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -47,39 +45,15 @@ __all__ = [
     "register_image_folder",
 ]
 
+from ..utils.io import CACHE_ENV, atomic_path, cache_root  # noqa: F401  (re-exported)
+
 logger = logging.getLogger(__name__)
 
-CACHE_ENV = "SAMANTICS_CACHE"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
 # name -> split folder under $DETECTRON2_DATASETS; class lists always come from the train split.
 BUILTIN_IMAGENET: dict[str, str] = {"imagenet_train": "imagenet/train", "imagenet_val": "imagenet/val"}
 # name -> detection dataset it is cropped from.
 BUILTIN_CROPS: dict[str, str] = {"shapes_train_cls": "shapes_train", "shapes_val_cls": "shapes_val"}
-
-
-@contextlib.contextmanager
-def atomic_path(path: str) -> Iterator[str]:
-    """Yield a temporary path next to ``path``; on success it replaces ``path`` in one rename.
-
-    An interrupted writer leaves either the old file or the new one, never half a file; the
-    temporary file is removed when the block raises.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    # A unique name the writer creates itself, so the file gets the usual permissions (umask).
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def cache_root() -> str:
-    """``$SAMANTICS_CACHE``, default ``~/.cache/samantics_d2``."""
-    return os.path.expanduser(os.environ.get(CACHE_ENV, os.path.join("~", ".cache", "samantics_d2")))
 
 
 # ----------------------------------------------------------------------------------------------

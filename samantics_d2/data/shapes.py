@@ -53,6 +53,8 @@ __all__ = [
     "write_split_json",
 ]
 
+from ..utils.io import atomic_path
+
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "SAMANTICS_CACHE"
@@ -163,15 +165,8 @@ def _texture(rng: np.random.Generator, texture: str, colour: np.ndarray, height:
 
 
 def _atomic_write_bytes(path: str, data: bytes) -> None:
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
 def _write_json(path: str, data: dict) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..d2 import DatasetEvaluator, MetadataCatalog, comm
-from ..data.classification import atomic_path
+from ..utils.io import atomic_path
 
 __all__ = [
     "ClassificationEvaluator",

@@ -18,7 +18,7 @@ import tempfile
 import uuid
 from collections import abc
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Union
 
 from iopath.common.file_io import PathManager as _PathManagerCls
 from omegaconf import DictConfig, ListConfig, OmegaConf, SCMode

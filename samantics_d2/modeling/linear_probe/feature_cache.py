@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.utils.data as torchdata
 
 from ...d2 import comm
-from ...data.classification import atomic_path
+from ...utils.io import atomic_path
 from ...data.io import read_image
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec, prepare_batch
 

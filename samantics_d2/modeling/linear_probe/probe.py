@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...d2 import META_ARCH_REGISTRY, DatasetCatalog, MetadataCatalog, comm
-from ...data.classification import atomic_path
+from ...utils.io import atomic_path
 from ...data.io import read_image
 from ...evaluation.classification import accuracy_from_topk, classification_metrics, write_classification_report
 from .feature_cache import FeatureCache, PooledEncoder, build_feature_cache

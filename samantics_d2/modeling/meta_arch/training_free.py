@@ -156,6 +156,13 @@ class TrainingFreeSegmenter(nn.Module):
 
     # ------------------------------------------------------------------ references
 
+    def set_references(self, references: Union[str, Sequence[dict]], reference_classes: Optional[Sequence[str]] = None):
+        """Use another reference set (a registered name, or dataset dicts with their class names);
+        the prototypes are recomputed (or loaded from the memory bank file) at the next forward."""
+        self.references = references if isinstance(references, str) else list(references)
+        self._reference_classes = list(reference_classes) if reference_classes is not None else None
+        self.bank, self._prototypes = None, None
+
     def _reference_dicts(self) -> tuple[list[dict], list[str]]:
         if isinstance(self.references, str):
             dicts = DatasetCatalog.get(self.references)

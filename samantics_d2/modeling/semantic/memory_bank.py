@@ -35,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from ...d2 import BoxMode, load_coco_json
-from ...data.classification import atomic_path
+from ...utils.io import atomic_path
 from ...data.io import read_image
 from ...data.mapper import segmentation_to_mask
 from ..backbone.base import EncoderBackbone

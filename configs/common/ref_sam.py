@@ -1,0 +1,138 @@
+# RefSAM (reference-prompted SAM), the published recipe (DESIGN.md, "RefSAM as published"):
+# frozen HQ-SAM ViT-B; mask tokens of each box-prompted reference -> MLP fuser (1280 -> 1024 ->
+# 1024 -> 256); the 4 global-attention block outputs -> 1x1 conv + GroupNorm neck -> Deformable
+# DETR (1 encoder layer, 6 decoder layers, 300 queries, box refinement) with the class prompt
+# added to every query; Hungarian matching and losses focal 2 / L1 5 / GIoU 2 on every layer;
+# AdamW 2e-4, weight decay 1e-4, gradient clipping 0.1, 50 epochs with lr x0.1 at 40.
+#
+# Train:     python train_net.py --config-file configs/ref_sam/hq_sam_vit_b_coco.py
+# Evaluate:  python train_net.py --config-file ... --eval-only train.init_checkpoint=<model_final.pth>
+#            (references encoded on the fly), or with cached tokens:
+#            python tools/ref_sam_embeds.py compute --config-file ... --references coco_2017_train_ref10_seed0 \
+#                --output embeds.safetensors train.init_checkpoint=<...>
+#            python tools/ref_sam_embeds.py eval --config-file ... --embeds embeds.safetensors --shots 5 \
+#                train.init_checkpoint=<...>
+# Experiment files pick the SAM with `use_sam(model, tag)` and the classes with `base_only(...)`.
+from functools import partial
+
+import torch
+from fvcore.common.param_scheduler import MultiStepParamScheduler
+from omegaconf import OmegaConf
+
+from samantics_d2.d2 import COCOEvaluator
+from samantics_d2.d2 import LazyCall as L
+from samantics_d2.d2 import (
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+    get_default_optimizer_params,
+)
+from samantics_d2.data.mapper import DetectionMapper, random_flip
+from samantics_d2.data.ref_sam_mapper import RefSAMMapper
+from samantics_d2.data.reference_sets import COCO_BASE_CLASSES
+from samantics_d2.modeling.backbone import build_encoder
+from samantics_d2.modeling.backbone.sam import SAM_VARIANTS
+from samantics_d2.modeling.meta_arch.ref_sam import RefSAM, build_optimizer_with_grad_clip, ref_sam_lr_factor
+from samantics_d2.modeling.meta_arch.training_free import build_sam_proposer
+from samantics_d2.modeling.ref_sam import HungarianMatcher, MultiLevelNeck, RefDETRHead, SetCriterion, TokenFuser
+
+from .train import train
+
+# Mask tokens per family: SAM's 4 (1 single + 3 multimask), HQ-SAM's 5 (plus its HQ token).
+NUM_MASK_TOKENS = {"sam": 4, "hq_sam": 5}
+
+model = L(RefSAM)(
+    proposer=L(build_sam_proposer)(
+        backbone=L(build_encoder)(
+            tag="hq_sam_vit_b", pretrained=True, out_features=["neck", "block2", "block5", "block8", "block11"]
+        ),
+        decoder_weights="${.backbone.tag}",  # the prompt decoder comes from the same checkpoint
+    ),
+    fuser=L(TokenFuser)(num_tokens=5, token_dim=256, hidden_dim=1024, out_dim=256),
+    neck=L(MultiLevelNeck)(in_channels=768, out_channels=256, num_levels=4, strides=(8, 16, 32, 64)),
+    head=L(RefDETRHead)(
+        d_model=256, num_queries=300, num_encoder_layers=1, num_decoder_layers=6, n_levels=4, n_heads=8, n_points=4
+    ),
+    criterion=L(SetCriterion)(
+        matcher=L(HungarianMatcher)(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0),
+        weight_focal=2.0,
+        weight_bbox=5.0,
+        weight_giou=2.0,
+    ),
+    feature_names=["block2", "block5", "block8", "block11"],  # ViT-B's global-attention blocks
+    references="coco_2017_train_ref10_seed0",  # eval: encoded at the first forward
+    shots=10,
+    dataset_name="${dataloader.test.dataset.names}",
+    query_classes="all",  # "present" is the published (oracle) evaluation
+    box_source="predicted",
+    classes_per_batch=16,
+    topk=100,
+)
+
+
+def use_sam(model, tag: str) -> None:
+    """Point ``model`` at SAM / HQ-SAM ``tag`` (``"sam_vit_l"``, ``"hq_sam_vit_h"``...): its global-
+    attention blocks feed the neck, the fuser takes its number of mask tokens."""
+    family, variant = tag.rsplit("_vit_", 1)[0], "vit_" + tag.rsplit("_vit_", 1)[1]
+    arch = SAM_VARIANTS[variant]
+    blocks = [f"block{i}" for i in arch["global_attn_indexes"]]
+    model.proposer.backbone.tag = tag
+    model.proposer.backbone.out_features = ["neck", *blocks]
+    model.feature_names = blocks
+    model.neck.in_channels = arch["embed_dim"]
+    model.fuser.num_tokens = NUM_MASK_TOKENS[family]
+
+
+dataloader = OmegaConf.create()
+dataloader.train = L(build_detection_train_loader)(
+    dataset=L(get_detection_dataset_dicts)(names="coco_2017_train"),
+    mapper=L(RefSAMMapper)(
+        dataset_names="${..dataset.names}",
+        augmentations=[L(random_flip)(horizontal=True)],
+        max_categories=3,
+        num_negatives=1,
+        categories=None,  # all classes; base_only() restricts to the COCO-FSOD base classes
+        min_area=32 * 32,
+    ),
+    total_batch_size=16,
+    num_workers=4,
+)
+dataloader.test = L(build_detection_test_loader)(
+    dataset=L(get_detection_dataset_dicts)(names="coco_2017_val", filter_empty=False),
+    mapper=L(DetectionMapper)(is_train=False, augmentations=[]),
+    num_workers=4,
+)
+dataloader.evaluator = L(COCOEvaluator)(
+    dataset_name="${..test.dataset.names}",
+    output_dir="${...train.output_dir}/inference",
+    max_dets_per_image=100,
+)
+
+
+def base_only(model, dataloader) -> None:
+    """Train on the COCO-FSOD base classes only; evaluate on the novel classes (unseen)."""
+    dataloader.train.mapper.categories = list(COCO_BASE_CLASSES)
+    dataloader.test.dataset.names = "coco_2017_val_novel"
+    model.references = "coco_2017_train_novel_ref10_seed0"
+
+
+optimizer = L(build_optimizer_with_grad_clip)(
+    optimizer_class=torch.optim.AdamW,
+    params=L(get_default_optimizer_params)(
+        base_lr="${..lr}",
+        weight_decay_norm=0.0,
+        # Deformable DETR: sampling offsets and reference points learn at 0.1x the base rate.
+        lr_factor_func=partial(ref_sam_lr_factor, factor=0.1),
+    ),
+    lr=2e-4,
+    weight_decay=1e-4,
+    max_norm=0.1,
+)
+
+# COCO train2017: 117,266 images / 16 per batch = 7,329 iterations per epoch;
+# 50 epochs = 366,450 iterations, lr x0.1 after 40 epochs (293,160).
+train.max_iter = 366450
+lr_multiplier = L(MultiStepParamScheduler)(values=[1.0, 0.1], milestones=[293160, 366450])  # no warm-up
+train.eval_period = 36645  # every 5 epochs
+train.checkpointer = dict(period=7329, max_to_keep=5)
+train.output_dir = "./output/ref_sam/hq_sam_vit_b_coco"

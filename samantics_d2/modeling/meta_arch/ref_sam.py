@@ -1,0 +1,437 @@
+"""RefSAM: find every instance of a class given reference instances of it, on top of a frozen SAM.
+
+Data flow (DESIGN.md, "RefSAM as published", without its two defects):
+
+- reference: its image through SAM's encoder, its box through SAM's prompt encoder and two-way
+  transformer -> mask-token outputs ``[T, C]`` (T = 4 SAM, 5 HQ-SAM;
+  :func:`~samantics_d2.modeling.ref_sam.reference_encoder.mask_token_outputs`) -> :class:`TokenFuser`
+  -> one class prompt ``[d]``;
+- target: SAM's encoder once per image; its global-attention block outputs through
+  :class:`MultiLevelNeck` -> :class:`RefDETRHead` (Deformable DETR, box refinement) whose queries
+  all carry the class prompt -> per query a box and one "matches the reference" logit;
+- masks: SAM's frozen decoder prompted with the top boxes.
+
+SAM (``proposer``: encoder + prompt decoder) is frozen and stays in eval mode; the fuser, neck and
+head train. Training pairs each target image with the references its mapper drew
+(:class:`~samantics_d2.data.ref_sam_mapper.RefSAMMapper`); each pair's targets are the target's
+GT boxes of the reference's class, found through the reference's own ``category_id`` (one source
+of truth, so references and GT cannot be paired out of order). Losses: Hungarian matching and
+focal / L1 / GIoU on every decoder layer (:class:`SetCriterion`).
+
+Evaluation asks about every class of the output label space (``query_classes="all"``; one head
+pass per class and image, classes batched) or, as the published evaluation did, only about the
+classes present in the image (``"present"``, an oracle). Class prompts come from cached reference
+tokens (``embeds_path``, written by ``tools/ref_sam_embeds.py compute``) or from a reference set
+encoded at the first forward (``references``); both average the first ``shots`` references of a
+class (:meth:`ReferenceTokens.class_tokens`) and give the same results. ``box_source="gt"``
+prompts SAM with the GT boxes instead (the mask-quality upper bound).
+
+The checkpoint keys of the frozen SAM are ``proposer.backbone.*`` and
+``proposer.proposals.decoder.*``, those of :class:`PromptableSamTrainer`, so a SAM trained by it
+initialises RefSAM through ``train.init_checkpoint``.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ...d2 import META_ARCH_REGISTRY, BitMasks, Boxes, DatasetCatalog, Instances, MetadataCatalog
+from ..ref_sam import MultiLevelNeck, RefDETRHead, SetCriterion, TokenFuser, box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+from ..ref_sam.reference_encoder import ReferenceTokens, encode_references, mask_token_outputs, num_mask_tokens
+from ..semantic import masks_to_original
+from .training_free import SamProposer, module_fingerprint
+
+__all__ = ["RefSAM", "build_optimizer_with_grad_clip", "ref_sam_lr_factor"]
+
+logger = logging.getLogger(__name__)
+
+QUERY_CLASSES = ("all", "present")
+BOX_SOURCES = ("predicted", "gt")
+
+
+def ref_sam_lr_factor(
+    name: str, *, names: Sequence[str] = ("sampling_offsets", "reference_points"), factor: float = 0.1
+) -> float:
+    """Learning-rate factor of parameter ``name`` (for ``get_default_optimizer_params(lr_factor_func=...)``):
+    ``factor`` for Deformable DETR's sampling offsets and reference-point predictor (as Deformable
+    DETR trains them), 1 otherwise."""
+    parts = name.split(".")
+    return factor if any(n in parts for n in names) else 1.0
+
+
+def build_optimizer_with_grad_clip(
+    *,
+    optimizer_class: Callable[..., torch.optim.Optimizer],
+    params: Iterable,
+    max_norm: float,
+    norm_type: float = 2.0,
+    **optimizer_options: Any,
+) -> torch.optim.Optimizer:
+    """``optimizer_class(params, **optimizer_options)`` that clips the global gradient norm of its
+    parameters to ``max_norm`` before every step.
+
+    The clipping is a step pre-hook (``torch.optim.Optimizer.register_step_pre_hook``): it runs
+    inside ``optimizer.step()``, after ``SimpleTrainer``'s backward pass and, under ``AMPTrainer``,
+    after ``GradScaler.step`` has unscaled the gradients. The optimizer is the plain torch object
+    (same class, state dict and checkpoints).
+    """
+    if max_norm <= 0:
+        raise ValueError(f"build_optimizer_with_grad_clip: max_norm={max_norm} must be > 0.")
+    optimizer = optimizer_class(params, **optimizer_options)
+
+    def clip_before_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        grads = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(grads, max_norm=max_norm, norm_type=norm_type)
+
+    optimizer.register_step_pre_hook(clip_before_step)
+    return optimizer
+
+
+@META_ARCH_REGISTRY.register()
+class RefSAM(nn.Module):
+    """Reference-prompted SAM (see the module docstring).
+
+    Input: a list of model-input dicts (``image`` uint8 ``[3, H, W]`` RGB, ``height``, ``width``);
+    in training also ``instances`` (``gt_boxes``, ``gt_classes``) and ``references``: a list of
+    ``{"image": uint8 [3, h, w], "box": [4] XYXY in that image, "category_id": int}``.
+    Training returns the loss dict of :class:`SetCriterion`. Eval returns per image
+    ``{"instances": Instances}`` at ``height`` x ``width`` with ``pred_boxes``, ``scores``,
+    ``pred_classes`` (ids of :meth:`class_names`) and ``pred_masks`` (bool ``[N, H, W]``).
+
+    Args:
+        proposer: the frozen SAM / HQ-SAM encoder + prompt decoder (:func:`build_sam_proposer`;
+            its point-grid options are unused); the encoder outputs ``"neck"`` and ``feature_names``.
+        fuser: mask tokens ``[T, C]`` -> class prompt ``[d_model]``.
+        neck: ``feature_names`` block outputs -> the head's feature levels.
+        head: the Deformable DETR head.
+        criterion: matcher + losses.
+        feature_names: backbone outputs fed to the neck, one per level (names may repeat; default:
+            the backbone's global-attention blocks).
+        references: eval: a registered reference-set dataset (or dataset dicts with
+            ``reference_classes``) encoded at the first forward.
+        reference_classes: class names of ``references`` given as dicts.
+        embeds_path: eval: cached reference tokens (``tools/ref_sam_embeds.py compute``) instead.
+        shots: eval: average the first ``shots`` references per class (None: all).
+        class_names / dataset_name: the output label space (default: the reference classes).
+        query_classes: ``"all"`` (every class with references) or ``"present"`` (the oracle: only
+            the GT classes of each image; needs ``instances`` in the inputs).
+        box_source: ``"predicted"`` or ``"gt"`` (prompt SAM with the GT boxes, score 1).
+        classes_per_batch: classes per head pass at eval (memory bound).
+        topk: detections kept per image (over all queried classes and queries).
+        reference_batch_size: reference images per encoder forward when encoding ``references``.
+    """
+
+    def __init__(
+        self,
+        *,
+        proposer: SamProposer,
+        fuser: TokenFuser,
+        neck: MultiLevelNeck,
+        head: RefDETRHead,
+        criterion: SetCriterion,
+        feature_names: Optional[Sequence[str]] = None,
+        references: Union[str, Sequence[dict], None] = None,
+        reference_classes: Optional[Sequence[str]] = None,
+        embeds_path: Optional[str] = None,
+        shots: Optional[int] = None,
+        class_names: Optional[Sequence[str]] = None,
+        dataset_name: Optional[str] = None,
+        query_classes: str = "all",
+        box_source: str = "predicted",
+        classes_per_batch: int = 16,
+        topk: int = 100,
+        reference_batch_size: int = 8,
+    ):
+        super().__init__()
+        backbone, decoder = proposer.backbone, proposer.proposals.decoder
+        feature_names = list(feature_names) if feature_names is not None else list(backbone.global_attn_features)
+        problems = []
+        if query_classes not in QUERY_CLASSES:
+            problems.append(f"query_classes={query_classes!r} is not one of {QUERY_CLASSES}")
+        if box_source not in BOX_SOURCES:
+            problems.append(f"box_source={box_source!r} is not one of {BOX_SOURCES}")
+        if fuser.num_tokens != num_mask_tokens(decoder):
+            problems.append(
+                f"the fuser takes {fuser.num_tokens} tokens but {type(decoder).__name__} has {num_mask_tokens(decoder)} "
+                "mask tokens (4 SAM, 5 HQ-SAM)"
+            )
+        if fuser.token_dim != decoder.embed_dim:
+            problems.append(f"fuser token_dim={fuser.token_dim} but the SAM decoder's width is {decoder.embed_dim}")
+        fused_dim = fuser.mlp[-1].out_features
+        if fused_dim != head.d_model or neck.out_channels != head.d_model:
+            problems.append(
+                f"fuser out_dim={fused_dim} and neck out_channels={neck.out_channels} must equal head d_model={head.d_model}"
+            )
+        if not (len(feature_names) == len(neck.strides) == head.n_levels):
+            problems.append(
+                f"{len(feature_names)} feature_names {feature_names}, {len(neck.strides)} neck levels and "
+                f"{head.n_levels} head levels must agree"
+            )
+        outputs = backbone.output_shape()
+        missing = [n for n in dict.fromkeys(["neck", *decoder.required_features, *feature_names]) if n not in outputs]
+        if missing:
+            problems.append(f"the backbone does not output {missing} (out_features {list(outputs)}); add them")
+        if embeds_path is not None and references is not None:
+            problems.append("give embeds_path or references, not both")
+        if class_names is not None and dataset_name is not None:
+            problems.append("give class_names or dataset_name, not both")
+        if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 1):
+            problems.append(f"shots={shots!r} must be a positive int or None")
+        if classes_per_batch < 1 or topk < 1:
+            problems.append(f"classes_per_batch={classes_per_batch} and topk={topk} must be >= 1")
+        if problems:
+            raise ValueError("RefSAM: " + "; ".join(problems) + ".")
+        self.proposer = proposer
+        self.fuser = fuser
+        self.neck = neck
+        self.head = head
+        self.criterion = criterion
+        self.feature_names = feature_names
+        self.references = references
+        self._reference_classes = list(reference_classes) if reference_classes is not None else None
+        self.embeds_path = embeds_path
+        self.shots = shots
+        self._class_names = list(class_names) if class_names is not None else None
+        self.dataset_name = dataset_name
+        self.query_classes = query_classes
+        self.box_source = box_source
+        self.classes_per_batch = classes_per_batch
+        self.topk = topk
+        self.reference_batch_size = reference_batch_size
+        self._reference_tokens: Optional[ReferenceTokens] = None
+        for p in self.proposer.parameters():
+            p.requires_grad_(False)
+        self.proposer.eval()
+
+    # ------------------------------------------------------------------ plumbing
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.proposer.backbone
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.proposer.proposals.decoder
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.device
+
+    def train(self, mode: bool = True) -> "RefSAM":
+        super().train(mode)
+        self.proposer.eval()  # SAM is frozen: always in eval mode
+        return self
+
+    @torch.no_grad()
+    def _encode_images(self, images: Sequence[torch.Tensor]) -> tuple[dict[str, torch.Tensor], list]:
+        """Frozen encoder on a batch: ``({name: [N, C, h, w]}, fits)``."""
+        x, fits = self.backbone.prepare_with_fits(list(images))
+        return self.backbone(x), fits
+
+    def _levels(self, features: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The head's feature levels ``[N, d_model, H_l, W_l]`` from the block outputs."""
+        return self.neck([features[name].float() for name in self.feature_names])
+
+    def _input_size(self) -> float:
+        return float(self.decoder.image_size)
+
+    # ------------------------------------------------------------------ training
+
+    def forward(self, batched_inputs: list[dict]):
+        if self.training:
+            return self.losses(batched_inputs)
+        return self.inference(batched_inputs)
+
+    def losses(self, batched_inputs: list[dict]) -> dict[str, torch.Tensor]:
+        """Loss dict of a batch of targets with their references (see the class docstring)."""
+        pairs: list[tuple[int, dict]] = []
+        for i, x in enumerate(batched_inputs):
+            if "instances" not in x or "references" not in x:
+                raise ValueError(
+                    f"RefSAM training needs 'instances' and 'references' in every input; {x.get('file_name')!r} has "
+                    f"{sorted(x)}. Use RefSAMMapper for the training loader."
+                )
+            pairs.extend((i, ref) for ref in x["references"])
+        if not pairs:  # no reference in the batch: zero losses that still reach every trainable parameter (DDP)
+            zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+            return {"loss_focal": zero, "loss_bbox": zero, "loss_giou": zero}
+        num_targets = len(batched_inputs)
+        images = [x["image"] for x in batched_inputs] + [ref["image"] for _, ref in pairs]
+        features, fits = self._encode_images(images)
+        size = self._input_size()
+
+        with torch.no_grad():
+            ref_boxes = torch.stack(
+                [fits[num_targets + j].boxes_to_input(torch.as_tensor(ref["box"], dtype=torch.float32).reshape(4))
+                 for j, (_, ref) in enumerate(pairs)]
+            ).to(self.device)
+            tokens = mask_token_outputs(self.decoder, features["neck"][num_targets:], ref_boxes)  # [P, T, C]
+        prompts = self.fuser(tokens.float())  # [P, d]
+        image_index = torch.tensor([i for i, _ in pairs], device=self.device)
+        levels = [level.index_select(0, image_index) for level in self._levels({k: v[:num_targets] for k, v in features.items()})]
+        outputs = self.head(levels, prompts)
+
+        targets = []
+        for i, ref in pairs:
+            instances = batched_inputs[i]["instances"]
+            keep = instances.gt_classes == int(ref["category_id"])
+            boxes = fits[i].boxes_to_input(instances.gt_boxes.tensor[keep].float()) / size
+            targets.append({"boxes": box_xyxy_to_cxcywh(boxes.clamp(0.0, 1.0)).to(self.device)})
+        return self.criterion(outputs, targets)
+
+    # ------------------------------------------------------------------ class prompts
+
+    def _reference_dicts(self) -> tuple[list[dict], list[str]]:
+        if isinstance(self.references, str):
+            return DatasetCatalog.get(self.references), list(MetadataCatalog.get(self.references).thing_classes)
+        if self._reference_classes is None:
+            raise ValueError("RefSAM: references given as dataset dicts need reference_classes (their class names).")
+        return list(self.references), self._reference_classes
+
+    def sam_fingerprint(self) -> str:
+        """SHA-256 of the frozen SAM's weights (encoder + prompt decoder): ties cached tokens to them."""
+        return module_fingerprint(self.proposer)
+
+    def encode_reference_set(self, dataset_dicts: Sequence[dict], class_names: Sequence[str], *, source: str) -> ReferenceTokens:
+        """Tokens of every reference of ``dataset_dicts`` (what ``compute_embeds`` saves)."""
+        backbone = self.backbone
+        provenance = {
+            "source": source,
+            "model": f"{type(backbone).__name__}:{backbone.variant}:{backbone.size}",
+            "input_size": int(self.decoder.image_size),
+            "sam_fingerprint": self.sam_fingerprint(),
+        }
+        return encode_references(
+            backbone=backbone,
+            decoder=self.decoder,
+            dataset_dicts=dataset_dicts,
+            class_names=class_names,
+            batch_size=self.reference_batch_size,
+            provenance=provenance,
+        )
+
+    def reference_tokens(self) -> ReferenceTokens:
+        """The cached tokens (``embeds_path``) or those of ``references``, computed once."""
+        if self._reference_tokens is not None:
+            return self._reference_tokens
+        if self.embeds_path is not None:
+            tokens = ReferenceTokens.load(self.embeds_path)
+            expected = self.sam_fingerprint()
+            if tokens.provenance.get("sam_fingerprint") != expected:
+                raise ValueError(
+                    f"{self.embeds_path!r} was computed with other SAM weights (fingerprint "
+                    f"{tokens.provenance.get('sam_fingerprint')!r}, this model {expected!r}); compute the embeddings "
+                    "with the same config and checkpoint (`tools/ref_sam_embeds.py compute`)."
+                )
+        elif self.references is not None:
+            dicts, classes = self._reference_dicts()
+            source = self.references if isinstance(self.references, str) else "<dataset dicts>"
+            tokens = self.encode_reference_set(dicts, classes, source=source)
+        else:
+            raise ValueError(
+                "RefSAM in eval mode needs class prompts: set model.embeds_path (cached tokens) or model.references "
+                "(a reference-set dataset)."
+            )
+        self._reference_tokens = tokens
+        return tokens
+
+    def class_names(self) -> list[str]:
+        """The output label space."""
+        if self._class_names is not None:
+            return self._class_names
+        if self.dataset_name is not None:
+            return list(MetadataCatalog.get(self.dataset_name).thing_classes)
+        return list(self.reference_tokens().class_names)
+
+    def class_prompts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``prompts [K, d_model]`` of the output classes (fused from the averaged tokens) and ``valid [K]``."""
+        tokens, valid = self.reference_tokens().class_tokens(self.class_names(), shots=self.shots)
+        return self.fuser(tokens.to(self.device)), valid.to(self.device)
+
+    # ------------------------------------------------------------------ inference
+
+    @torch.no_grad()
+    def inference(self, batched_inputs: list[dict]) -> list[dict]:
+        """Per image ``{"instances": Instances}`` (see the class docstring)."""
+        features, fits = self._encode_images([x["image"] for x in batched_inputs])
+        if self.box_source == "gt":
+            return [{"instances": self._gt_box_instances(x, {k: v[i] for k, v in features.items()}, fits[i])}
+                    for i, x in enumerate(batched_inputs)]
+        prompts, valid = self.class_prompts()
+        levels = self._levels(features)
+        results = []
+        for i, x in enumerate(batched_inputs):
+            classes = torch.nonzero(valid).squeeze(1)
+            if self.query_classes == "present":
+                present = torch.unique(self._gt_instances(x).gt_classes.to(self.device))
+                classes = classes[torch.isin(classes, present)]
+            scores, labels, boxes = self._detect([level[i : i + 1] for level in levels], prompts, classes)
+            results.append({"instances": self._instances(x, {k: v[i] for k, v in features.items()}, fits[i],
+                                                         boxes * self._input_size(), scores, labels)})
+        return results
+
+    def _detect(
+        self, levels: list[torch.Tensor], prompts: torch.Tensor, classes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-k over (class, query) of one image: ``scores [k]``, ``labels [k]``, ``boxes [k, 4]`` XYXY in [0, 1]."""
+        all_scores, all_boxes = [], []
+        for start in range(0, len(classes), self.classes_per_batch):
+            chunk = classes[start : start + self.classes_per_batch]
+            out = self.head([level.expand(len(chunk), -1, -1, -1) for level in levels], prompts[chunk])
+            all_scores.append(out["pred_logits"][..., 0].sigmoid())  # [k, Q]
+            all_boxes.append(out["pred_boxes"])  # [k, Q, 4]
+        if not all_scores:
+            empty = torch.zeros(0, device=self.device)
+            return empty, empty.long(), empty.reshape(0, 4)
+        scores, boxes = torch.cat(all_scores), torch.cat(all_boxes)
+        num_queries = scores.shape[1]
+        top = scores.flatten().topk(min(self.topk, scores.numel()))
+        labels = classes[top.indices // num_queries]
+        return top.values, labels, box_cxcywh_to_xyxy(boxes.flatten(0, 1)[top.indices]).clamp(0.0, 1.0)
+
+    def _gt_instances(self, x: dict) -> Instances:
+        if "instances" not in x:
+            raise ValueError(
+                f"RefSAM with query_classes='present' or box_source='gt' needs GT instances in the inputs "
+                f"({x.get('file_name')!r} has none): build the test loader with DetectionMapper(is_train=True, "
+                "augmentations=[])."
+            )
+        return x["instances"]
+
+    def _gt_box_instances(self, x: dict, features: dict[str, torch.Tensor], fit: Any) -> Instances:
+        gt = self._gt_instances(x)
+        boxes = fit.boxes_to_input(gt.gt_boxes.tensor.float().to(self.device))
+        scores = torch.ones(len(boxes), device=self.device)
+        return self._instances(x, features, fit, boxes, scores, gt.gt_classes.to(self.device))
+
+    def _instances(
+        self, x: dict, features: dict[str, torch.Tensor], fit: Any, boxes: torch.Tensor, scores: torch.Tensor,
+        labels: torch.Tensor,
+    ) -> Instances:
+        """Instances at the output size from boxes ``[k, 4]`` XYXY in input pixels: masks from SAM."""
+        image = x["image"]
+        height, width = int(x.get("height", image.shape[-2])), int(x.get("width", image.shape[-1]))
+        image_h, image_w = fit.original_size
+        if len(boxes):
+            logits, _ = self.decoder.decode(features, boxes=boxes, multimask_output=False)
+            masks = masks_to_original(logits[:, 0], fit)  # [k, h, w] on the input image's grid
+        else:
+            masks = torch.zeros((0, image_h, image_w), dtype=torch.bool, device=self.device)
+        original_boxes = fit.boxes_to_original(boxes.float())
+        if (height, width) != (image_h, image_w):  # the mapper resized the image
+            masks = F.interpolate(masks[None].float(), size=(height, width), mode="nearest")[0] > 0.5
+            original_boxes = original_boxes * original_boxes.new_tensor(
+                [width / image_w, height / image_h, width / image_w, height / image_h]
+            )
+        result = Instances((height, width))
+        result.pred_boxes = Boxes(original_boxes)
+        result.pred_boxes.clip((height, width))
+        result.scores = scores.float()
+        result.pred_classes = labels.long()
+        result.pred_masks = masks
+        return result
