@@ -300,10 +300,18 @@ class ReferenceSet:
         )
         return {
             "info": {"description": description, _INFO_KEY: self.summary()},
-            "images": [self.images[i] for i in sorted(self.images)],
+            "images": [_with_file_name(self.images[i]) for i in sorted(self.images)],
             "annotations": annotations,
             "categories": [c for c in self.categories if int(c["id"]) in set(self.category_ids)],
         }
+
+
+def _with_file_name(image: Mapping[str, Any]) -> dict[str, Any]:
+    """An image entry with ``file_name``: LVIS entries only have ``coco_url``, whose last two parts
+    (``val2017/000000139.jpg``) are the file relative to the COCO folder, as ``load_lvis_json`` reads them."""
+    if "file_name" in image or "coco_url" not in image:
+        return dict(image)
+    return {**image, "file_name": "/".join(str(image["coco_url"]).split("/")[-2:])}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -935,7 +943,7 @@ def _source_json(source: str) -> tuple[str, str]:
     only on load), else by loading it once (datasets generated on first use, like the shapes)."""
     from samantics_d2.d2 import DatasetCatalog, MetadataCatalog
 
-    from .builtin import BUILTIN_COCO, datasets_root
+    from .builtin import BUILTIN_COCO, BUILTIN_LVIS, datasets_root
 
     if source not in DatasetCatalog:
         raise KeyError(
@@ -944,8 +952,8 @@ def _source_json(source: str) -> tuple[str, str]:
         )
     meta = MetadataCatalog.get(source)
     json_file, image_root = meta.get("json_file"), meta.get("image_root")
-    if json_file is None and source in BUILTIN_COCO:
-        image_dir, json_name = BUILTIN_COCO[source]
+    if json_file is None and (source in BUILTIN_COCO or source in BUILTIN_LVIS):
+        image_dir, json_name = {**BUILTIN_COCO, **BUILTIN_LVIS}[source]
         root = datasets_root()
         json_file, image_root = os.path.join(root, json_name), os.path.join(root, image_dir)
     elif json_file is None or not PathManager.exists(os.fspath(json_file)):
@@ -1069,6 +1077,7 @@ def register_category_subset(name: str, *, source: str, categories: CategorySpec
 # Standard names: n references per category, seeds 0..9 (the seed study of "No Time to Train").
 COCO_REFERENCE_SHOTS: tuple[int, ...] = (1, 2, 3, 5, 10, 30)
 COCO_REFERENCE_SEEDS: tuple[int, ...] = tuple(range(10))
+LVIS_REFERENCE_SHOTS: tuple[int, ...] = (1, 5, 10)
 # shapes_train has 64 images: 8 classes x 5 distinct images fit, 8 x 10 would not.
 SHAPES_REFERENCE_SHOTS: tuple[int, ...] = (1, 3, 5)
 SHAPES_REFERENCE_SEEDS: tuple[int, ...] = (0, 1, 2)
@@ -1083,6 +1092,7 @@ def register_all_reference_sets(*, output_dir: Optional[Union[str, os.PathLike]]
     - ``coco_2017_train_novel_ref{n}_seed{s}``: the 20 COCO-FSOD novel classes;
     - ``shapes_train_ref{n}_seed{s}``: from ``shapes_train`` with :data:`SHAPES_SELECTION`;
     - ``shapes_train_novel_ref{n}_seed{s}``: its novel classes (``SHAPES_SPLITS["novel"]``);
+    - ``lvis_v1_train_ref{n}_seed0``: all LVIS v1 classes, from ``lvis_v1_train``;
     - ``coco_2017_val_novel`` / ``coco_2017_val_base``: COCO val restricted to the COCO-FSOD splits.
 
     for ``n`` in :data:`COCO_REFERENCE_SHOTS` / :data:`SHAPES_REFERENCE_SHOTS` and ``s`` in the
@@ -1098,6 +1108,8 @@ def register_all_reference_sets(*, output_dir: Optional[Union[str, os.PathLike]]
             selection = ReferenceSelection(n_ref=n, seed=s)
             table.append((f"coco_2017_train_ref{n}_seed{s}", "coco_2017_train", selection, None))
             table.append((f"coco_2017_train_novel_ref{n}_seed{s}", "coco_2017_train", selection, "novel"))
+    for n in LVIS_REFERENCE_SHOTS:
+        table.append((f"lvis_v1_train_ref{n}_seed0", "lvis_v1_train", ReferenceSelection(n_ref=n, seed=0), None))
     for n in SHAPES_REFERENCE_SHOTS:
         for s in SHAPES_REFERENCE_SEEDS:
             selection = dataclasses.replace(SHAPES_SELECTION, n_ref=n, seed=s)
