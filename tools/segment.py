@@ -14,7 +14,8 @@ Every image file directly in ``--images`` is segmented. Written to ``--output``:
 and ``predictions/<name>.json`` per image, so an interrupted run resumes where it stopped.
 
 The model is the training-free pipeline of ``--config-file`` (default: SAM 2.1 Hiera-L proposals +
-DINOv2 ViT-L/14 prototypes, weights under $SAMANTICS_WEIGHTS); ``key=value`` overrides apply to it.
+DINOv2 ViT-L/14 prototypes, weights under $SAMANTICS_WEIGHTS); ``key=value`` overrides apply to it,
+and ``train.init_checkpoint`` (when set) is loaded into it.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from pycocotools import mask as mask_util
 from tqdm import tqdm
 
 from samantics_d2.config import check_override_keys
-from samantics_d2.d2 import BoxMode, LazyConfig, instantiate, setup_logger
+from samantics_d2.d2 import BoxMode, DetectionCheckpointer, LazyConfig, instantiate, setup_logger
 from samantics_d2.data.io import read_image
 from samantics_d2.data.classification import IMAGE_EXTENSIONS
 from samantics_d2.modeling.semantic import load_reference_json
@@ -144,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg.model.shots = args.shots
     cfg.model.memory_bank_path = os.path.join(args.output, f"memory_bank-{key}.safetensors")
     model = instantiate(cfg.model)
+    if cfg.train.get("init_checkpoint"):  # e.g. a SAM trained with train_net.py
+        DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
     model.set_references(references, classes)
     model.to(cfg.train.device).eval()
 
