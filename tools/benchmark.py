@@ -25,7 +25,12 @@ DINOv2 forward per mask crop (see :class:`NaiveBaseline`)::
     python tools/benchmark.py training_free --weights output/quick_tiny_sam/model_final.pth --markdown docs/benchmarks.md
     python tools/benchmark.py training_free --size full --pretrained --device cuda --dtype bf16   # official weights
 
-Later benchmarks (``linear_probe``) add their own subcommands.
+``linear_probe``: wall time of the cached linear probe (extract features once, then a grid of probes
+trained together on the cache) against re-running the frozen encoder every epoch, both measured in
+the same run, in units of one encoder pass over the data (target: the cached grid of 8 probes
+below 1.2x one pass)::
+
+    python tools/benchmark.py linear_probe --markdown docs/benchmarks.md
 """
 from __future__ import annotations
 
@@ -643,7 +648,12 @@ def measure_pipeline(
     evaluator.reset()
     for x, y in zip(inputs, outputs):
         evaluator.process([x], [{"instances": y["instances"].to("cpu")}])
-    results = evaluator.evaluate(img_ids=[x["image_id"] for x in inputs]) or {}
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()) as printed:  # COCOeval prints its summary
+        results = evaluator.evaluate(img_ids=[x["image_id"] for x in inputs]) or {}
+    logger.debug("COCOeval output of %s:\n%s", name, printed.getvalue())
     median = statistics.median(times)
     return {
         "pipeline": name,
@@ -759,6 +769,88 @@ def run_training_free(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------
+# linear_probe: cached probe grid against re-running the encoder every epoch
+
+
+def _timed(fn: Callable[[], object]) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def run_linear_probe(args: argparse.Namespace) -> int:
+    import samantics_d2  # noqa: F401  (registers the datasets)
+    from samantics_d2.d2 import DatasetCatalog, MetadataCatalog
+    from samantics_d2.data.io import read_image
+    from samantics_d2.modeling.backbone import build_encoder
+    from samantics_d2.modeling.linear_probe import PooledEncoder, build_feature_cache, train_probe_grid
+    from samantics_d2.modeling.linear_probe.probe import CachedFeatures, EncoderFeatures, ProbeTrainingConfig
+
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    encoder = build_encoder(args.tag, size=args.size).to(device).eval()
+    pooled = PooledEncoder(encoder=encoder, poolings=args.poolings, normalization="encoder")
+    train_dicts, val_dicts = DatasetCatalog.get(args.train), DatasetCatalog.get(args.val)
+    classes = MetadataCatalog.get(args.train).get("classes")
+    lrs = [float(v) for v in args.learning_rates]
+    grid = ProbeTrainingConfig(learning_rates=lrs, epochs=args.epochs, batch_size=args.batch_size,
+                               holdout_fraction=args.holdout)
+    single = ProbeTrainingConfig(learning_rates=lrs[:1], epochs=args.epochs, batch_size=args.batch_size)
+    work = args.output_dir or tempfile.mkdtemp(prefix="benchmark_linear_probe.")
+
+    def encoder_pass() -> None:  # read, preprocess and encode every image once (train + val)
+        with torch.no_grad():
+            for dicts in (train_dicts, val_dicts):
+                for i in range(0, len(dicts), args.encoder_batch_size):
+                    images = [read_image(d["file_name"]) for d in dicts[i: i + args.encoder_batch_size]]
+                    pooled(pooled.prepare(images).to(device))
+
+    encoder_pass()  # warm-up
+    t_pass = statistics.median(_timed(encoder_pass)[0] for _ in range(args.runs))
+
+    def cached() -> None:
+        root = tempfile.mkdtemp(dir=work, prefix="cache.")
+        caches = [build_feature_cache(d, encoder=pooled, encoder_tag=args.tag, dataset_name=n, cache_root=root,
+                                      batch_size=args.encoder_batch_size, device=device)
+                  for d, n in ((train_dicts, args.train), (val_dicts, args.val))]
+        train_probe_grid(train=CachedFeatures(caches[0], poolings=args.poolings, device=device),
+                         val=CachedFeatures(caches[1], poolings=args.poolings, device=device),
+                         poolings=args.poolings, num_classes=len(classes), config=grid, device=device)
+
+    def encoder_in_the_loop() -> None:  # one probe, the encoder re-run on every batch of every epoch
+        train_probe_grid(train=EncoderFeatures(train_dicts, encoder=pooled, device=device),
+                         val=EncoderFeatures(val_dicts, encoder=pooled, device=device),
+                         poolings=args.poolings[:1], num_classes=len(classes), config=single, device=device)
+
+    t_cached = statistics.median(_timed(cached)[0] for _ in range(args.runs))
+    t_loop = _timed(encoder_in_the_loop)[0]
+    n_probes = len(lrs) * len(args.poolings)
+    ratio = t_cached / t_pass
+    rows = [
+        ("one encoder pass over train + val", t_pass, "1.00"),
+        (f"cached: extract once + {n_probes} probes x {args.epochs} epochs", t_cached, f"{ratio:.2f}"),
+        (f"encoder in the loop: 1 probe x {args.epochs} epochs", t_loop, f"{t_loop / t_pass:.2f}"),
+    ]
+    table = "| run | wall time (s) | x one encoder pass |\n|---|---:|---:|\n" + "".join(
+        f"| {name} | {sec:.2f} | {x} |\n" for name, sec, x in rows)
+    verdict = "met" if ratio < 1.2 else "NOT met"
+    command = "python tools/benchmark.py " + " ".join(sys.argv[1:])
+    body = (
+        f"Machine: {machine_description(device)}. Date: {datetime.date.today().isoformat()}.\n\n"
+        f"Command: `{command}`\n\nSettings: encoder {args.tag} ({args.size}), poolings {args.poolings}, learning "
+        f"rates {lrs}, {args.epochs} epochs, batch {args.batch_size}; {len(train_dicts)} train / {len(val_dicts)} val "
+        f"images ({args.train}, {args.val}); encoder pass and cached run: median of {args.runs}; the loop run once.\n\n"
+        f"{table}\nTarget (cached grid of {n_probes} probes < 1.2x one encoder pass): {verdict} ({ratio:.2f}x). "
+        f"Re-running the encoder every epoch costs {t_loop / t_cached:.1f}x the cached grid for one probe.\n"
+    )
+    print(body)
+    if args.markdown:
+        write_section(args.markdown, f"linear-probe-{device.type}-{args.tag}-{args.size}", body)
+        logger.info("Wrote the table into %s", args.markdown)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
@@ -801,6 +893,23 @@ def build_parser() -> argparse.ArgumentParser:
     tf.add_argument("--output-dir", default=None, help="memory bank and evaluation files (default: a new temporary folder)")
     tf.add_argument("--markdown", default=None, metavar="FILE", help="also write the table into FILE (e.g. docs/benchmarks.md)")
     tf.set_defaults(func=run_training_free)
+
+    lp = sub.add_parser("linear_probe", help="cached probe grid against re-running the encoder every epoch")
+    lp.add_argument("--tag", default="dinov2_vits14", help="encoder weight tag (random weights: speed only)")
+    lp.add_argument("--size", default="tiny", choices=["tiny", "full"])
+    lp.add_argument("--train", default="shapes_train_cls", help="registered classification dataset")
+    lp.add_argument("--val", default="shapes_val_cls")
+    lp.add_argument("--poolings", nargs="+", default=["cls", "mean_patch"])
+    lp.add_argument("--learning-rates", nargs="+", default=["1e-4", "1e-3", "1e-2", "1e-1"])
+    lp.add_argument("--epochs", type=int, default=10)
+    lp.add_argument("--batch-size", type=int, default=128, help="probe training batch")
+    lp.add_argument("--encoder-batch-size", type=int, default=64)
+    lp.add_argument("--holdout", type=float, default=0.1, help="share of train held out to choose the best probe")
+    lp.add_argument("--runs", type=int, default=3)
+    lp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    lp.add_argument("--output-dir", default=None)
+    lp.add_argument("--markdown", default=None, metavar="FILE")
+    lp.set_defaults(func=run_linear_probe)
     return parser
 
 

@@ -13,9 +13,6 @@
 #            python tools/ref_sam_embeds.py eval --config-file ... --embeds embeds.safetensors --shots 5 \
 #                train.init_checkpoint=<...>
 # Experiment files pick the SAM with `use_sam(model, tag)` and the classes with `base_only(...)`.
-from functools import partial
-
-import torch
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 from omegaconf import OmegaConf
 
@@ -32,7 +29,7 @@ from samantics_d2.data.ref_sam_mapper import RefSAMMapper
 from samantics_d2.data.reference_sets import COCO_BASE_CLASSES
 from samantics_d2.modeling.backbone import build_encoder
 from samantics_d2.modeling.backbone.sam import SAM_VARIANTS
-from samantics_d2.modeling.meta_arch.ref_sam import RefSAM, build_optimizer_with_grad_clip, ref_sam_lr_factor
+from samantics_d2.modeling.meta_arch.ref_sam import RefSAM, build_optimizer_with_grad_clip, ref_sam_lr_factor_func
 from samantics_d2.modeling.meta_arch.training_free import build_sam_proposer
 from samantics_d2.modeling.ref_sam import HungarianMatcher, MultiLevelNeck, RefDETRHead, SetCriterion, TokenFuser
 
@@ -117,12 +114,12 @@ def base_only(model, dataloader) -> None:
 
 
 optimizer = L(build_optimizer_with_grad_clip)(
-    optimizer_class=torch.optim.AdamW,
+    optimizer_class="torch.optim.AdamW",
     params=L(get_default_optimizer_params)(
         base_lr="${..lr}",
         weight_decay_norm=0.0,
         # Deformable DETR: sampling offsets and reference points learn at 0.1x the base rate.
-        lr_factor_func=partial(ref_sam_lr_factor, factor=0.1),
+        lr_factor_func=L(ref_sam_lr_factor_func)(factor=0.1),
     ),
     lr=2e-4,
     weight_decay=1e-4,

@@ -1,4 +1,4 @@
-# RefSAM over a frozen hq_sam_vit_l (official weights in $SAMANTICS_WEIGHTS), trained and evaluated on all 80 COCO classes.
+# RefSAM over a frozen hq_sam_vit_l (official weights), trained and evaluated on all 80 COCO classes.
 from ..common.ref_sam import dataloader, lr_multiplier, model, optimizer, train, use_sam
 
 use_sam(model, "hq_sam_vit_l")

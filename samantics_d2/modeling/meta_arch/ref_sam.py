@@ -33,20 +33,21 @@ initialises RefSAM through ``train.init_checkpoint``.
 from __future__ import annotations
 
 import logging
-import re
+import pydoc
+from functools import partial
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...d2 import META_ARCH_REGISTRY, BitMasks, Boxes, DatasetCatalog, Instances, MetadataCatalog
+from ...d2 import META_ARCH_REGISTRY, Boxes, DatasetCatalog, Instances, MetadataCatalog
 from ..ref_sam import MultiLevelNeck, RefDETRHead, SetCriterion, TokenFuser, box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from ..ref_sam.reference_encoder import ReferenceTokens, encode_references, mask_token_outputs, num_mask_tokens
 from ..semantic import masks_to_original
 from .training_free import SamProposer, module_fingerprint
 
-__all__ = ["RefSAM", "build_optimizer_with_grad_clip", "ref_sam_lr_factor"]
+__all__ = ["RefSAM", "build_optimizer_with_grad_clip", "ref_sam_lr_factor", "ref_sam_lr_factor_func"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,15 +65,24 @@ def ref_sam_lr_factor(
     return factor if any(n in parts for n in names) else 1.0
 
 
+def ref_sam_lr_factor_func(
+    *, names: Sequence[str] = ("sampling_offsets", "reference_points"), factor: float = 0.1
+) -> Callable[[str], float]:
+    """:func:`ref_sam_lr_factor` with its options bound: a LazyConfig-friendly ``lr_factor_func``
+    (``L(ref_sam_lr_factor_func)(factor=0.1)`` saves to YAML, a ``partial`` object does not)."""
+    return partial(ref_sam_lr_factor, names=tuple(names), factor=float(factor))
+
+
 def build_optimizer_with_grad_clip(
     *,
-    optimizer_class: Callable[..., torch.optim.Optimizer],
+    optimizer_class: Union[str, Callable[..., torch.optim.Optimizer]],
     params: Iterable,
     max_norm: float,
     norm_type: float = 2.0,
     **optimizer_options: Any,
 ) -> torch.optim.Optimizer:
-    """``optimizer_class(params, **optimizer_options)`` that clips the global gradient norm of its
+    """``optimizer_class(params, **optimizer_options)`` (a class or its dotted name, e.g.
+    ``"torch.optim.AdamW"``, which keeps the config YAML-serialisable) that clips the global gradient norm of its
     parameters to ``max_norm`` before every step.
 
     The clipping is a step pre-hook (``torch.optim.Optimizer.register_step_pre_hook``): it runs
@@ -82,6 +92,12 @@ def build_optimizer_with_grad_clip(
     """
     if max_norm <= 0:
         raise ValueError(f"build_optimizer_with_grad_clip: max_norm={max_norm} must be > 0.")
+    if isinstance(optimizer_class, str):
+        name, optimizer_class = optimizer_class, pydoc.locate(optimizer_class)
+        if not callable(optimizer_class):
+            raise ValueError(
+                f"build_optimizer_with_grad_clip: optimizer_class={name!r} names no class; e.g. 'torch.optim.AdamW'."
+            )
     optimizer = optimizer_class(params, **optimizer_options)
 
     def clip_before_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -157,15 +173,16 @@ class RefSAM(nn.Module):
             problems.append(f"box_source={box_source!r} is not one of {BOX_SOURCES}")
         if fuser.num_tokens != num_mask_tokens(decoder):
             problems.append(
-                f"the fuser takes {fuser.num_tokens} tokens but {type(decoder).__name__} has {num_mask_tokens(decoder)} "
-                "mask tokens (4 SAM, 5 HQ-SAM)"
+                f"the fuser takes {fuser.num_tokens} tokens but {type(decoder).__name__} has "
+                f"{num_mask_tokens(decoder)} mask tokens (4 SAM, 5 HQ-SAM)"
             )
         if fuser.token_dim != decoder.embed_dim:
             problems.append(f"fuser token_dim={fuser.token_dim} but the SAM decoder's width is {decoder.embed_dim}")
         fused_dim = fuser.mlp[-1].out_features
         if fused_dim != head.d_model or neck.out_channels != head.d_model:
             problems.append(
-                f"fuser out_dim={fused_dim} and neck out_channels={neck.out_channels} must equal head d_model={head.d_model}"
+                f"fuser out_dim={fused_dim} and neck out_channels={neck.out_channels} must equal head "
+                f"d_model={head.d_model}"
             )
         if not (len(feature_names) == len(neck.strides) == head.n_levels):
             problems.append(
@@ -273,7 +290,8 @@ class RefSAM(nn.Module):
             tokens = mask_token_outputs(self.decoder, features["neck"][num_targets:], ref_boxes)  # [P, T, C]
         prompts = self.fuser(tokens.float())  # [P, d]
         image_index = torch.tensor([i for i, _ in pairs], device=self.device)
-        levels = [level.index_select(0, image_index) for level in self._levels({k: v[:num_targets] for k, v in features.items()})]
+        target_features = {k: v[:num_targets] for k, v in features.items()}
+        levels = [level.index_select(0, image_index) for level in self._levels(target_features)]
         outputs = self.head(levels, prompts)
 
         targets = []
@@ -297,7 +315,9 @@ class RefSAM(nn.Module):
         """SHA-256 of the frozen SAM's weights (encoder + prompt decoder): ties cached tokens to them."""
         return module_fingerprint(self.proposer)
 
-    def encode_reference_set(self, dataset_dicts: Sequence[dict], class_names: Sequence[str], *, source: str) -> ReferenceTokens:
+    def encode_reference_set(
+        self, dataset_dicts: Sequence[dict], class_names: Sequence[str], *, source: str
+    ) -> ReferenceTokens:
         """Tokens of every reference of ``dataset_dicts`` (what ``compute_embeds`` saves)."""
         backbone = self.backbone
         provenance = {
@@ -314,6 +334,17 @@ class RefSAM(nn.Module):
             batch_size=self.reference_batch_size,
             provenance=provenance,
         )
+
+    def set_references(
+        self, *, embeds_path: Optional[str] = None, references: Union[str, Sequence[dict], None] = None,
+        shots: Optional[int] = None,
+    ) -> None:
+        """Switch the eval-time class prompts (cached tokens or a reference set, and the shots);
+        the tokens are read or encoded again at the next forward."""
+        if (embeds_path is None) == (references is None):
+            raise ValueError("RefSAM.set_references: give exactly one of embeds_path and references.")
+        self.embeds_path, self.references, self.shots = embeds_path, references, shots
+        self._reference_tokens = None
 
     def reference_tokens(self) -> ReferenceTokens:
         """The cached tokens (``embeds_path``) or those of ``references``, computed once."""

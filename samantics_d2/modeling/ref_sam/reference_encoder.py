@@ -336,7 +336,9 @@ def encode_references(
         rows.append(tokens_of_file[item["file_name"]][j])
     num_tokens = num_mask_tokens(decoder)
     tokens = torch.stack(rows) if rows else torch.zeros((0, num_tokens, decoder.embed_dim))
-    logger.info("Encoded %d reference(s) of %d image(s) in %.1f s.", len(items), len(files), time.perf_counter() - start)
+    logger.info(
+        "Encoded %d reference(s) of %d image(s) in %.1f s.", len(items), len(files), time.perf_counter() - start
+    )
     return ReferenceTokens(
         tokens=tokens,
         labels=torch.tensor([item["label"] for item in items], dtype=torch.int64),
