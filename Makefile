@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 setup: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(PY) train_net.py --config-file configs/quick/tiny_segmenter_shapes.py
+	$(PY) tools/demo.py
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

@@ -181,6 +181,14 @@ def test_training_step_pairs_each_reference_with_its_own_gt_and_trains_only_the_
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
     assert not model.proposer.training  # SAM stays in eval mode
 
+    model.zero_grad()
+    for x in batch:
+        x["references"] = []
+    zero = model(batch)  # no reference in the batch: zero losses that still reach the trainable parameters
+    assert float(sum(zero.values()).detach()) == 0.0
+    sum(zero.values()).backward()
+    assert all(p.grad is not None for p in model.head.parameters())
+
 
 def test_optimizer_groups_and_gradient_clipping(tiny_cfg, tiny_model):
     assert ref_sam_lr_factor("head.transformer.decoder_layers.0.cross_attn.sampling_offsets.weight") == 0.1
@@ -225,6 +233,10 @@ def test_eval_modes_gt_boxes_and_present_classes(tiny_cfg):
     model.query_classes = "present"
     for x, o in zip(inputs, model(inputs)):
         assert set(o["instances"].pred_classes.tolist()) <= set(x["instances"].gt_classes.tolist())
+
+    empty = dict(inputs[0], instances=inputs[0]["instances"][:0])  # no class present: nothing asked, nothing found
+    none_found = model([empty])[0]["instances"]
+    assert len(none_found) == 0 and none_found.pred_masks.shape == (0, 128, 128)
 
     model.box_source = "gt"
     for x, o in zip(inputs, model(inputs)):
@@ -335,6 +347,13 @@ def test_ref_sam_configs_are_consistent(path):
         if path.endswith("_base.py"):
             assert len(cfg.dataloader.train.mapper.categories) == 60
             assert cfg.dataloader.test.dataset.names == "coco_2017_val_novel"
+        # The wiring around the SAM builds: the tiny SAM and head of tiny_shapes.py swapped in.
+        tiny = LazyConfig.load(TINY).model
+        for key in ("proposer", "feature_names", "neck", "fuser", "head"):
+            model[key] = tiny[key]
+        built = instantiate(model)
+        cfg.optimizer.params.model = built
+        assert isinstance(instantiate(cfg.optimizer), torch.optim.AdamW)
     else:
         assert set(cfg.dataloader.train.mapper.categories) == set(SHAPES_SPLITS["base"])
 

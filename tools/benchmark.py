@@ -791,7 +791,11 @@ def run_linear_probe(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     encoder = build_encoder(args.tag, size=args.size).to(device).eval()
     pooled = PooledEncoder(encoder=encoder, poolings=args.poolings, normalization="encoder")
+    if args.train == args.val:
+        raise SystemExit("--train and --val must differ: the cached run would reuse the train cache for val.")
     train_dicts, val_dicts = DatasetCatalog.get(args.train), DatasetCatalog.get(args.val)
+    if args.max_images:
+        train_dicts, val_dicts = train_dicts[: args.max_images], val_dicts[: args.max_images]
     classes = MetadataCatalog.get(args.train).get("classes")
     lrs = [float(v) for v in args.learning_rates]
     grid = ProbeTrainingConfig(learning_rates=lrs, epochs=args.epochs, batch_size=args.batch_size,
@@ -901,6 +905,7 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--val", default="shapes_val_cls")
     lp.add_argument("--poolings", nargs="+", default=["cls", "mean_patch"])
     lp.add_argument("--learning-rates", nargs="+", default=["1e-4", "1e-3", "1e-2", "1e-1"])
+    lp.add_argument("--max-images", type=int, default=None, help="first N images of train and of val")
     lp.add_argument("--epochs", type=int, default=10)
     lp.add_argument("--batch-size", type=int, default=128, help="probe training batch")
     lp.add_argument("--encoder-batch-size", type=int, default=64)

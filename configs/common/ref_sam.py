@@ -80,6 +80,25 @@ def use_sam(model, tag: str) -> None:
     model.fuser.num_tokens = NUM_MASK_TOKENS[family]
 
 
+def use_tiny_sam(model, *, input_size: int = 128) -> None:
+    """Swap in the tiny random SAM (ViT depth 2, width 32, one global-attention block: block1) and
+    a head to match, for CPU demos and tests. The windowed block0 gives a finer level; there is no
+    deformable encoder layer (the head runs it once per (image, reference) pair, which would double
+    the cost on CPU)."""
+    model.proposer.backbone = dict(
+        model.proposer.backbone, tag="sam_vit_b", size="tiny", pretrained=False, input_size=input_size,
+        out_features=["neck", "block0", "block1"],
+    )
+    model.proposer.decoder_weights = None
+    model.feature_names = ["block0", "block1", "block1"]
+    model.neck.update(in_channels=32, out_channels=64, num_levels=3, strides=(8, 16, 32))
+    model.fuser.update(num_tokens=4, token_dim=32, hidden_dim=128, out_dim=64)
+    model.head.update(
+        d_model=64, num_queries=20, num_encoder_layers=0, num_decoder_layers=3, n_levels=3, n_heads=4, d_ffn=128,
+        dropout=0.0,
+    )
+
+
 dataloader = OmegaConf.create()
 dataloader.train = L(build_detection_train_loader)(
     dataset=L(get_detection_dataset_dicts)(names="coco_2017_train"),

@@ -13,23 +13,9 @@ from fvcore.common.param_scheduler import MultiStepParamScheduler
 from samantics_d2.d2 import LazyCall as L
 from samantics_d2.data import shapes as _shapes
 
-from ..common.ref_sam import dataloader, model, optimizer, train
+from ..common.ref_sam import dataloader, model, optimizer, train, use_tiny_sam
 
-model.proposer.backbone = dict(
-    model.proposer.backbone, tag="sam_vit_b", size="tiny", pretrained=False, input_size=128,
-    out_features=["neck", "block0", "block1"],
-)
-model.proposer.decoder_weights = None
-# The tiny ViT has one global-attention block (block1); the windowed block0 adds a finer level.
-model.feature_names = ["block0", "block1", "block1"]
-model.neck.update(in_channels=32, out_channels=64, num_levels=3, strides=(8, 16, 32))
-model.fuser.update(num_tokens=4, token_dim=32, hidden_dim=128, out_dim=64)
-model.head.update(
-    # No deformable encoder layer: the head runs its encoder once per (image, reference) pair, which
-    # would double the cost of this CPU demo; the COCO configs keep the published single layer.
-    d_model=64, num_queries=20, num_encoder_layers=0, num_decoder_layers=3, n_levels=3, n_heads=4, d_ffn=128,
-    dropout=0.0,
-)
+use_tiny_sam(model, input_size=128)  # 128 px images: an 8x8 embedding, levels 16x16, 8x8, 4x4
 model.references = "shapes_train_ref5_seed0"  # all 8 classes; matched to the evaluated classes by name
 model.shots = 5
 model.reference_batch_size = 16
