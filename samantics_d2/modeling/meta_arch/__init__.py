@@ -1,5 +1,15 @@
 """Registered meta-architectures (``META_ARCH_REGISTRY``)."""
+from .ref_sam import RefSAM, build_optimizer_with_grad_clip, ref_sam_lr_factor, ref_sam_lr_factor_func
 from .tiny_segmenter import TinySegmenter
 from .training_free import SamProposer, TrainingFreeSegmenter, build_sam_proposer
 
-__all__ = ["SamProposer", "TinySegmenter", "TrainingFreeSegmenter", "build_sam_proposer"]
+__all__ = [
+    "RefSAM",
+    "SamProposer",
+    "TinySegmenter",
+    "TrainingFreeSegmenter",
+    "build_optimizer_with_grad_clip",
+    "build_sam_proposer",
+    "ref_sam_lr_factor",
+    "ref_sam_lr_factor_func",
+]
