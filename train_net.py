@@ -114,7 +114,7 @@ def main(args):
 def invoke_main() -> None:
     parser = default_argument_parser()
     args = parser.parse_args()
-    if args.config_file is None or not args.config_file:
+    if not args.config_file:
         parser.error("--config-file is required, e.g. --config-file configs/quick/tiny_segmenter_shapes.py")
     # Validate the overrides in the parent process too, so a typo fails before workers are spawned.
     check_override_keys(LazyConfig.load(args.config_file), args.opts)

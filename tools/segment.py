@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg.model.class_names = None
     cfg.model.shots = args.shots
     cfg.model.memory_bank_path = os.path.join(args.output, f"memory_bank-{key}.safetensors")
+    seed = cfg.train.get("seed", -1)
+    torch.manual_seed(seed if seed >= 0 else 0)  # randomly initialised (tiny) encoders are the same in every run
     model = instantiate(cfg.model)
     if cfg.train.get("init_checkpoint"):  # e.g. a SAM trained with train_net.py
         DetectionCheckpointer(model).load(cfg.train.init_checkpoint)

@@ -1,0 +1,18 @@
+# The demo: the training-free pipeline on the synthetic shapes dataset, on CPU, with
+#  - the tiny SAM of configs/quick/tiny_sam_shapes.py (trained on shapes first: pass its checkpoint
+#    as train.init_checkpoint, which fills proposer.*; tools/demo.py does both steps), and
+#  - a tiny RANDOMLY INITIALISED DINOv2 as the semantic encoder (random features still separate
+#    the colour-coded shape classes; nothing here says anything about the real DINOv2).
+# 5 references per class from shapes_train, evaluated on shapes_val.
+from ..common.training_free import dataloader, model, train
+from ..quick.tiny_sam_shapes import model as sam_trainer
+
+model.proposer = sam_trainer.proposer  # the same architecture the checkpoint was trained with
+model.semantic_encoder = dict(model.semantic_encoder, size="tiny", pretrained=False, input_size=None)
+model.references = "shapes_train_ref5_seed0"
+model.shots = 5
+dataloader.test.dataset.names = "shapes_val"
+dataloader.test.num_workers = 0
+dataloader.evaluator.use_fast_impl = False
+train.output_dir = "./output/training_free/shapes_tiny"
+train.seed = 0  # the random DINOv2 must be the same in every run (and in its memory bank)
