@@ -37,7 +37,7 @@ from ..proposals.point_grid import _image_region
 from ..semantic import identity_fit, mask_iou_matrix, masks_to_original, resample_masks
 from .training_free import SamProposer
 
-__all__ = ["PromptableSamTrainer", "ProposalRecallEvaluator", "sample_points_in_masks"]
+__all__ = ["PromptableSamTrainer", "ProposalRecallEvaluator", "masks_to_mask_frame", "sample_points_in_masks"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,24 @@ def sample_points_in_masks(masks: torch.Tensor, count: int) -> tuple[torch.Tenso
     return corner + torch.rand(count, 2, device=device), index
 
 
+def masks_to_mask_frame(masks: torch.Tensor, fit: ImageFit, *, mask_size: int) -> torch.Tensor:
+    """Image-grid masks carried into the low-resolution mask frame of the encoder input (SAM's targets).
+
+    Args:
+        masks: ``[N, H, W]`` bool on the grid of the image that ``fit`` fitted (``fit.original_size``).
+        fit: the image's fit into the ``S x S`` encoder input.
+        mask_size: side ``m`` of the mask frame covering the whole input (``S`` a multiple of it).
+
+    Returns:
+        ``[N, m, m]`` float in [0, 1]: the share of each mask-frame pixel the mask covers (2 x 2
+        samples per pixel); 0 in the padding.
+    """
+    return resample_masks(
+        masks, src_fit=identity_fit(*masks.shape[-2:]), dst_fit=fit, grid_size=(mask_size, mask_size),
+        patch_size=fit.input_size[0] // mask_size, probabilities=True,
+    )
+
+
 def _instance_masks(inputs: dict, device: torch.device) -> torch.Tensor:
     """GT masks ``[N, H, W]`` bool of one model input (``instances.gt_masks``), non-empty ones only."""
     if "instances" not in inputs or not inputs["instances"].has("gt_masks"):
@@ -93,10 +111,14 @@ class PromptableSamTrainer(nn.Module):
     Args:
         proposer: the SAM encoder + point-grid proposals to train (:func:`build_sam_proposer`);
             its grid options only matter in eval mode.
-        points_per_image: click prompts sampled per image and iteration.
+        points_per_image: prompts sampled per image and iteration (clicks, and boxes).
         multimask_output: decode 3 masks per click and supervise the best (False: SAM's single mask).
         focal_weight, dice_weight: weights of the mask losses (SAM: 20 and 1).
         iou_weight: weight of the IoU-prediction loss (SAM: 1).
+        box_fraction: share of the prompts that are GT boxes instead of clicks (SAM: half of its
+            first prompts), decoded with one mask (what box prompts use at inference).
+        box_noise: std of the noise added to each box coordinate, as a fraction of the box side
+            (SAM: 0.1, at most 20 px).
     """
 
     def __init__(
@@ -108,18 +130,26 @@ class PromptableSamTrainer(nn.Module):
         focal_weight: float = 20.0,
         dice_weight: float = 1.0,
         iou_weight: float = 1.0,
+        box_fraction: float = 0.0,
+        box_noise: float = 0.1,
     ):
         super().__init__()
         if not isinstance(proposer, SamProposer):
             raise TypeError(f"PromptableSamTrainer: proposer must be a SamProposer (build_sam_proposer); got {type(proposer).__name__}.")
         if points_per_image < 1:
             raise ValueError(f"PromptableSamTrainer: points_per_image={points_per_image} must be >= 1.")
+        if not 0.0 <= box_fraction <= 1.0 or box_noise < 0:
+            raise ValueError(
+                f"PromptableSamTrainer: box_fraction={box_fraction} must be in [0, 1] and box_noise={box_noise} >= 0."
+            )
         self.proposer = proposer
         self.points_per_image = points_per_image
         self.multimask_output = multimask_output
         self.focal_weight = focal_weight
         self.dice_weight = dice_weight
         self.iou_weight = iou_weight
+        self.box_fraction = box_fraction
+        self.box_noise = box_noise
 
     @property
     def device(self) -> torch.device:
@@ -134,64 +164,83 @@ class PromptableSamTrainer(nn.Module):
 
     def losses(self, batched_inputs: list[dict]) -> dict[str, torch.Tensor]:
         """The loss dict of one batch (see the module docstring)."""
-        backbone, decoder = self.proposer.backbone, self.proposer.proposals.decoder
+        backbone = self.proposer.backbone
         x, fits = backbone.prepare_with_fits([inputs["image"] for inputs in batched_inputs])
         features = backbone(x)  # one encoder forward for the batch
         terms = []
         for i, (inputs, fit) in enumerate(zip(batched_inputs, fits)):
             masks = _instance_masks(inputs, x.device)
-            if masks.shape[0] == 0:
-                continue
-            terms.append(self._image_losses({k: v[i] for k, v in features.items()}, fit, masks, decoder))
+            if masks.shape[0]:
+                terms.append(self._image_losses({k: v[i] for k, v in features.items()}, fit, masks))
         if not terms:  # no instance in the batch: zero losses that still reach every parameter (DDP)
             zero = sum(p.sum() for p in self.parameters()) * 0.0
             return {"loss_mask_focal": zero, "loss_mask_dice": zero, "loss_iou": zero}
-        focal, dice, iou_pred, iou_actual = (torch.cat(t) for t in zip(*terms))  # [P, M] each
-        mask_loss = self.focal_weight * focal + self.dice_weight * dice
-        best = mask_loss.detach().argmin(dim=1, keepdim=True)  # [P, 1]: SAM supervises its best mask only
+        focal, dice, iou_pred, iou_actual = (torch.cat(t) for t in zip(*terms))
         return {
-            "loss_mask_focal": self.focal_weight * focal.gather(1, best).mean(),
-            "loss_mask_dice": self.dice_weight * dice.gather(1, best).mean(),
+            "loss_mask_focal": self.focal_weight * focal.mean(),
+            "loss_mask_dice": self.dice_weight * dice.mean(),
             "loss_iou": self.iou_weight * F.mse_loss(iou_pred, iou_actual),
         }
 
     def _image_losses(
-        self, features: dict[str, torch.Tensor], fit: ImageFit, masks: torch.Tensor, decoder: nn.Module
+        self, features: dict[str, torch.Tensor], fit: ImageFit, masks: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-mask losses of the clicks of one image: focal, dice, predicted and actual IoU, ``[P, M]`` each.
+        """Losses of the prompts of one image.
 
         Args:
             features: backbone outputs of the image (``{name: [C, h, w]}``).
             fit: the image's fit into the encoder input.
             masks: ``[N, H, W]`` bool non-empty GT masks on the image grid.
+
+        Returns:
+            focal and dice losses of the supervised mask of each prompt (``[P]`` each), predicted
+            and actual IoU of every predicted mask (``[P * M]`` each).
         """
+        decoder = self.proposer.proposals.decoder
         size = decoder.mask_size
-        points, index = sample_points_in_masks(masks, self.points_per_image)
-        # GT masks in the low-res frame: the share of each low-res pixel they cover (0 in the padding).
-        targets = resample_masks(
-            masks, src_fit=identity_fit(*masks.shape[-2:]), dst_fit=fit, grid_size=(size, size),
-            patch_size=decoder.image_size // size, probabilities=True,
-        )[index]  # [P, m, m]
-        sparse, dense = decoder.embed_prompts(
-            points=fit.points_to_input(points)[:, None], point_labels=torch.ones_like(index)[:, None]
-        )
-        logits, iou_pred = decoder.decode_embeddings(
-            decoder.prepare_image(features), sparse, dense, multimask_output=self.multimask_output,
-            points_per_batch=self.points_per_image,
-        )  # [P, M, m, m], [P, M]
-        rows, cols = _image_region(fit, (size, size))  # supervise the image area, not the padding
-        logits = logits[..., rows, cols].float()
-        targets = targets[:, None, rows, cols].expand_as(logits)
-        focal = sigmoid_focal_loss(logits, targets, reduction="none").flatten(2).mean(dim=2)
-        prob = logits.sigmoid().flatten(2)
-        flat_targets = targets.flatten(2)
-        dice = 1 - (2 * (prob * flat_targets).sum(2) + 1) / (prob.sum(2) + flat_targets.sum(2) + 1)
+        image = decoder.prepare_image(features)
+        targets = masks_to_mask_frame(masks, fit, mask_size=size)  # [N, m, m]
+        region = _image_region(fit, (size, size))  # supervise the image area, not the padding
+        num_boxes = round(self.points_per_image * self.box_fraction)
+        outputs = []
+        if num_boxes < self.points_per_image:  # clicks: best of M masks
+            points, index = sample_points_in_masks(masks, self.points_per_image - num_boxes)
+            labels = torch.ones_like(index)[:, None]
+            sparse, dense = decoder.embed_prompts(points=fit.points_to_input(points)[:, None], point_labels=labels)
+            logits, iou_pred = decoder.decode_embeddings(
+                image, sparse, dense, multimask_output=self.multimask_output, points_per_batch=len(index)
+            )  # [P, M, m, m], [P, M]
+            outputs.append(self._mask_losses(logits, iou_pred, targets[index], region))
+        if num_boxes:  # boxes (SAM: noisy GT boxes, one mask)
+            index = torch.randint(len(masks), (num_boxes,), device=masks.device)
+            boxes = BitMasks(masks[index]).get_bounding_boxes().tensor  # [B, 4] XYXY image pixels
+            sides = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)
+            boxes = boxes + torch.randn_like(boxes) * (self.box_noise * sides).clamp(max=20.0)
+            sparse, dense = decoder.embed_prompts(boxes=fit.boxes_to_input(boxes))
+            logits, iou_pred = decoder.decode_embeddings(
+                image, sparse, dense, multimask_output=False, points_per_batch=num_boxes
+            )  # [B, 1, m, m], [B, 1]
+            outputs.append(self._mask_losses(logits, iou_pred, targets[index], region))
+        return tuple(torch.cat(t) for t in zip(*outputs))
+
+    def _mask_losses(
+        self, logits: torch.Tensor, iou_pred: torch.Tensor, targets: torch.Tensor, region: tuple[slice, slice]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``logits [P, M, m, m]``, ``iou_pred [P, M]``, ``targets [P, m, m]`` in [0, 1] -> focal ``[P]``
+        and dice ``[P]`` of the lowest-loss mask of each prompt (SAM's multimask recipe), predicted and
+        actual IoU ``[P * M]``; inside ``region`` (rows, columns) only."""
+        logits = logits[(Ellipsis, *region)].float().flatten(2)  # [P, M, K]
+        targets = targets[(Ellipsis, *region)].flatten(1)[:, None].expand_as(logits)
+        focal = sigmoid_focal_loss(logits, targets, reduction="none").mean(dim=2)  # [P, M]
+        prob = logits.sigmoid()
+        dice = 1 - (2 * (prob * targets).sum(2) + 1) / (prob.sum(2) + targets.sum(2) + 1)
+        best = (self.focal_weight * focal + self.dice_weight * dice).detach().argmin(dim=1, keepdim=True)
         with torch.no_grad():
-            predicted, wanted = logits.flatten(2) > 0, flat_targets > 0.5
+            predicted, wanted = logits > 0, targets > 0.5
             intersection = (predicted & wanted).sum(2).float()
             union = (predicted | wanted).sum(2).float()
             iou_actual = torch.where(union > 0, intersection / union.clamp(min=1), torch.ones_like(union))
-        return focal, dice, iou_pred.float(), iou_actual
+        return focal.gather(1, best)[:, 0], dice.gather(1, best)[:, 0], iou_pred.float().flatten(), iou_actual.flatten()
 
     # ------------------------------------------------------------------ inference
 
