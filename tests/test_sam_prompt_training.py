@@ -100,15 +100,30 @@ def test_loss_decreases_and_reaches_encoder_and_decoder(batch):
     assert last < 0.6 * first, history
 
 
+def test_box_prompts_train_the_single_mask_output(batch):
+    model = _trainer(0, points_per_image=4, box_fraction=0.5)
+    model.train()
+    losses = model(batch)
+    assert all(v.ndim == 0 and torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    decoder = model.proposer.proposals.decoder
+    single = [p.grad for p in decoder.mask_decoder.output_hypernetworks_mlps[0].parameters()]
+    assert all(g is not None for g in single) and sum(float(g.abs().sum()) for g in single) > 0
+    box_corners = decoder.prompt_encoder.point_embeddings[2].weight.grad
+    assert box_corners is not None and bool(box_corners.any())
+    with pytest.raises(ValueError, match="box_fraction"):
+        _trainer(0, box_fraction=1.5)
+
+
 def test_images_without_instances(batch):
     model = _trainer(0, points_per_image=4)
     model.train()
     empty = dict(batch[0], instances=Instances(batch[0]["instances"].image_size,
                                                gt_masks=BitMasks(torch.zeros(0, 64, 64, dtype=torch.bool))))
     mixed = model([empty, batch[1]])
-    assert all(torch.isfinite(v) and float(v) > 0 for v in mixed.values())
+    assert all(torch.isfinite(v) and float(v.detach()) > 0 for v in mixed.values())
     nothing = model([empty])
-    assert all(float(v) == 0 for v in nothing.values())
+    assert all(float(v.detach()) == 0 for v in nothing.values())
     sum(nothing.values()).backward()  # a zero loss that still reaches every parameter (DDP)
     assert all(p.grad is not None for p in model.parameters())
     with pytest.raises(ValueError, match="GT instance masks"):

@@ -1,4 +1,4 @@
-"""Train a (tiny) SAM, image encoder and prompt decoder, on instance masks with point prompts.
+"""Train a (tiny) SAM, image encoder and prompt decoder, on instance masks with click (and box) prompts.
 
 No pretrained SAM can be downloaded on the project's machines, and a randomly initialised SAM
 proposes meaningless masks. :class:`PromptableSamTrainer` trains one on any instance dataset
@@ -11,7 +11,9 @@ proposes meaningless masks. :class:`PromptableSamTrainer` trains one on any inst
 - per click, only the mask with the lowest ``focal_weight * focal + dice_weight * dice`` loss is
   supervised (SAM's multimask recipe), at the low-resolution mask size, inside the image area
   (targets are resampled through the image fit: longest side resized, padded bottom-right);
-- the IoU head learns the actual IoU of every predicted mask (mean squared error).
+- the IoU head learns the actual IoU of every predicted mask (mean squared error);
+- optionally (``box_fraction``) part of the prompts are noisy GT boxes instead, decoded with one
+  mask, as SAM trains them and as box prompts are decoded at inference (the "GT boxes" oracle).
 
 Its only weights are ``self.proposer`` (a :class:`SamProposer`), so a checkpoint holds
 ``proposer.backbone.*`` and ``proposer.proposals.decoder.*``: the keys of
