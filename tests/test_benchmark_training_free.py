@@ -63,10 +63,25 @@ def test_cli_prints_both_rows_and_writes_its_section(tool, tmp_path, capsys):
     assert float(ours[-1][:-1]) == pytest.approx(float(ours[1]) / float(naive[1]), rel=0.06, abs=0.06)
     text = doc.read_text()
     assert text.startswith("# Benchmarks\n\nintro\n")
-    assert text.count("<!-- training-free-cpu-fp32-tiny-64px-pps2-random:begin -->") == 1
+    assert text.count("<!-- training-free-cpu-fp32-tiny-64px-pps2-semantic-tiny-56px-random:begin -->") == 1
     assert rows[0] in text and rows[1] in text and "Machine: CPU" in text
     with pytest.raises(SystemExit):
         tool.main(["training_free", "--size", "tiny", "--pretrained"])
+    with pytest.raises(SystemExit):  # official weights exist for full-size models only
+        tool.main(["training_free", "--size", "full", "--semantic-size", "tiny", "--pretrained"])
+
+
+def test_semantic_encoder_size_is_chosen_apart_from_sam(tool, tmp_path):
+    torch.manual_seed(0)
+    segmenter = tool.build_training_free_segmenter(
+        size="tiny", semantic_size="full", semantic_tag="dinov2_vits14", semantic_input_size=112,
+        references="shapes_train_ref5_seed0", dataset_name="shapes_val", points_per_side=2, points_per_batch=4,
+        pred_iou_thresh=None, shots=1, memory_bank_path=str(tmp_path / "bank.safetensors"),
+    )
+    sam, semantic = segmenter.proposer.backbone, segmenter.semantic_encoder
+    assert sam.preprocess.input_size == 64 and sam.encoder.patch_embed.proj.out_channels == 32  # tiny SAM
+    assert semantic.preprocess.input_size == 112
+    assert semantic.output_shape()[semantic.dense_feature].channels == 384  # full-size ViT-S/14
 
 
 def test_same_proposals_as_the_upstream_generator(tool, tmp_path, image_input):

@@ -380,6 +380,7 @@ def build_training_free_segmenter(
     semantic_tag: Optional[str] = None,
     sam_input_size: Optional[int] = None,
     semantic_input_size: Optional[int] = None,
+    semantic_size: Optional[str] = None,
     memory_bank_path: Optional[str] = None,
     device: torch.device = torch.device("cpu"),
 ):
@@ -395,9 +396,11 @@ def build_training_free_segmenter(
     from samantics_d2.modeling.meta_arch import TrainingFreeSegmenter, build_sam_proposer
     from samantics_d2.modeling.semantic import MemoryBankConfig, PrototypeClassifier
 
-    default_sam, default_semantic, default_semantic_size = TRAINING_FREE_DEFAULTS[size]
+    semantic_size = semantic_size or size
+    default_sam = TRAINING_FREE_DEFAULTS[size][0]
+    _, default_semantic, default_semantic_input = TRAINING_FREE_DEFAULTS[semantic_size]
     sam_tag, semantic_tag = sam_tag or default_sam, semantic_tag or default_semantic
-    semantic_input_size = semantic_input_size or default_semantic_size
+    semantic_input_size = semantic_input_size or default_semantic_input
     proposer_state = _checkpoint_proposer_state(weights) if weights else None
     if proposer_state is not None and sam_input_size is None:
         pos_embed = proposer_state.get("backbone.encoder.pos_embed")
@@ -422,7 +425,7 @@ def build_training_free_segmenter(
     if proposer_state is not None:
         proposer.load_state_dict(proposer_state, strict=True)
         logger.info("Loaded %d proposer tensors from %s", len(proposer_state), weights)
-    semantic = build_encoder(semantic_tag, size=size, pretrained=pretrained, input_size=semantic_input_size)
+    semantic = build_encoder(semantic_tag, size=semantic_size, pretrained=pretrained, input_size=semantic_input_size)
     segmenter = TrainingFreeSegmenter(
         proposer=proposer,
         semantic_encoder=semantic,
@@ -553,19 +556,20 @@ class NaiveBaseline:
             image: ``[H, W, 3]`` uint8 RGB; masks: ``[H, W]`` bool each; boxes: XYWH per mask.
         """
         from samantics_d2.modeling.preprocess import prepare_batch
-        from samantics_d2.modeling.semantic import mask_pooling
-        from samantics_d2.modeling.semantic.memory_bank import _crop_padded, _mask_weights, _reference_spec, _square_window
+        from samantics_d2.modeling.semantic import (
+            crop_mask_weights, crop_padded, mask_pooling, reference_preprocess, square_context_window,
+        )
 
         encoder, config = self.segmenter.semantic_encoder, self.segmenter.memory_bank_config
-        spec = _reference_spec(encoder, config)
+        spec = reference_preprocess(encoder, config)
         fill = np.round(np.asarray(spec.pixel_mean)).astype(np.uint8)
         device, dtype = encoder._param_device_dtype()
         pooled, valid = [], []
         for mask, box in zip(masks, boxes):
-            window = _square_window(tuple(float(v) for v in box), config.context)
-            x, _ = prepare_batch([_crop_padded(image, window, fill)], spec, device=device, dtype=dtype)
+            window = square_context_window(tuple(float(v) for v in box), config.context)
+            x, _ = prepare_batch([crop_padded(image, window, fill)], spec, device=device, dtype=dtype)
             dense = encoder(x)[encoder.dense_feature]  # [1, C, h, w]
-            weights = _mask_weights([_crop_padded(mask.astype(np.uint8), window, 0)], tuple(dense.shape[-2:]))
+            weights = crop_mask_weights([crop_padded(mask.astype(np.uint8), window, 0)], tuple(dense.shape[-2:]))
             feature, ok = mask_pooling(dense, weights.to(dense.device, dense.dtype))
             pooled.append(feature.float())
             valid.append(ok)
@@ -703,8 +707,8 @@ def run_training_free(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype]
-    if args.pretrained and args.size != "full":
-        raise SystemExit("--pretrained loads official weights, which exist for --size full only.")
+    if args.pretrained and "tiny" in (args.size, args.semantic_size):
+        raise SystemExit("--pretrained loads official weights, which exist for --size full (and --semantic-size full) only.")
     if args.images < 1 or args.points_per_side < 1:
         raise SystemExit(f"--images {args.images} and --points-per-side {args.points_per_side} must be >= 1.")
     output_dir = args.output_dir or tempfile.mkdtemp(prefix="benchmark_training_free.")
@@ -722,6 +726,7 @@ def run_training_free(args: argparse.Namespace) -> int:
         semantic_tag=args.semantic_tag,
         sam_input_size=args.sam_input_size,
         semantic_input_size=args.semantic_input_size,
+        semantic_size=args.semantic_size,
         memory_bank_path=os.path.join(output_dir, "memory_bank.safetensors"),
         device=device,
     )
@@ -747,7 +752,8 @@ def run_training_free(args: argparse.Namespace) -> int:
     weights = args.weights or ("official weights" if args.pretrained else "random initialisation (AP near 0 is expected)")
     settings = (
         f"SAM {backbone.variant} ({args.size}, {backbone.preprocess.input_size} px, weights: {weights}); "
-        f"{type(semantic).__name__} {semantic.variant} ({args.size}, {semantic.preprocess.input_size} px); "
+        f"{type(semantic).__name__} {semantic.variant} ({args.semantic_size or args.size}, {semantic.preprocess.input_size} px, "
+        f"{'official' if args.pretrained else 'random'} weights); "
         f"{args.points_per_side}x{args.points_per_side} points, points_per_batch {args.points_per_batch}, "
         f"pred_iou_thresh {args.pred_iou_thresh}; {len(inputs)} image(s) of {args.dataset}; references "
         f"{args.references} (shots {args.shots}); dtype {args.dtype}; {args.warmup} warm-up image(s), median of "
@@ -763,7 +769,8 @@ def run_training_free(args: argparse.Namespace) -> int:
     )
     print(body)  # the table is this command's output
     if args.markdown:
-        section = f"training-free-{device.type}-{args.dtype}-{args.size}-{backbone.preprocess.input_size}px-pps{args.points_per_side}"
+        section = (f"training-free-{device.type}-{args.dtype}-{args.size}-{backbone.preprocess.input_size}px-pps{args.points_per_side}"
+                   f"-semantic-{args.semantic_size or args.size}-{semantic.preprocess.input_size}px")
         write_section(args.markdown, section + ("-weights" if args.weights or args.pretrained else "-random"), body)
         logger.info("Wrote the table into %s", args.markdown)
     return 0
@@ -785,6 +792,7 @@ def run_linear_probe(args: argparse.Namespace) -> int:
     from samantics_d2.data.io import read_image
     from samantics_d2.modeling.backbone import build_encoder
     from samantics_d2.modeling.linear_probe import PooledEncoder, build_feature_cache, train_probe_grid
+    from samantics_d2.modeling.linear_probe.feature_cache import module_fingerprint
     from samantics_d2.modeling.linear_probe.probe import CachedFeatures, EncoderFeatures, ProbeTrainingConfig
 
     device = resolve_device(args.device)
@@ -815,8 +823,9 @@ def run_linear_probe(args: argparse.Namespace) -> int:
 
     def cached() -> None:
         root = tempfile.mkdtemp(dir=work, prefix="cache.")
+        weights_hash = module_fingerprint(encoder)  # once for both splits, as the train_net job does
         caches = [build_feature_cache(d, encoder=pooled, encoder_tag=args.tag, dataset_name=n, cache_root=root,
-                                      batch_size=args.encoder_batch_size, device=device)
+                                      weights_hash=weights_hash, batch_size=args.encoder_batch_size, device=device)
                   for d, n in ((train_dicts, args.train), (val_dicts, args.val))]
         train_probe_grid(train=CachedFeatures(caches[0], poolings=args.poolings, device=device),
                          val=CachedFeatures(caches[1], poolings=args.poolings, device=device),
@@ -878,6 +887,9 @@ def build_parser() -> argparse.ArgumentParser:
     tf.add_argument("--sam-tag", default=None, help="SAM ViT weight tag (default sam_vit_b)")
     tf.add_argument("--semantic-tag", default=None, help="semantic encoder tag (default dinov2_vits14 tiny, dinov2_vitl14 full)")
     tf.add_argument("--sam-input-size", type=int, default=None, help="SAM input side (default: the tag's, or the checkpoint's)")
+    tf.add_argument("--semantic-size", default=None, choices=sorted(TRAINING_FREE_DEFAULTS),
+                    help="size of the semantic encoder alone (default: --size); e.g. a trained tiny SAM (--weights) with a "
+                         "full-size DINOv2, whose per-crop cost is the one the baseline pays at full size")
     tf.add_argument("--semantic-input-size", type=int, default=None, help="semantic encoder input side (default: tiny 56, full 518)")
     tf.add_argument("--weights", default=None, metavar="CKPT",
                     help="checkpoint with proposer.backbone.* / proposer.proposals.decoder.* keys (e.g. output/quick_tiny_sam/model_final.pth)")

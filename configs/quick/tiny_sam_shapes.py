@@ -46,11 +46,11 @@ dataloader.train.total_batch_size = 4  # more steps beat larger batches here (sa
 dataloader.test.mapper = L(DetectionMapper)(is_train=True, augmentations=[])
 dataloader.evaluator = L(ProposalRecallEvaluator)(iou_thresholds=(0.5, 0.75))
 
-# 500 iterations x 4 images = 31 epochs of the 64-image shapes_train split.
-train.max_iter = 500
-train.eval_period = 500
+# 800 iterations x 4 images = 50 epochs of the 64-image shapes_train split.
+train.max_iter = 800
+train.eval_period = 800
 train.log_period = 20
-train.checkpointer = dict(period=250, max_to_keep=2)
+train.checkpointer = dict(period=400, max_to_keep=2)
 train.output_dir = "./output/quick_tiny_sam"
 train.seed = 0
 # Some decoder parameters get no gradient from click prompts (the single-mask hypernetwork, the
@@ -58,7 +58,7 @@ train.seed = 0
 train.ddp.find_unused_parameters = True
 
 lr_multiplier = L(WarmupParamScheduler)(
-    scheduler=L(MultiStepParamScheduler)(values=[1.0, 0.1], milestones=[425, 500]),
-    warmup_length=20 / 500,  # 20 iterations
+    scheduler=L(MultiStepParamScheduler)(values=[1.0, 0.1], milestones=[700, 800]),
+    warmup_length=20 / 800,  # 20 iterations
     warmup_factor=0.01,
 )

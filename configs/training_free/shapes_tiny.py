@@ -8,7 +8,9 @@ from ..common.training_free import dataloader, model, train
 from ..quick.tiny_sam_shapes import model as sam_trainer
 
 model.proposer = sam_trainer.proposer  # the same architecture the checkpoint was trained with
-model.semantic_encoder = dict(model.semantic_encoder, size="tiny", pretrained=False, input_size=None)
+# 224 px: a 16x16 patch grid over the 128 px images, so that masks pool a few patches each (the tiny
+# default, 56 px, gives a 4x4 grid and about half the AP: docs/benchmarks.md, training-free section).
+model.semantic_encoder = dict(model.semantic_encoder, size="tiny", pretrained=False, input_size=224)
 model.references = "shapes_train_ref5_seed0"
 model.shots = 5
 dataloader.test.dataset.names = "shapes_val"

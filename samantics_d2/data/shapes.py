@@ -10,6 +10,7 @@ Registered datasets (generated on first load, never at import):
 ===================  =================================================
 ``shapes_train``     64 images of 128x128, all 8 classes
 ``shapes_val``       16 images of 128x128, all 8 classes
+``shapes_test``      64 images of 128x128, all 8 classes (benchmarks: more instances per class)
 ``shapes_train_base``  ``shapes_train`` restricted to the base classes
 ``shapes_val_base``    ``shapes_val`` restricted to the base classes
 ``shapes_val_novel``   ``shapes_val`` restricted to the novel classes
@@ -84,11 +85,13 @@ SHAPES_SPLITS: dict[str, list[str]] = {
 SHAPES_PARTS: dict[str, dict] = {
     "shapes_train": {"num_images": 64, "image_size": 128, "seed": 0},
     "shapes_val": {"num_images": 16, "image_size": 128, "seed": 1},
+    "shapes_test": {"num_images": 64, "image_size": 128, "seed": 2},
 }
 # Registered name -> (part, split or None for all classes).
 SHAPES_DATASETS: dict[str, tuple[str, Optional[str]]] = {
     "shapes_train": ("shapes_train", None),
     "shapes_val": ("shapes_val", None),
+    "shapes_test": ("shapes_test", None),
     "shapes_train_base": ("shapes_train", "base"),
     "shapes_val_base": ("shapes_val", "base"),
     "shapes_val_novel": ("shapes_val", "novel"),
@@ -310,7 +313,7 @@ def _split_json_name(split: Optional[str]) -> str:
 
 
 def ensure_shapes(part: str) -> str:
-    """The cache folder of ``part`` (``"shapes_train"`` or ``"shapes_val"``), generated if missing."""
+    """The cache folder of ``part`` (a key of :data:`SHAPES_PARTS`), generated if missing."""
     folder = _shapes_folder(part)
     if os.path.isdir(folder):
         return folder

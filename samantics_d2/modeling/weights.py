@@ -58,6 +58,7 @@ __all__ = [
     "guess_family",
     "load_encoder_weights",
     "match_state_dict",
+    "module_fingerprint",
     "read_state_dict",
     "resolve_weights",
     "sha256_of",
@@ -670,3 +671,14 @@ def load_encoder_weights(
     else:
         logger.info("%s: loaded %d tensors into %s", path, len(converted.state_dict), type(model).__name__)
     return model
+
+
+def module_fingerprint(module: nn.Module) -> str:
+    """SHA-256 of a module's state dict (names, dtypes, shapes and bytes, in name order): identifies
+    its weights, whether they came from a file or from a seeded random initialisation."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

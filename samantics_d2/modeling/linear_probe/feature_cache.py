@@ -37,6 +37,7 @@ import torch.utils.data as torchdata
 from ...d2 import comm
 from ...utils.io import atomic_path
 from ...data.io import read_image
+from ..weights import module_fingerprint
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec, prepare_batch
 
 __all__ = [
@@ -180,16 +181,6 @@ class PooledEncoder(nn.Module):
     def describe(self) -> dict[str, Any]:
         """JSON-able description of the preprocessing (part of the cache provenance)."""
         return {**dataclasses.asdict(self.spec), "normalization": self.normalization}
-
-
-def module_fingerprint(module: nn.Module) -> str:
-    """SHA-256 of a module's state dict (names, dtypes, shapes and bytes), in name order."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def dataset_fingerprint(dataset: Sequence[dict]) -> str:

@@ -35,6 +35,7 @@ from ...d2 import META_ARCH_REGISTRY, DatasetCatalog, MetadataCatalog, comm
 from ...utils.io import atomic_path
 from ...data.io import read_image
 from ...evaluation.classification import accuracy_from_topk, classification_metrics, write_classification_report
+from ..weights import module_fingerprint
 from .feature_cache import FeatureCache, PooledEncoder, build_feature_cache
 
 __all__ = [
@@ -424,6 +425,8 @@ def run_linear_probe(
     if isinstance(config, Mapping):
         config = ProbeTrainingConfig(**config)
     pooled = PooledEncoder(encoder=encoder, poolings=poolings, normalization=normalization)
+    if weights_hash is None:  # hash the weights once for both splits (a full pass over every parameter)
+        weights_hash = module_fingerprint(encoder)
     caches = {}
     for split, name in (("train", train_dataset), ("val", val_dataset)):
         caches[split] = build_feature_cache(

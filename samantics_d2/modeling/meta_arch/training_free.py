@@ -24,23 +24,13 @@ from ...d2 import META_ARCH_REGISTRY, BitMasks, Boxes, DatasetCatalog, Instances
 from ..backbone import EncoderBackbone
 from ..proposals import MaskProposals, PointGridProposals, build_prompt_decoder
 from ..semantic import MemoryBank, MemoryBankConfig, PrototypeClassifier, masks_to_original, resample_masks
+from ..weights import module_fingerprint
 
 __all__ = ["SamProposer", "TrainingFreeSegmenter", "build_sam_proposer", "module_fingerprint"]
 
 logger = logging.getLogger(__name__)
 
 PROMPT_MODES = ("points", "gt_boxes")
-
-
-def module_fingerprint(module: nn.Module) -> str:
-    """SHA-256 over a module's state dict (names, shapes, dtypes, values): identifies its weights,
-    whether they came from a file or from a seeded random initialisation."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
 
 
 class SamProposer(nn.Module):

@@ -20,8 +20,12 @@ from .memory_bank import (
     MEMORY_BANK_FORMAT,
     MemoryBank,
     MemoryBankConfig,
+    crop_mask_weights,
+    crop_padded,
     kmeans,
     load_reference_json,
+    reference_preprocess,
+    square_context_window,
     weights_identity,
 )
 
@@ -34,6 +38,8 @@ __all__ = [
     "MemoryBank",
     "MemoryBankConfig",
     "PrototypeClassifier",
+    "crop_mask_weights",
+    "crop_padded",
     "identity_fit",
     "kmeans",
     "load_reference_json",
@@ -44,7 +50,9 @@ __all__ = [
     "masks_to_boxes",
     "masks_to_original",
     "prototype_scores",
+    "reference_preprocess",
     "resample_masks",
     "soft_merge_scores",
+    "square_context_window",
     "weights_identity",
 ]

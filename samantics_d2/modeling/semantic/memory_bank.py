@@ -48,8 +48,12 @@ __all__ = [
     "MEMORY_BANK_FORMAT",
     "MemoryBank",
     "MemoryBankConfig",
+    "crop_mask_weights",
+    "crop_padded",
     "kmeans",
     "load_reference_json",
+    "reference_preprocess",
+    "square_context_window",
     "weights_identity",
 ]
 
@@ -211,7 +215,7 @@ def _xywh_box(ann: dict, mask: np.ndarray) -> tuple[float, float, float, float]:
     return (float(xs.min()), float(ys.min()), float(xs.max() + 1 - xs.min()), float(ys.max() + 1 - ys.min()))
 
 
-def _crop_padded(array: np.ndarray, window: tuple[int, int, int, int], fill: Any) -> np.ndarray:
+def crop_padded(array: np.ndarray, window: tuple[int, int, int, int], fill: Any) -> np.ndarray:
     """``array[y0:y1, x0:x1]`` with the part outside the array filled with ``fill``."""
     y0, x0, y1, x1 = window
     out = np.empty((y1 - y0, x1 - x0, *array.shape[2:]), dtype=array.dtype)
@@ -223,7 +227,7 @@ def _crop_padded(array: np.ndarray, window: tuple[int, int, int, int], fill: Any
     return out
 
 
-def _square_window(box: tuple[float, float, float, float], context: float) -> tuple[int, int, int, int]:
+def square_context_window(box: tuple[float, float, float, float], context: float) -> tuple[int, int, int, int]:
     """Integer ``(y0, x0, y1, x1)`` of the square around an XYWH box with ``context`` margin per side."""
     x, y, w, h = box
     side = max(1, math.ceil(max(w, h, 1.0) * (1.0 + 2.0 * context)))
@@ -240,7 +244,7 @@ def _input_window(fit: ImageFit) -> tuple[int, int, int, int]:
     return (y0, x0, y1, x1)
 
 
-def _mask_weights(masks: Sequence[np.ndarray], grid: tuple[int, int]) -> torch.Tensor:
+def crop_mask_weights(masks: Sequence[np.ndarray], grid: tuple[int, int]) -> torch.Tensor:
     """``[N, h, w]`` area-interpolated soft weights of cropped masks (any sizes)."""
     return torch.stack(
         [F.adaptive_avg_pool2d(torch.from_numpy(m).float()[None, None], grid)[0, 0] for m in masks]
@@ -439,7 +443,7 @@ class MemoryBank:
         """The provenance a bank built from these inputs has (computes no feature)."""
         items, order = _reference_list(references, num_classes)
         items = [items[i] for i in order]
-        spec = _reference_spec(backbone, config)
+        spec = reference_preprocess(backbone, config)
         provenance = {
             "format_version": MEMORY_BANK_FORMAT,
             "code_version": _code_version(),
@@ -614,7 +618,7 @@ def _sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
-def _reference_spec(backbone: EncoderBackbone, config: MemoryBankConfig) -> PreprocessSpec:
+def reference_preprocess(backbone: EncoderBackbone, config: MemoryBankConfig) -> PreprocessSpec:
     """The preprocessing the references get: square crops are stretched onto the input square."""
     spec = backbone.preprocess
     return spec.replace(fit="resize_square") if config.crop == "square_context" else spec
@@ -626,7 +630,7 @@ def _shot_features(
     """``([S, D] float32 CPU features, [S] bool valid)`` in ``items`` order; None without items."""
     if not items:
         return None
-    spec = _reference_spec(backbone, config)
+    spec = reference_preprocess(backbone, config)
     device, dtype = _model_device_dtype(backbone)
     fill = np.round(np.asarray(spec.pixel_mean)).astype(np.uint8)
     cached: tuple[Optional[str], Optional[np.ndarray]] = (None, None)
@@ -653,8 +657,8 @@ def _shot_features(
             mask = segmentation_to_mask(r.annotation.get("segmentation", []), r.height, r.width)
             masks.append(mask)
             if config.crop == "square_context":
-                window = _square_window(_xywh_box(r.annotation, mask), config.context)
-                inputs.append(_crop_padded(image, window, fill))
+                window = square_context_window(_xywh_box(r.annotation, mask), config.context)
+                inputs.append(crop_padded(image, window, fill))
                 windows.append(window)
             else:
                 if not input_files or input_files[-1] != r.file_name:  # one forward per distinct image
@@ -666,10 +670,10 @@ def _shot_features(
         dense = backbone(x)[backbone.dense_feature]  # [B, C, h, w]
         grid = tuple(dense.shape[-2:])
         cropped = [
-            _crop_padded(mask, window if window is not None else _input_window(fits[i]), 0)
+            crop_padded(mask, window if window is not None else _input_window(fits[i]), 0)
             for mask, window, i in zip(masks, windows, input_of)
         ]
-        weights = _mask_weights(cropped, grid).to(dense.device, dense.dtype)  # [n, h, w]
+        weights = crop_mask_weights(cropped, grid).to(dense.device, dense.dtype)  # [n, h, w]
         pooled, valid = mask_pooling(dense[torch.as_tensor(input_of, device=dense.device)], weights)
         outputs.append(pooled.float().cpu())
         valids.append(valid.cpu())
