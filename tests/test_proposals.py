@@ -426,3 +426,42 @@ def test_build_prompt_decoder_checks_the_backbone_outputs():
                        multimask_output=True)
     with pytest.raises(KeyError, match="neck"):
         decoder.decode({"p4": torch.zeros(32, 8, 8)}, boxes=torch.zeros(1, 4), multimask_output=False)
+
+
+class _IslandDecoder(_ScriptedDecoder):
+    """The scripted discs plus a one-pixel island in the top-right low-res pixel of every mask."""
+
+    def _decode_chunk(self, image, sparse, dense, multimask_output):
+        logits, iou = super()._decode_chunk(image, sparse, dense, multimask_output)
+        logits = logits.clone()
+        logits[..., 0, 15] = 5.0
+        return logits, iou
+
+
+def test_min_region_area_drops_islands_in_original_pixels(sam_model):
+    backbone, _ = sam_model
+    feats, fit = _features(backbone, _image(40, 64, seed=4))  # scale 1: a low-res pixel is 4x4 = 16 image pixels
+
+    def run(area: float) -> MaskProposals:
+        return PointGridProposals(decoder=_IslandDecoder(), points_per_side=8, points_per_batch=16,
+                                  pred_iou_thresh=None, min_region_area=area)(feats, fit)
+
+    plain, kept, cleaned = run(0.0), run(10.0), run(20.0)  # the island is 16 image pixels
+    assert len(plain) == len(kept) == len(cleaned) > 0
+    torch.testing.assert_close(kept.mask_logits, plain.mask_logits)  # 10 < 16: nothing changes
+    masks = plain.mask_logits > 0
+    neighbours = masks[:, :2, 14:].flatten(1).sum(1) - 1  # foreground around the island pixel
+    # masks whose island is isolated and whose disc (the rest, inside the 10 image rows) is >= 2 pixels
+    isolated = masks[:, 0, 15] & (neighbours == 0) & (masks[:, :10].flatten(1).sum(1) > 2)
+    assert isolated.any()
+    assert (cleaned.mask_logits[isolated, 0, 15] == -10.0).all()  # removed
+    other = torch.ones_like(masks[0])
+    other[0, 15] = False
+    before, after = plain.mask_logits[isolated][:, other], cleaned.mask_logits[isolated][:, other]
+    changed = before != after
+    # elsewhere only small holes change: background pixels enclosed by the mask (or by the mask and
+    # the image border, as upstream counts them) become foreground
+    assert ((before[changed] <= 0) & (after[changed] == 10.0)).all()
+    assert changed.float().mean() < 0.01
+    with pytest.raises(ValueError, match="min_region_area"):
+        PointGridProposals(decoder=_IslandDecoder(), min_region_area=-1.0)

@@ -23,6 +23,7 @@ from samantics_d2.modeling.semantic import (
     MemoryBank,
     MemoryBankConfig,
     PrototypeClassifier,
+    connected_component_areas,
     identity_fit,
     kmeans,
     load_reference_json,
@@ -31,6 +32,7 @@ from samantics_d2.modeling.semantic import (
     mask_pooling,
     masks_to_boxes,
     masks_to_original,
+    remove_small_regions,
     resample_masks,
     soft_merge_scores,
     weights_identity,
@@ -99,6 +101,32 @@ def test_resample_masks_rejects_fits_of_different_images():
     _, b = fit_image(np.zeros((W, H, 3), np.uint8), _spec("resize_square", 56, 14))
     with pytest.raises(ValueError, match="same image"):
         resample_masks(torch.zeros(1, 8, 8), src_fit=a, dst_fit=b, grid_size=(4, 4), patch_size=14)
+
+
+def test_remove_small_regions_matches_segment_anything():
+    """All masks at once, the same as upstream's OpenCV version applied per mask (holes, then islands)."""
+    import cv2
+    from segment_anything.utils.amg import remove_small_regions as upstream
+
+    g = torch.Generator().manual_seed(0)
+    masks = torch.stack([torch.rand(20, 24, generator=g) < p for p in torch.linspace(0.1, 0.9, 40).tolist()])
+    masks[0] = False  # empty
+    masks[1] = True  # full
+    for area in (1.0, 4.0, 9.5, 30.0):
+        cleaned, changed = remove_small_regions(masks, area)
+        for mask, ours, ours_changed in zip(masks.numpy(), cleaned.numpy(), changed.tolist()):
+            expected, _ = upstream(mask, area, "holes")
+            expected, _ = upstream(expected, area, "islands")
+            np.testing.assert_array_equal(ours, expected)
+            assert ours_changed == (not np.array_equal(expected, mask))
+    areas = connected_component_areas(masks)
+    for mask, ours in zip(masks.numpy()[2:6], areas.numpy()[2:6]):
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+        np.testing.assert_array_equal(ours, np.where(labels > 0, stats[labels, cv2.CC_STAT_AREA], 0))
+    unchanged, none = remove_small_regions(masks, 0.0)
+    assert torch.equal(unchanged, masks) and not none.any()
+    with pytest.raises(ValueError, match="P, h, w"):
+        remove_small_regions(masks[0], 4.0)
 
 
 def test_mask_pooling_is_the_weighted_mean():

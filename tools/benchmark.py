@@ -374,6 +374,7 @@ def build_training_free_segmenter(
     points_per_batch: int,
     pred_iou_thresh: Optional[float],
     shots: Optional[int],
+    min_region_area: float = 0.0,
     weights: Optional[str] = None,
     pretrained: bool = False,
     sam_tag: Optional[str] = None,
@@ -421,6 +422,7 @@ def build_training_free_segmenter(
         pred_iou_thresh=pred_iou_thresh,
         stability_score_thresh=None,
         box_nms_thresh=None,
+        min_region_area=min_region_area,
     )
     if proposer_state is not None:
         proposer.load_state_dict(proposer_state, strict=True)
@@ -510,9 +512,9 @@ class NaiveBaseline:
     """The naive way research code does it, over the segmenter's own SAM modules and prototypes.
 
     Per image: ``SamAutomaticMaskGenerator`` with the segmenter's settings (points per side, points
-    per batch, predicted-IoU threshold; stability filter off, box NMS off (threshold 1.0), no crops,
-    no small-region cleanup). The generator keeps all 3 masks of every point (full resolution, RLE
-    round trip); to propose what the pipeline proposes, the best mask per point by predicted IoU is
+    per batch, predicted-IoU threshold, small-region cleanup at the proposals' ``min_region_area``;
+    stability filter off, box NMS off (threshold 1.0), no crops). The generator keeps all 3 masks
+    of every point (full resolution, RLE round trip); to propose what the pipeline proposes, the best mask per point by predicted IoU is
     kept, empty masks dropped. Then, for every mask, a square crop around its box with the memory
     bank's context, one semantic-encoder forward per crop, mask-weighted pooling of the crop's
     patch features (the memory bank's own crop and pooling code, so a reference instance gets its
@@ -532,7 +534,7 @@ class NaiveBaseline:
             stability_score_thresh=0.0,
             box_nms_thresh=1.0,
             crop_n_layers=0,
-            min_mask_region_area=0,
+            min_mask_region_area=int(round(proposals.min_region_area)),  # its OpenCV loop over masks
             output_mode="binary_mask",
         )
 
@@ -720,6 +722,7 @@ def run_training_free(args: argparse.Namespace) -> int:
         points_per_batch=args.points_per_batch,
         pred_iou_thresh=args.pred_iou_thresh,
         shots=args.shots,
+        min_region_area=args.min_region_area,
         weights=args.weights,
         pretrained=args.pretrained,
         sam_tag=args.sam_tag,
@@ -755,7 +758,7 @@ def run_training_free(args: argparse.Namespace) -> int:
         f"{type(semantic).__name__} {semantic.variant} ({args.semantic_size or args.size}, {semantic.preprocess.input_size} px, "
         f"{'official' if args.pretrained else 'random'} weights); "
         f"{args.points_per_side}x{args.points_per_side} points, points_per_batch {args.points_per_batch}, "
-        f"pred_iou_thresh {args.pred_iou_thresh}; {len(inputs)} image(s) of {args.dataset}; references "
+        f"pred_iou_thresh {args.pred_iou_thresh}, min_region_area {args.min_region_area:g}; {len(inputs)} image(s) of {args.dataset}; references "
         f"{args.references} (shots {args.shots}); dtype {args.dtype}; {args.warmup} warm-up image(s), median of "
         f"{args.runs} pass(es)"
     )
@@ -898,6 +901,9 @@ def build_parser() -> argparse.ArgumentParser:
     tf.add_argument("--points-per-batch", type=int, default=64)
     tf.add_argument("--pred-iou-thresh", type=_optional_float, default=0.4,
                     help="keep masks with predicted IoU above it, both pipelines ('none': no filter; random SAMs predict IoUs near 0.3)")
+    tf.add_argument("--min-region-area", type=float, default=0.0,
+                    help="SAM's min_mask_region_area (original-image pixels) in both pipelines: ours on all masks at once, "
+                         "the baseline with the generator's OpenCV loop (0: off)")
     tf.add_argument("--images", type=int, default=4, help="first N images of --dataset")
     tf.add_argument("--dataset", default="shapes_val", help="registered COCO-format dataset to run and evaluate on")
     tf.add_argument("--references", default="shapes_train_ref5_seed0", help="registered reference set (memory bank)")

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..preprocess import ImageFit
+from ..semantic.mask_ops import remove_small_regions
 from .prompt_decoder import PromptDecoder
 
 __all__ = ["MaskProposals", "PointGridProposals", "mask_logits_to_boxes", "point_grid", "stability_score"]
@@ -151,6 +152,10 @@ class PointGridProposals(nn.Module):
         stability_score_offset: logit offset of the stability score (SAM: 1.0).
         box_nms_thresh: class-agnostic NMS at this box IoU on the boxes of the low-resolution
             masks, in decreasing predicted IoU (None: no NMS).
+        min_region_area: SAM's ``min_mask_region_area``, in original-image pixels: holes and
+            islands smaller than this are filled and removed in every kept proposal (all masks at
+            once on the low-resolution grid, :func:`~samantics_d2.modeling.semantic.remove_small_regions`),
+            before the box NMS. Removed pixels get logit -10, filled ones +10. 0: off.
         max_proposals: keep at most this many, highest predicted IoU first (None: all).
 
     Point-grid proposals whose mask is empty inside the image are always dropped; the others are
@@ -170,6 +175,7 @@ class PointGridProposals(nn.Module):
         stability_score_offset: float = 1.0,
         box_nms_thresh: Optional[float] = None,
         max_proposals: Optional[int] = None,
+        min_region_area: float = 0.0,
     ) -> None:
         super().__init__()
         problems = []
@@ -183,6 +189,8 @@ class PointGridProposals(nn.Module):
             problems.append(f"box_nms_thresh={box_nms_thresh} must be in (0, 1] or None")
         if max_proposals is not None and max_proposals < 1:
             problems.append(f"max_proposals={max_proposals} must be >= 1 or None")
+        if min_region_area < 0:
+            problems.append(f"min_region_area={min_region_area} must be >= 0 (0: off)")
         if stability_score_offset <= 0:
             problems.append(f"stability_score_offset={stability_score_offset} must be > 0")
         if problems:
@@ -197,6 +205,7 @@ class PointGridProposals(nn.Module):
         self.stability_score_offset = stability_score_offset
         self.box_nms_thresh = box_nms_thresh
         self.max_proposals = max_proposals
+        self.min_region_area = float(min_region_area)
 
     def _decode(self, image_features, fit: ImageFit, **prompts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple]:
         """Best mask per prompt: ``(logits [P, Hm, Wm], iou [P], stability [P], image region)``."""
@@ -255,6 +264,11 @@ class PointGridProposals(nn.Module):
             keep &= stability >= self.stability_score_thresh
         index = keep.nonzero()[:, 0]
         index = index[torch.sort(iou[index], descending=True, stable=True).indices]
+        if self.min_region_area > 0:
+            logits = logits[index]
+            in_image = self._clean_small_regions(logits, fit, region)
+            iou, stability, points = iou[index], stability[index], points[index]
+            index = torch.arange(index.numel(), device=index.device)
         if self.box_nms_thresh is not None and index.numel():
             from torchvision.ops import nms
 
@@ -264,10 +278,23 @@ class PointGridProposals(nn.Module):
             index = index[: self.max_proposals]
         return MaskProposals(logits[index], iou[index], stability[index], points[index], fit)
 
+    def _clean_small_regions(self, logits: torch.Tensor, fit: ImageFit, region: tuple) -> torch.Tensor:
+        """Apply ``min_region_area`` to ``logits [P, Hm, Wm]`` in place, inside the image ``region``;
+        returns the logits of that region."""
+        in_image = logits[(slice(None), *region)]
+        (s_h, s_w), (m_h, m_w) = fit.input_size, tuple(logits.shape[-2:])
+        # one mask pixel covers (s_h / m_h) x (s_w / m_w) input pixels = that / (scale_y * scale_x) original pixels
+        pixel_area = (s_h / m_h) * (s_w / m_w) / (fit.scale[0] * fit.scale[1])
+        masks = in_image > 0
+        cleaned, _ = remove_small_regions(masks, self.min_region_area / pixel_area)
+        in_image.copy_(torch.where(masks & ~cleaned, torch.full_like(in_image, -10.0), in_image))
+        in_image.copy_(torch.where(cleaned & ~masks, torch.full_like(in_image, 10.0), in_image))
+        return in_image
+
     def extra_repr(self) -> str:
         return (
             f"points_per_side={self.points_per_side}, points_per_batch={self.points_per_batch}, "
             f"multimask_output={self.multimask_output}, pred_iou_thresh={self.pred_iou_thresh}, "
             f"stability_score_thresh={self.stability_score_thresh}, box_nms_thresh={self.box_nms_thresh}, "
-            f"max_proposals={self.max_proposals}"
+            f"max_proposals={self.max_proposals}, min_region_area={self.min_region_area}"
         )

@@ -5,6 +5,7 @@ See DESIGN.md, "Data flow of the training-free pipeline".
 """
 from .classifier import MERGE_MODES, ClassifiedProposals, PrototypeClassifier, prototype_scores, soft_merge_scores
 from .mask_ops import (
+    connected_component_areas,
     identity_fit,
     mask_intersections,
     mask_iou_matrix,
@@ -12,6 +13,7 @@ from .mask_ops import (
     mask_pooling,
     masks_to_boxes,
     masks_to_original,
+    remove_small_regions,
     resample_masks,
 )
 from .memory_bank import (
@@ -38,6 +40,7 @@ __all__ = [
     "MemoryBank",
     "MemoryBankConfig",
     "PrototypeClassifier",
+    "connected_component_areas",
     "crop_mask_weights",
     "crop_padded",
     "identity_fit",
@@ -51,6 +54,7 @@ __all__ = [
     "masks_to_original",
     "prototype_scores",
     "reference_preprocess",
+    "remove_small_regions",
     "resample_masks",
     "soft_merge_scores",
     "square_context_window",

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from ..preprocess import ImageFit
 
 __all__ = [
+    "connected_component_areas",
     "identity_fit",
     "mask_intersections",
     "mask_iou_matrix",
@@ -26,6 +27,7 @@ __all__ = [
     "mask_pooling",
     "masks_to_boxes",
     "masks_to_original",
+    "remove_small_regions",
     "resample_masks",
 ]
 
@@ -251,3 +253,79 @@ def mask_overlap_over_area(masks_a: torch.Tensor, masks_b: Optional[torch.Tensor
     """``[P, Q]``: the share of mask ``a_i``'s own area covered by ``b_j`` (0 for an empty ``a_i``)."""
     inter, area_a, _ = mask_intersections(masks_a, masks_b)
     return inter / area_a.clamp_min(1.0)[:, None]
+
+
+def _component_labels(masks: torch.Tensor, check_every: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(labels, areas)``, both ``[P, h, w]`` float32: 8-connected components of ``masks [P, h, w]``.
+
+    A component's label is ``h * w - i`` for its first pixel ``i`` in raster order (so the larger
+    label belongs to the component that starts first, OpenCV's labelling order); 0 on background.
+    """
+    P, h, w = masks.shape
+    foreground = masks.bool()[:, None].float()  # [P, 1, h, w]
+    ids = torch.arange(h * w, 0, -1, dtype=torch.float32, device=masks.device).view(1, 1, h, w)  # exact in fp32
+    labels = foreground * ids
+    while True:
+        previous = labels
+        for _ in range(check_every):
+            labels = F.max_pool2d(labels, kernel_size=3, stride=1, padding=1) * foreground
+        if torch.equal(labels, previous):
+            break
+    flat = labels.view(P, h * w).long()  # 0 = background
+    counts = torch.zeros((P, h * w + 1), dtype=torch.float32, device=masks.device)
+    counts.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float32))
+    counts[:, 0] = 0.0
+    return labels[:, 0], counts.gather(1, flat).view(P, h, w)
+
+
+def connected_component_areas(masks: torch.Tensor, *, check_every: int = 8) -> torch.Tensor:
+    """Area (in pixels) of the 8-connected component of every foreground pixel, for all masks at once.
+
+    Each foreground pixel starts with its own label and takes the largest label of its 3x3
+    neighbourhood within the foreground (one ``max_pool2d`` per step) until nothing changes, so
+    every component ends up with one label; one ``scatter_add`` then counts the pixels per label.
+    The steps needed grow with the longest path inside a component (about the mask side), and
+    whether anything changed is checked every ``check_every`` steps (one device sync each).
+
+    Args:
+        masks: ``[P, h, w]`` bool.
+
+    Returns:
+        ``[P, h, w]`` float32: the component area at foreground pixels, 0 at background pixels.
+    """
+    if masks.ndim != 3:
+        raise ValueError(f"connected_component_areas expects masks [P, h, w]; got shape {tuple(masks.shape)}.")
+    if masks.numel() == 0:
+        return torch.zeros(masks.shape, dtype=torch.float32, device=masks.device)
+    return _component_labels(masks, check_every)[1]
+
+
+def remove_small_regions(masks: torch.Tensor, min_area: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fill small holes, then drop small islands, of every mask at once (SAM's ``min_mask_region_area``).
+
+    As ``segment_anything.utils.amg.remove_small_regions`` does per mask with OpenCV, in its
+    automatic mask generator's order (holes, then islands), 8-connectivity: background components
+    smaller than ``min_area`` become foreground; foreground components smaller than ``min_area``
+    are removed, except that a mask whose components are all small keeps its largest one (the
+    first in raster order among equals). Same result as upstream (tested).
+
+    Args:
+        masks: ``[P, h, w]`` bool.
+        min_area: in pixels of ``masks``.
+
+    Returns:
+        ``(cleaned [P, h, w] bool, changed [P] bool)``.
+    """
+    if masks.ndim != 3:
+        raise ValueError(f"remove_small_regions expects masks [P, h, w]; got shape {tuple(masks.shape)}.")
+    masks = masks.bool()
+    if min_area <= 0 or masks.numel() == 0:
+        return masks, torch.zeros(masks.shape[0], dtype=torch.bool, device=masks.device)
+    hole_area = connected_component_areas(~masks)
+    filled = masks | ((hole_area > 0) & (hole_area < min_area))
+    labels, area = _component_labels(filled, 8)
+    largest = area.flatten(1).amax(dim=1)[:, None, None]
+    first_largest = torch.where(area == largest, labels, torch.zeros_like(labels)).flatten(1).amax(dim=1)[:, None, None]
+    keep = (area >= min_area) | ((largest < min_area) & (labels == first_largest))
+    cleaned = filled & keep
+    return cleaned, (cleaned != masks).flatten(1).any(dim=1)
