@@ -89,3 +89,18 @@ def test_bad_reference_folder_names_the_file(shapes, tmp_path):
     proc = run(["--references", str(tmp_path / "refs"), "--images", _image_dir(json_file), "--output",
                 str(tmp_path / "o")], tmp_path, check=False)
     assert proc.returncode != 0 and "a_mask.png" in proc.stdout + proc.stderr
+
+
+def test_overlays_enlarge_small_images_and_keep_the_masks_in_place():
+    from samantics_d2.utils.visualization import class_colour, draw_instances
+
+    image = np.full((40, 50, 3), 100, dtype=np.uint8)
+    masks = np.zeros((1, 40, 50), dtype=bool)
+    masks[0, 30:38, 5:15] = True
+    kwargs = dict(masks=masks, boxes=np.array([[5.0, 30.0, 15.0, 38.0]]), classes=[2], scores=[0.9], class_names=["a", "b", "c"])
+    same = draw_instances(image, min_side=0, **kwargs)
+    big = draw_instances(image, **kwargs)  # shorter side 40 < 512: enlarged 13x
+    assert same.shape == (40, 50, 3) and big.shape == (520, 650, 3)
+    expected = (0.55 * 100 + 0.45 * np.array(class_colour(2), dtype=np.float32)).astype(np.uint8)
+    np.testing.assert_array_equal(big[34 * 13 + 6, 10 * 13 + 6], expected)  # inside the mask, away from the box lines
+    np.testing.assert_array_equal(big[10 * 13, 40 * 13], [100, 100, 100])  # far from the instance: untouched

@@ -26,6 +26,7 @@ def draw_instances(
     scores: Sequence[float],
     class_names: Sequence[str],
     alpha: float = 0.45,
+    min_side: int = 512,
 ) -> np.ndarray:
     """Overlay instances on an image.
 
@@ -34,10 +35,18 @@ def draw_instances(
         masks: ``[N, H, W]`` bool.
         boxes: ``[N, 4]`` XYXY pixels.
         classes, scores: ``N`` class ids (into ``class_names``) and scores.
+        min_side: images whose shorter side is below it are enlarged by an integer factor (pixel
+            repetition) first, so that the labels stay readable on small images (0: never).
 
     Returns:
-        ``[H, W, 3]`` uint8 RGB: masks blended in their class colour, boxes, ``"name score"`` labels.
+        ``[s * H, s * W, 3]`` uint8 RGB (``s`` the enlargement factor, 1 for images of at least
+        ``min_side``): masks blended in their class colour, boxes, ``"name score"`` labels.
     """
+    scale = max(1, -(-min_side // max(1, min(image.shape[:2])))) if min_side > 0 else 1
+    if scale > 1:
+        image = image.repeat(scale, axis=0).repeat(scale, axis=1)
+        masks = np.asarray(masks).repeat(scale, axis=1).repeat(scale, axis=2)
+        boxes = np.asarray(boxes, dtype=np.float32) * scale
     out = image.astype(np.float32).copy()
     colours = np.array([class_colour(int(c)) for c in classes], dtype=np.float32).reshape(-1, 3)
     # Draw the lowest scores first so the best masks end up on top.
