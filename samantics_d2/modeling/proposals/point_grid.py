@@ -287,8 +287,8 @@ class PointGridProposals(nn.Module):
         pixel_area = (s_h / m_h) * (s_w / m_w) / (fit.scale[0] * fit.scale[1])
         masks = in_image > 0
         cleaned, _ = remove_small_regions(masks, self.min_region_area / pixel_area)
-        in_image.copy_(torch.where(masks & ~cleaned, torch.full_like(in_image, -10.0), in_image))
-        in_image.copy_(torch.where(cleaned & ~masks, torch.full_like(in_image, 10.0), in_image))
+        changed = torch.where(cleaned, torch.full_like(in_image, 10.0), torch.full_like(in_image, -10.0))
+        in_image.copy_(torch.where(cleaned == masks, in_image, changed))
         return in_image
 
     def extra_repr(self) -> str:
