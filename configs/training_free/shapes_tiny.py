@@ -3,18 +3,13 @@
 #    as train.init_checkpoint, which fills proposer.*; tools/demo.py does both steps), and
 #  - a tiny RANDOMLY INITIALISED DINOv2 as the semantic encoder (random features still separate
 #    the colour-coded shape classes; nothing here says anything about the real DINOv2).
-# 5 references per class from shapes_train, evaluated on shapes_val.
-from ..common.training_free import dataloader, model, train
+# 5 references per class from shapes_train, evaluated on shapes_val: the data and seed of
+# shapes_tiny_random.py, with the trained SAM's architecture and a larger DINOv2 input.
 from ..quick.tiny_sam_shapes import model as sam_trainer
+from .shapes_tiny_random import dataloader, model, train
 
 model.proposer = sam_trainer.proposer  # the same architecture the checkpoint was trained with
 # 224 px: a 16x16 patch grid over the 128 px images, so that masks pool a few patches each (the tiny
 # default, 56 px, gives a 4x4 grid and about half the AP: docs/benchmarks.md, training-free section).
-model.semantic_encoder = dict(model.semantic_encoder, size="tiny", pretrained=False, input_size=224)
-model.references = "shapes_train_ref5_seed0"
-model.shots = 5
-dataloader.test.dataset.names = "shapes_val"
-dataloader.test.num_workers = 0
-dataloader.evaluator.use_fast_impl = False
+model.semantic_encoder.input_size = 224
 train.output_dir = "./output/training_free/shapes_tiny"
-train.seed = 0  # the random DINOv2 must be the same in every run (and in its memory bank)
