@@ -2,13 +2,14 @@
 import collections
 import os
 
+import cloudpickle
 import pytest
 import torch
 from omegaconf import DictConfig
 
 from samantics_d2.config import check_override_keys
 from samantics_d2.d2 import LazyCall as L
-from samantics_d2.d2 import LazyConfig, instantiate
+from samantics_d2.d2 import LazyConfig, ShapeSpec, instantiate
 
 HERE = os.path.dirname(__file__)
 CHILD = os.path.join(HERE, "configs_fixture", "exp", "child.py")
@@ -68,12 +69,24 @@ def test_save_load_round_trip(tmp_path):
     assert instantiate(again.model) == instantiate(cfg.model)
 
 
-def test_unserialisable_config_is_not_half_written(tmp_path):
-    cfg = DictConfig({"f": L(collections.OrderedDict)(fn=lambda x: x)}, flags={"allow_objects": True})
+def test_config_yaml_cannot_hold_is_also_pickled(tmp_path):
+    # Detectron2's behaviour: the YAML is written, and the config is pickled next to it.
+    cfg = DictConfig({"f": L(collections.OrderedDict)(fn=lambda x: x + 1)}, flags={"allow_objects": True})
     path = tmp_path / "bad.yaml"
     LazyConfig.save(cfg, str(path))
-    assert not path.exists()
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+    assert sorted(os.listdir(tmp_path)) == ["bad.yaml", "bad.yaml.pkl"]  # no temporary file left
+    with open(str(path) + ".pkl", "rb") as f:
+        again = cloudpickle.load(f)
+    assert instantiate(again.f)["fn"](1) == 2
+
+
+def test_dataclass_argument_survives_save_and_load(tmp_path):
+    cfg = L(collections.OrderedDict)(shape=ShapeSpec(channels=3, stride=16))
+    path = tmp_path / "config.yaml"
+    LazyConfig.save(cfg, str(path))
+    for c in (cfg, LazyConfig.load(str(path))):
+        shape = instantiate(c)["shape"]
+        assert isinstance(shape, ShapeSpec) and shape.channels == 3 and shape.stride == 16 and shape.height is None
 
 
 def test_bad_config_files(tmp_path):

@@ -14,14 +14,18 @@ import importlib
 import logging
 import os
 import pydoc
-import tempfile
+import sys
 import uuid
 from collections import abc
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Union
 
+import cloudpickle
+import yaml
 from iopath.common.file_io import PathManager as _PathManagerCls
 from omegaconf import DictConfig, ListConfig, OmegaConf, SCMode
+
+from ..utils.io import atomic_path
 
 __all__ = ["LazyCall", "LazyConfig", "instantiate", "locate"]
 
@@ -87,14 +91,17 @@ class LazyCall:
 def instantiate(cfg: Any) -> Any:
     """Perform the calls a config describes, recursively.
 
-    Lists are instantiated element-wise; a mapping with ``_target_`` becomes
-    ``target(**instantiated_arguments)``; any other value (including a mapping without
-    ``_target_``) is returned unchanged, as in Detectron2.
+    Lists are instantiated element-wise; a structured config node (what omegaconf makes of a
+    dataclass object such as ``ShapeSpec(...)`` given as an argument) becomes that dataclass object
+    again; a mapping with ``_target_`` becomes ``target(**instantiated_arguments)``; any other value
+    (including a mapping without ``_target_``) is returned unchanged, as in Detectron2.
     """
     if isinstance(cfg, ListConfig):
         return ListConfig([instantiate(cfg[i]) for i in range(len(cfg))], flags={"allow_objects": True})
     if isinstance(cfg, list):
         return [instantiate(x) for x in cfg]
+    if isinstance(cfg, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(cfg)):
+        return OmegaConf.to_object(cfg)
     if isinstance(cfg, abc.Mapping) and "_target_" in cfg:
         kwargs = {k: instantiate(v) for k, v in cfg.items() if k != "_target_"}
         target = cfg["_target_"]
@@ -127,8 +134,8 @@ def _config_file_for(importer_file: str, name: str, level: int) -> str:
     parts = [p for p in name.split(".") if p]
     if not parts:
         raise ImportError(
-            f"{importer_file}: 'from {'.' * level} import ...' is not supported in config files; "
-            f"import from a file, e.g. 'from {'.' * level}common import train'."
+            f"{importer_file}: the relative import 'from {'.' * level} import ...' names a folder, which config "
+            f"files cannot import; import from a file, e.g. 'from {'.' * level}common import train'."
         )
     path = os.path.join(directory, *parts)
     if not path.endswith(".py"):
@@ -183,7 +190,8 @@ class LazyConfig:
 
     @staticmethod
     def load(filename: str, keys: Union[None, str, tuple[str, ...]] = None):
-        """Load a ``.py`` or ``.yaml`` config file; returns a DictConfig, or ``cfg[k]`` for the given keys."""
+        """Load a ``.py`` or ``.yaml`` config file; returns a DictConfig of its config objects, or, for
+        ``keys``, the value(s) the file defines under those names (dicts as DictConfig)."""
         filename = str(filename).replace("/./", "/")
         if os.path.splitext(filename)[1] not in (".py", ".yaml", ".yml"):
             raise ValueError(f"Config file {filename} must be a .py or .yaml file.")
@@ -197,6 +205,8 @@ class LazyConfig:
             }
             with _config_imports():
                 _execute_config_file(filename, namespace)
+            if keys is not None:  # named keys may be any value the file defines, not only configs
+                return _as_config(namespace[keys]) if isinstance(keys, str) else tuple(_as_config(namespace[k]) for k in keys)
             content = {
                 name: _as_config(value)
                 for name, value in namespace.items()
@@ -205,7 +215,8 @@ class LazyConfig:
             cfg = DictConfig(content, flags={"allow_objects": True})
         else:
             with _path_manager.open(filename) as f:
-                data = OmegaConf.to_container(OmegaConf.create(f.read()))
+                # As Detectron2: the python-object tags LazyConfig.save writes for dataclasses need the full loader.
+                data = yaml.unsafe_load(f)
             if not isinstance(data, dict):
                 raise ValueError(f"Config file {filename} must hold a mapping at the top level, got {type(data)}.")
             cfg = DictConfig(data, flags={"allow_objects": True})
@@ -216,10 +227,27 @@ class LazyConfig:
         return tuple(cfg[k] for k in keys)
 
     @staticmethod
-    def save(cfg: DictConfig, filename: str) -> None:
-        """Write ``cfg`` as YAML (callables as dotted names), atomically.
+    def load_rel(filename: str, keys: Union[None, str, tuple[str, ...]] = None):
+        """:meth:`load` with ``filename`` relative to the folder of the config file that calls it.
 
-        A config holding values YAML cannot represent (e.g. a lambda) is not written; the reason is logged.
+        Like a relative import, but the file name is a string (so it may hold any character).
+        """
+        caller_file = sys._getframe(1).f_code.co_filename
+        if caller_file.startswith("<"):
+            raise RuntimeError(
+                f"LazyConfig.load_rel({filename!r}) was called from {caller_file}, which is not a file: call it "
+                "from a config file, or use LazyConfig.load with a full path."
+            )
+        return LazyConfig.load(os.path.join(os.path.dirname(caller_file), filename), keys)
+
+    @staticmethod
+    def save(cfg: DictConfig, filename: str) -> None:
+        """Write ``cfg`` as YAML, atomically; callables become dotted names, dataclass objects YAML
+        python-object tags (so that :meth:`load` rebuilds them).
+
+        A config YAML cannot hold (e.g. one with a lambda) is also pickled with cloudpickle to
+        ``filename + ".pkl"``, as Detectron2 does; the YAML is still written when it could be
+        dumped (it then cannot be loaded back). The reason is logged as a warning.
         """
         def to_names(node):
             if isinstance(node, dict):
@@ -230,22 +258,27 @@ class LazyConfig:
                 return [to_names(v) for v in node]
             return node
 
+        save_pickle = False
         try:
-            container = to_names(OmegaConf.to_container(cfg, resolve=False, structured_config_mode=SCMode.DICT))
-            text = OmegaConf.to_yaml(OmegaConf.create(container), resolve=False)
-        except Exception as e:  # omegaconf raises several unrelated types for unsupported values
-            logger.error("Config not saved to %s: it holds a value YAML cannot represent (%s).", filename, e)
-            return
-        directory = os.path.dirname(os.path.abspath(filename))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".yaml")
-        try:
-            with os.fdopen(fd, "w") as f:
+            container = OmegaConf.to_container(
+                cfg, resolve=False, enum_to_str=True, structured_config_mode=SCMode.INSTANTIATE
+            )
+            text = yaml.dump(to_names(container), default_flow_style=None, allow_unicode=True, width=9999)
+            with atomic_path(filename) as tmp, open(tmp, "w") as f:
                 f.write(text)
-            os.replace(tmp, filename)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            try:
+                yaml.unsafe_load(text)
+            except Exception as e:  # yaml raises several types for objects it dumped but cannot rebuild
+                logger.warning("The config saved to %s cannot be loaded back from YAML (%s).", filename, e)
+                save_pickle = True
+        except Exception as e:  # omegaconf and yaml raise several unrelated types for unsupported values
+            logger.warning("The config cannot be written as YAML to %s (%s).", filename, e)
+            save_pickle = True
+        if save_pickle:
+            pickle_file = filename + ".pkl"
+            with atomic_path(pickle_file) as tmp, open(tmp, "wb") as f:
+                cloudpickle.dump(cfg, f)
+            logger.warning("Config saved with cloudpickle to %s.", pickle_file)
 
     @staticmethod
     def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:

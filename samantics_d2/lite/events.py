@@ -12,7 +12,8 @@ import logging
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from functools import cached_property
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from fvcore.common.history_buffer import HistoryBuffer
@@ -25,6 +26,7 @@ __all__ = [
     "JSONWriter",
     "TensorboardXWriter",
     "get_event_storage",
+    "has_event_storage",
 ]
 
 logger = logging.getLogger(__name__)
@@ -42,11 +44,18 @@ def get_event_storage() -> "EventStorage":
     return _CURRENT_STORAGE_STACK[-1]
 
 
+def has_event_storage() -> bool:
+    """Whether some ``with EventStorage(...)`` block is active."""
+    return len(_CURRENT_STORAGE_STACK) > 0
+
+
 class EventStorage:
     """Scalar metrics of a training run, indexed by iteration.
 
     Use as a context manager: ``with EventStorage(start_iter) as storage: ...``. ``iter`` is the
     iteration the next ``put_scalar`` is recorded at; the trainer sets it before each step.
+    Images (``put_image``) and histograms (``put_histogram``) are kept until a
+    :class:`TensorboardXWriter` writes and clears them.
     """
 
     def __init__(self, start_iter: int = 0) -> None:
@@ -55,6 +64,39 @@ class EventStorage:
         self._latest_scalars: dict[str, tuple[float, int]] = {}
         self._iter = int(start_iter)
         self._current_prefix = ""
+        self._vis_data: list[tuple[str, Any, int]] = []
+        self._histograms: list[dict[str, Any]] = []
+
+    def put_image(self, img_name: str, img_tensor: Any) -> None:
+        """Keep ``img_tensor`` (``[3, H, W]`` RGB, float in [0, 1] or uint8) for TensorBoard, at ``iter``."""
+        self._vis_data.append((img_name, img_tensor, self._iter))
+
+    def put_histogram(self, hist_name: str, hist_tensor: torch.Tensor, bins: int = 1000) -> None:
+        """Keep a ``bins``-bin histogram of the values of ``hist_tensor`` for TensorBoard, at ``iter``."""
+        low, high = hist_tensor.min().item(), hist_tensor.max().item()
+        counts = torch.histc(hist_tensor, bins=bins)
+        edges = torch.linspace(start=low, end=high, steps=bins + 1, dtype=torch.float32)
+        self._histograms.append(
+            dict(
+                tag=hist_name,
+                min=low,
+                max=high,
+                num=len(hist_tensor),
+                sum=float(hist_tensor.sum()),
+                sum_squares=float(torch.sum(hist_tensor**2)),
+                bucket_limits=edges[1:].tolist(),
+                bucket_counts=counts.tolist(),
+                global_step=self._iter,
+            )
+        )
+
+    def clear_images(self) -> None:
+        """Drop the kept images (the writer that wrote them calls this)."""
+        self._vis_data = []
+
+    def clear_histograms(self) -> None:
+        """Drop the kept histograms (the writer that wrote them calls this)."""
+        self._histograms = []
 
     def put_scalar(self, name: str, value: Any, smoothing_hint: bool = True, *, cur_iter: Optional[int] = None) -> None:
         """Record ``value`` (anything ``float()`` accepts) for ``name`` at ``cur_iter`` (default: ``iter``).
@@ -94,11 +136,28 @@ class EventStorage:
         return dict(self._latest_scalars)
 
     def latest_with_smoothing_hint(self, window_size: int = 20) -> dict[str, tuple[float, int]]:
-        """Like :meth:`latest`, but the median of the last ``window_size`` values for smoothed scalars."""
+        """Like :meth:`latest`, but for smoothed scalars the median of the values recorded in the last
+        ``window_size`` iterations (a window of iterations, not of values: see :meth:`count_samples`)."""
         return {
-            name: (self._history[name].median(window_size) if self._smoothing_hints[name] else value, itr)
+            name: (
+                self._history[name].median(self.count_samples(name, window_size))
+                if self._smoothing_hints[name]
+                else value,
+                itr,
+            )
             for name, (value, itr) in self._latest_scalars.items()
         }
+
+    def count_samples(self, name: str, window_size: int = 20) -> int:
+        """How many values of ``name`` were recorded in the ``window_size`` iterations ending at its latest one."""
+        values = self.history(name).values()
+        last_iter = values[-1][1]
+        count = 0
+        for _, itr in reversed(values):
+            if itr <= last_iter - window_size:
+                break
+            count += 1
+        return count
 
     def smoothing_hints(self) -> dict[str, bool]:
         return dict(self._smoothing_hints)
@@ -178,19 +237,27 @@ class JSONWriter(EventWriter):
 
 
 class TensorboardXWriter(EventWriter):
-    """Writes the scalars to TensorBoard event files in ``log_dir`` (``torch.utils.tensorboard``)."""
+    """Writes the scalars, images and histograms to TensorBoard event files in ``log_dir``.
+
+    The ``torch.utils.tensorboard.SummaryWriter`` (given ``kwargs``) is created at the first write,
+    so a writer that never writes leaves no file behind.
+    """
 
     def __init__(self, log_dir: str, window_size: int = 20, **kwargs: Any) -> None:
+        self._window_size = window_size
+        self._writer_args = {"log_dir": log_dir, **kwargs}
+        self._last_write = -1
+
+    @cached_property
+    def _writer(self) -> Any:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
             raise ImportError(
-                f"TensorboardXWriter({log_dir!r}) needs the 'tensorboard' package ({e}); install it with "
-                "'pip install tensorboard', or leave TensorboardXWriter out of the writers."
+                f"TensorboardXWriter({self._writer_args['log_dir']!r}) needs the 'tensorboard' package ({e}); "
+                "install it with 'pip install tensorboard', or leave TensorboardXWriter out of the writers."
             ) from e
-        self._window_size = window_size
-        self._writer = SummaryWriter(log_dir, **kwargs)
-        self._last_write = -1
+        return SummaryWriter(**self._writer_args)
 
     def write(self) -> None:
         storage = get_event_storage()
@@ -200,19 +267,35 @@ class TensorboardXWriter(EventWriter):
                 self._writer.add_scalar(name, value, itr)
                 new_last_write = max(new_last_write, itr)
         self._last_write = new_last_write
+        # Images and histograms are kept by the storage only for this writer, which clears them.
+        if storage._vis_data:
+            for img_name, img, step in storage._vis_data:
+                self._writer.add_image(img_name, img, step)
+            storage.clear_images()
+        if storage._histograms:
+            for params in storage._histograms:
+                self._writer.add_histogram_raw(**params)
+            storage.clear_histograms()
 
     def close(self) -> None:
-        self._writer.close()
+        if "_writer" in self.__dict__:
+            self._writer.close()
 
 
 class CommonMetricPrinter(EventWriter):
-    """Logs one line per write: ETA, iteration, losses, time, data_time, lr, max_mem (CUDA only).
+    """Logs one line per write: ETA, iteration, losses, ``[metric]`` scalars, time, data_time, lr,
+    max_mem (CUDA only).
 
-    The ETA uses the median step ``time`` (recorded by ``hooks.IterationTimer``) and ``max_iter``;
-    without ``time`` it is estimated from the wall clock between writes.
+    Losses and ``[metric]`` scalars are medians over the last ``window_size`` iterations; ``time``
+    is the average step time of the whole run (``hooks.IterationTimer`` records it) and
+    ``data_time`` the average over the window, each followed by its latest value. The ETA uses the
+    median step ``time`` and ``max_iter``; without ``time`` it is estimated from the wall clock
+    between writes. Lines go to the logger ``detectron2.utils.events`` (``self.logger``), as in
+    Detectron2, so that ``setup_logger()`` (name ``"detectron2"``) shows training progress.
     """
 
     def __init__(self, max_iter: Optional[int] = None, window_size: int = 20) -> None:
+        self.logger = logging.getLogger("detectron2.utils.events")
         self._max_iter = max_iter
         self._window_size = window_size
         self._last_write: Optional[tuple[int, float]] = None  # (iteration, time.perf_counter())
@@ -242,23 +325,23 @@ class CommonMetricPrinter(EventWriter):
             return
         histories = storage.histories()
 
-        def median(name: str, fmt: str) -> Optional[str]:
-            return format(histories[name].median(self._window_size), fmt) if name in histories else None
+        def windowed_median(name: str) -> float:
+            return histories[name].median(storage.count_samples(name, self._window_size))
 
-        def latest(name: str, fmt: str) -> Optional[str]:
-            return format(histories[name].latest(), fmt) if name in histories else None
+        def field(label: str, name: str, value: Callable[[HistoryBuffer], float], fmt: str) -> Optional[str]:
+            return f"{label}: {value(histories[name]):{fmt}}" if name in histories else None
 
         eta = self._eta(storage)
-        smoothed = storage.latest_with_smoothing_hint(self._window_size)
-        losses = [f"{k}: {v:.4g}" for k, (v, itr) in smoothed.items() if "loss" in k and itr == iteration]
-        fields = [f"eta: {eta}" if eta else None, f"iter: {iteration}", *losses]
+        fields = [f"eta: {eta}" if eta else None, f"iter: {iteration}"]
+        fields += [f"{k}: {windowed_median(k):.4g}" for k in histories if "loss" in k]
+        fields += [f"{k}: {windowed_median(k):.4g}" for k in histories if "[metric]" in k]
         fields += [
-            f"time: {t}" if (t := median("time", ".4f")) else None,
-            f"last_time: {t}" if (t := latest("time", ".4f")) else None,
-            f"data_time: {t}" if (t := median("data_time", ".4f")) else None,
-            f"last_data_time: {t}" if (t := latest("data_time", ".4f")) else None,
-            f"lr: {t}" if (t := latest("lr", ".5g")) else None,
+            field("time", "time", HistoryBuffer.global_avg, ".4f"),
+            field("last_time", "time", HistoryBuffer.latest, ".4f"),
+            field("data_time", "data_time", lambda h: h.avg(storage.count_samples("data_time", self._window_size)), ".4f"),
+            field("last_data_time", "data_time", HistoryBuffer.latest, ".4f"),
+            field("lr", "lr", HistoryBuffer.latest, ".5g") or "lr: N/A",
         ]
         if torch.cuda.is_available():
             fields.append(f"max_mem: {torch.cuda.max_memory_allocated() / 2**20:.0f}M")
-        logger.info(" ".join(f for f in fields if f))
+        self.logger.info(" ".join(f for f in fields if f))

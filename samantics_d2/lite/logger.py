@@ -19,7 +19,7 @@ __all__ = ["setup_logger"]
 _PLAIN_FORMAT = "[%(asctime)s] %(name)s %(levelname)s: %(message)s"
 _DATE_FORMAT = "%m/%d %H:%M:%S"
 
-# One logger configuration per (output, rank, name, color, abbrev_name), so repeated calls never
+# One logger configuration per set of arguments, so repeated calls never
 # stack handlers; one open stream per log file, shared by the loggers writing to it.
 _configured: dict[tuple, logging.Logger] = {}
 _streams: dict[str, IO[str]] = {}
@@ -63,8 +63,10 @@ def setup_logger(
     color: bool = True,
     name: str = "detectron2",
     abbrev_name: Optional[str] = None,
+    enable_propagation: bool = False,
+    configure_stdout: bool = True,
 ) -> logging.Logger:
-    """Configure the logger ``name`` (level DEBUG, not propagating) and return it.
+    """Configure the logger ``name`` (level DEBUG) and return it.
 
     Args:
         output: a file name ending in ``.txt`` or ``.log``, or a directory (logs go to
@@ -74,20 +76,22 @@ def setup_logger(
         color: colour the console output.
         name: the logger to configure; its children (``name.xxx``) log through it.
         abbrev_name: how ``name`` is abbreviated in console lines (``"d2"`` for ``"detectron2"``).
+        enable_propagation: also pass the records on to the parent loggers' handlers.
+        configure_stdout: log to the console (on rank 0); False: only to the file.
 
     Calling again with the same arguments returns the same logger without adding handlers.
     """
-    key = (output, int(distributed_rank), name, bool(color), abbrev_name)
+    key = (output, int(distributed_rank), name, bool(color), abbrev_name, enable_propagation, configure_stdout)
     if key in _configured:
         return _configured[key]
     logger = logging.getLogger(name)
     logger.setLevel(logging.DEBUG)
-    logger.propagate = False
+    logger.propagate = enable_propagation
     if abbrev_name is None:
         abbrev_name = "d2" if name == "detectron2" else name
     plain_formatter = logging.Formatter(_PLAIN_FORMAT, datefmt=_DATE_FORMAT)
 
-    if distributed_rank == 0:
+    if configure_stdout and distributed_rank == 0:
         console = logging.StreamHandler(stream=sys.stdout)
         console.setLevel(logging.DEBUG)
         if color:
