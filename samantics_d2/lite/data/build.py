@@ -14,6 +14,7 @@ import random
 from collections import Counter
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
+import cloudpickle
 import numpy as np
 import torch
 import torch.utils.data as torchdata
@@ -38,48 +39,93 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
+class _SerializedList:
+    """A list pickled into one numpy byte buffer: data-loader workers share the buffer instead of
+    each touching (and so copying) millions of Python objects."""
+
+    def __init__(self, lst: list):
+        chunks = [np.frombuffer(pickle.dumps(x, protocol=pickle.HIGHEST_PROTOCOL), dtype=np.uint8) for x in lst]
+        self._ends = np.cumsum([len(c) for c in chunks], dtype=np.int64)
+        self._buffer = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint8)
+        logger.info("Serialized %d dataset items into %.2f MiB.", len(lst), self._buffer.nbytes / 2**20)
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, idx: int) -> Any:
+        start = 0 if idx == 0 else int(self._ends[idx - 1])
+        return pickle.loads(memoryview(self._buffer[start : int(self._ends[idx])]))
+
+
 class DatasetFromList(torchdata.Dataset):
     """A map-style dataset over a list.
 
-    With ``serialize=True`` (default) the items are pickled into one numpy byte buffer, so that
-    data-loader workers share it instead of each touching (and so copying) millions of Python objects.
+    Args:
+        lst: the items.
+        copy: without serialization, return a deep copy of each item (so callers may edit it).
+        serialize: True (default) stores the items pickled in one buffer (``_SerializedList``); a
+            callable ``serialize(lst)`` stores what it returns (indexable) instead; False keeps ``lst``.
     """
 
-    def __init__(self, lst: list, copy: bool = True, serialize: bool = True):
+    def __init__(self, lst: list, copy: bool = True, serialize: Union[bool, Callable[[list], Any]] = True):
         self._copy = copy
-        self._serialize = serialize
-        if serialize:
-            chunks = [np.frombuffer(pickle.dumps(x, protocol=pickle.HIGHEST_PROTOCOL), dtype=np.uint8) for x in lst]
-            self._ends = np.cumsum([len(c) for c in chunks], dtype=np.int64)
-            self._buffer = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint8)
-            logger.info("Serialized %d dataset items into %.2f MiB.", len(lst), self._buffer.nbytes / 2**20)
+        self._serialize = bool(serialize)
+        if callable(serialize):
+            self._lst = serialize(lst)
+        elif serialize:
+            self._lst = _SerializedList(lst)
         else:
-            self._list = lst
+            self._lst = lst
 
     def __len__(self) -> int:
-        return len(self._ends) if self._serialize else len(self._list)
+        return len(self._lst)
 
     def __getitem__(self, idx: int) -> Any:
-        if self._serialize:
-            start = 0 if idx == 0 else int(self._ends[idx - 1])
-            return pickle.loads(memoryview(self._buffer[start : int(self._ends[idx])]))
-        if self._copy:
-            return pickle.loads(pickle.dumps(self._list[idx]))
-        return self._list[idx]
+        if self._copy and not self._serialize:
+            return pickle.loads(pickle.dumps(self._lst[idx]))
+        return self._lst[idx]
+
+
+class _CloudpickledCallable:
+    """A callable that pickles with cloudpickle, so that a lambda or a local function can be sent
+    to data-loader workers started with "spawn" (macOS, Windows, Linux from Python 3.14)."""
+
+    def __init__(self, func: Callable[..., Any]):
+        self._func = func._func if isinstance(func, _CloudpickledCallable) else func
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._func(*args, **kwargs)
+
+    def __reduce__(self) -> tuple:
+        # Unpickles as the plain function (the receiving side needs no wrapper).
+        return cloudpickle.loads, (cloudpickle.dumps(self._func),)
+
+    def __repr__(self) -> str:
+        return repr(self._func)
 
 
 class MapDataset(torchdata.Dataset):
-    """``map_func`` applied to every item of a map-style dataset.
+    """``map_func`` applied to every item of a dataset.
 
-    When ``map_func`` returns None (e.g. an image left without instances), another index, drawn at
-    random among those not known to fail, is tried instead.
+    For a map-style dataset, when ``map_func`` returns None (e.g. an image left without
+    instances), another index, drawn at random among those not known to fail, is tried instead.
+    Given an iterable dataset, ``MapDataset(...)`` is an iterable dataset that skips such items.
+    ``map_func`` is pickled with cloudpickle, so a lambda works with spawned workers.
     """
+
+    def __new__(cls, dataset: torchdata.Dataset, map_func: Callable[[Any], Any]):
+        if isinstance(dataset, torchdata.IterableDataset):
+            return _MapIterableDataset(dataset, map_func)
+        return super().__new__(cls)
 
     def __init__(self, dataset: torchdata.Dataset, map_func: Callable[[Any], Any]):
         self._dataset = dataset
-        self._map_func = map_func
+        self._map_func = _CloudpickledCallable(map_func)
         self._rng = random.Random(42)
         self._failed: set[int] = set()
+
+    def __getnewargs__(self) -> tuple:
+        return self._dataset, self._map_func
 
     def __len__(self) -> int:
         return len(self._dataset)
@@ -109,7 +155,10 @@ class _MapIterableDataset(torchdata.IterableDataset):
 
     def __init__(self, dataset: torchdata.IterableDataset, map_func: Callable[[Any], Any]):
         self._dataset = dataset
-        self._map_func = map_func
+        self._map_func = _CloudpickledCallable(map_func)
+
+    def __len__(self) -> int:
+        return len(self._dataset)
 
     def __iter__(self) -> Iterator[Any]:
         for item in self._dataset:
@@ -153,10 +202,14 @@ class InferenceSampler(torchdata.Sampler):
     def __init__(self, size: int):
         if not isinstance(size, int) or size <= 0:
             raise ValueError(f"InferenceSampler got size={size!r}; expected a positive int (the dataset length).")
-        rank, world_size = comm.get_rank(), comm.get_world_size()
-        shard, extra = divmod(size, world_size)
+        self._local_indices = self._get_local_indices(size, comm.get_world_size(), comm.get_rank())
+
+    @staticmethod
+    def _get_local_indices(total_size: int, world_size: int, rank: int) -> range:
+        """The shard of ``rank``: the first ``total_size % world_size`` ranks get one index more."""
+        shard, extra = divmod(total_size, world_size)
         begin = rank * shard + min(rank, extra)
-        self._local_indices = range(begin, begin + shard + (1 if rank < extra else 0))
+        return range(begin, begin + shard + (1 if rank < extra else 0))
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._local_indices)
@@ -299,11 +352,7 @@ def _as_dataset(
         dataset = DatasetFromList(dataset, copy=copy)
     elif not isinstance(dataset, torchdata.Dataset):
         raise TypeError(f"Expected a list of dataset dicts or a torch Dataset; got {type(dataset).__name__}.")
-    if mapper is None:
-        return dataset
-    if isinstance(dataset, torchdata.IterableDataset):
-        return _MapIterableDataset(dataset, mapper)
-    return MapDataset(dataset, mapper)
+    return dataset if mapper is None else MapDataset(dataset, mapper)
 
 
 def build_batch_data_loader(
@@ -314,34 +363,71 @@ def build_batch_data_loader(
     aspect_ratio_grouping: bool = False,
     num_workers: int = 0,
     collate_fn: Optional[Callable] = None,
+    drop_last: bool = True,
+    single_gpu_batch_size: Optional[int] = None,
+    prefetch_factor: Optional[int] = 2,
+    persistent_workers: bool = False,
+    pin_memory: bool = False,
+    seed: Optional[int] = None,
+    **kwargs: Any,
 ) -> Any:
-    """An infinite loader of per-rank batches of ``total_batch_size // world_size`` items."""
-    world_size = comm.get_world_size()
-    if total_batch_size <= 0 or total_batch_size % world_size != 0:
-        raise ValueError(
-            f"total_batch_size={total_batch_size} must be a positive multiple of the number of processes "
-            f"({world_size}); change dataloader.train.total_batch_size or the number of GPUs."
-        )
-    batch_size = total_batch_size // world_size
+    """A loader of per-process batches (lists, unless ``collate_fn`` says otherwise).
+
+    Args:
+        dataset: a map-style dataset (then ``sampler`` gives the indices, e.g. the infinite
+            ``TrainingSampler``) or an iterable one (then ``sampler`` must be None).
+        total_batch_size: batch size summed over all processes; or give ``single_gpu_batch_size``
+            (the batch of each process) instead.
+        aspect_ratio_grouping: batch landscape and portrait images separately (drops incomplete batches).
+        drop_last: drop the last, incomplete batch.
+        prefetch_factor, persistent_workers, pin_memory, kwargs: passed to ``torch.utils.data.DataLoader``
+            (``prefetch_factor`` only with workers).
+        seed: seeds the loader's generator (the base seed of the workers' random state).
+    """
+    if single_gpu_batch_size:
+        if total_batch_size:
+            raise ValueError(
+                f"build_batch_data_loader got total_batch_size={total_batch_size} and single_gpu_batch_size="
+                f"{single_gpu_batch_size}; give only one of them."
+            )
+        batch_size = single_gpu_batch_size
+    else:
+        world_size = comm.get_world_size()
+        if total_batch_size <= 0 or total_batch_size % world_size != 0:
+            raise ValueError(
+                f"total_batch_size={total_batch_size} must be a positive multiple of the number of processes "
+                f"({world_size}); change dataloader.train.total_batch_size or the number of GPUs."
+            )
+        batch_size = total_batch_size // world_size
+    if isinstance(dataset, torchdata.IterableDataset) and sampler is not None:
+        raise ValueError("build_batch_data_loader got a sampler for an iterable dataset; pass sampler=None.")
+    generator = None
+    if seed is not None:
+        generator = torch.Generator()
+        generator.manual_seed(seed)
+    loader_kwargs = dict(
+        sampler=sampler,
+        num_workers=num_workers,
+        worker_init_fn=worker_init_reset_seed,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        persistent_workers=persistent_workers,
+        pin_memory=pin_memory,
+        generator=generator,
+        **kwargs,
+    )
     if aspect_ratio_grouping:
-        loader = torchdata.DataLoader(
-            dataset,
-            sampler=sampler,
-            batch_size=None,  # one item at a time; grouped into batches below
-            num_workers=num_workers,
-            collate_fn=_no_collation,
-            worker_init_fn=worker_init_reset_seed,
-        )
+        if not drop_last:
+            raise ValueError("aspect_ratio_grouping=True drops incomplete batches; it needs drop_last=True.")
+        # One item at a time, grouped into batches below.
+        loader = torchdata.DataLoader(dataset, batch_size=None, collate_fn=_no_collation, **loader_kwargs)
         grouped = AspectRatioGroupedDataset(loader, batch_size)
-        return grouped if collate_fn is None else _MapIterableDataset(grouped, collate_fn)
+        return grouped if collate_fn is None else MapDataset(grouped, collate_fn)
     return torchdata.DataLoader(
         dataset,
-        sampler=sampler,
         batch_size=batch_size,
-        drop_last=True,
-        num_workers=num_workers,
+        drop_last=drop_last,
         collate_fn=trivial_batch_collator if collate_fn is None else collate_fn,
-        worker_init_fn=worker_init_reset_seed,
+        **loader_kwargs,
     )
 
 
@@ -354,6 +440,7 @@ def build_detection_train_loader(
     aspect_ratio_grouping: bool = True,
     num_workers: int = 0,
     collate_fn: Optional[Callable] = None,
+    **kwargs: Any,
 ) -> Any:
     """An infinite training loader yielding lists of mapped dicts (``total_batch_size // world_size`` each).
 
@@ -363,6 +450,8 @@ def build_detection_train_loader(
         sampler: default ``TrainingSampler(len(dataset))``; must be None for an iterable dataset.
         total_batch_size: batch size summed over all processes.
         aspect_ratio_grouping: batch landscape and portrait images separately.
+        kwargs: passed to :func:`build_batch_data_loader` (``drop_last``, ``prefetch_factor``,
+            ``persistent_workers``, ``pin_memory``, ``seed``, ``single_gpu_batch_size``, ...).
     """
     dataset = _as_dataset(dataset, mapper, copy=False)
     if isinstance(dataset, torchdata.IterableDataset):
@@ -377,6 +466,7 @@ def build_detection_train_loader(
         aspect_ratio_grouping=aspect_ratio_grouping,
         num_workers=num_workers,
         collate_fn=collate_fn,
+        **kwargs,
     )
 
 
