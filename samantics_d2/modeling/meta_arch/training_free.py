@@ -256,7 +256,10 @@ class TrainingFreeSegmenter(nn.Module):
         )
         masks = masks_to_original(proposals.mask_logits[kept.indices], proposals.fit)  # [K, h0, w0] bool
         if masks.shape[-2:] != (height, width):  # the input was resized by the mapper
-            masks = torch.nn.functional.interpolate(masks[None].float(), size=(height, width), mode="nearest")[0] > 0.5
+            if len(masks):
+                masks = torch.nn.functional.interpolate(masks[None].float(), size=(height, width), mode="nearest")[0] > 0.5
+            else:  # interpolate cannot resize zero masks
+                masks = masks.new_zeros((0, height, width))
         result = Instances((height, width))
         result.pred_masks = masks
         result.pred_boxes = BitMasks(masks).get_bounding_boxes() if len(masks) else Boxes(masks.new_zeros((0, 4)).float())
