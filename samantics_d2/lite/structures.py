@@ -13,6 +13,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 import torch
 import torch.nn.functional as F
+from torch import device as Device  # TorchScript resolves annotations by name: "torch.device" is not found
 
 __all__ = [
     "BitMasks",
@@ -116,27 +117,32 @@ def _restore_type(arr: torch.Tensor, original_type: type, single_box: bool) -> _
 
 
 class Boxes:
-    """N axis-aligned boxes, ``tensor: [N, 4]`` float32, (x0, y0, x1, y1) in pixels."""
+    """N axis-aligned boxes, ``tensor: [N, 4]`` float32, (x0, y0, x1, y1) in pixels.
 
-    def __init__(self, tensor: Union[torch.Tensor, np.ndarray, Sequence[Sequence[float]]]):
-        if isinstance(tensor, torch.Tensor):
-            tensor = tensor.to(torch.float32)
-        else:
+    TorchScript can compile it (``torch.jit.script`` of functions that build and use Boxes), as in
+    Detectron2; eagerly, the constructor also takes a numpy array or a nested list.
+    """
+
+    def __init__(self, tensor: torch.Tensor):
+        if not isinstance(tensor, torch.Tensor):
             tensor = torch.as_tensor(np.asarray(tensor, dtype=np.float32), dtype=torch.float32)
+        else:
+            tensor = tensor.to(torch.float32)
         if tensor.numel() == 0:
-            tensor = tensor.reshape(0, 4)
-        if tensor.dim() != 2 or tensor.shape[-1] != 4:
-            raise ValueError(f"Boxes expects a [N, 4] tensor (x0, y0, x1, y1); got shape {tuple(tensor.shape)}.")
+            tensor = tensor.reshape((-1, 4))
+        if tensor.dim() != 2 or tensor.size(-1) != 4:
+            raise ValueError(f"Boxes expects a [N, 4] tensor (x0, y0, x1, y1); got shape {tensor.shape}.")
         self.tensor = tensor
 
     def clone(self) -> "Boxes":
         return Boxes(self.tensor.clone())
 
-    def to(self, device: Union[str, torch.device]) -> "Boxes":
+    def to(self, device: Device) -> "Boxes":
+        """Boxes on ``device`` (a torch.device or, eagerly, a string such as ``"cpu"``)."""
         return Boxes(self.tensor.to(device=device))
 
     @property
-    def device(self) -> torch.device:
+    def device(self) -> Device:
         return self.tensor.device
 
     def area(self) -> torch.Tensor:
@@ -146,7 +152,7 @@ class Boxes:
 
     def clip(self, box_size: tuple[int, int]) -> None:
         """Clip in place to the image ``box_size = (height, width)``."""
-        if not torch.isfinite(self.tensor).all():
+        if not bool(torch.isfinite(self.tensor).all()):
             raise ValueError("Boxes.clip: the boxes contain inf or nan; fix the predictions that produced them.")
         h, w = box_size
         self.tensor[:, 0].clamp_(min=0, max=w)
@@ -174,29 +180,31 @@ class Boxes:
         self.tensor[:, 0::2] *= scale_x
         self.tensor[:, 1::2] *= scale_y
 
-    def __getitem__(self, item: _IndexType) -> "Boxes":
+    def __getitem__(self, item) -> "Boxes":
         """An int, slice, ``[N]`` bool mask or index tensor; always returns ``Boxes`` (a view when possible)."""
         if isinstance(item, int):
             return Boxes(self.tensor[item].view(1, -1))
         selected = self.tensor[item]
         if selected.dim() != 2:
-            raise IndexError(f"Indexing Boxes with {item!r} gave shape {tuple(selected.shape)}; expected [K, 4].")
+            raise IndexError(f"Indexing Boxes gave shape {selected.shape}; expected [K, 4].")
         return Boxes(selected)
 
     def __len__(self) -> int:
         return self.tensor.shape[0]
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    @torch.jit.unused
+    def __iter__(self):
         """Yield each box as a ``[4]`` tensor."""
         yield from self.tensor
 
     def __repr__(self) -> str:
-        return f"Boxes({self.tensor})"
+        return "Boxes(" + str(self.tensor) + ")"
 
     @classmethod
-    def cat(cls, boxes_list: Sequence["Boxes"]) -> "Boxes":
-        if not isinstance(boxes_list, (list, tuple)) or not all(isinstance(b, Boxes) for b in boxes_list):
-            raise TypeError(f"Boxes.cat expects a list of Boxes; got {type(boxes_list).__name__}.")
+    def cat(cls, boxes_list: list["Boxes"]) -> "Boxes":
+        """Concatenate a list of Boxes (an empty list gives empty Boxes)."""
+        if not isinstance(boxes_list, (list, tuple)) or not all([isinstance(b, Boxes) for b in boxes_list]):
+            raise TypeError("Boxes.cat expects a list of Boxes.")
         if len(boxes_list) == 0:
             return cls(torch.empty(0))
         return cls(torch.cat([b.tensor for b in boxes_list], dim=0))
@@ -291,6 +299,16 @@ class BitMasks:
         return Boxes(boxes)
 
     @staticmethod
+    def from_polygon_masks(polygon_masks: Any, height: int, width: int) -> "BitMasks":
+        """Rasterise instances given as polygons: a list (one entry per instance) of lists of flat
+        ``[2K]`` x,y arrays, or an object with such a ``polygons`` attribute (Detectron2's PolygonMasks)."""
+        polygons = getattr(polygon_masks, "polygons", polygon_masks)
+        masks = [torch.from_numpy(polygons_to_bitmask(p, height, width)) for p in polygons]
+        if not masks:
+            return BitMasks(torch.empty(0, height, width, dtype=torch.bool))
+        return BitMasks(torch.stack(masks))
+
+    @staticmethod
     def cat(bitmasks_list: Sequence["BitMasks"]) -> "BitMasks":
         if not isinstance(bitmasks_list, (list, tuple)) or len(bitmasks_list) == 0:
             raise ValueError("BitMasks.cat expects a non-empty list of BitMasks.")
@@ -305,6 +323,10 @@ class ImageList:
     Attributes:
         tensor: ``[N, C, H_max, W_max]`` (or ``[N, H_max, W_max]``) padded batch.
         image_sizes: ``(h, w)`` of each image before padding.
+
+    TorchScript can compile it, and :meth:`from_tensors` can be traced: under ``torch.jit.trace``
+    the sizes are computed from tensors (``image_sizes`` then holds ``[2]`` tensors), so a traced
+    function pads inputs of other sizes correctly, as in Detectron2.
     """
 
     def __init__(self, tensor: torch.Tensor, image_sizes: list[tuple[int, int]]):
@@ -314,16 +336,17 @@ class ImageList:
     def __len__(self) -> int:
         return len(self.image_sizes)
 
-    def __getitem__(self, idx: int) -> torch.Tensor:
+    def __getitem__(self, idx) -> torch.Tensor:
         """The ``idx``-th image without its padding: ``[C, h, w]``."""
-        h, w = self.image_sizes[idx]
-        return self.tensor[idx, ..., :h, :w]
+        size = self.image_sizes[idx]
+        return self.tensor[idx, ..., : size[0], : size[1]]
 
+    @torch.jit.unused
     def to(self, *args: Any, **kwargs: Any) -> "ImageList":
         return ImageList(self.tensor.to(*args, **kwargs), self.image_sizes)
 
     @property
-    def device(self) -> torch.device:
+    def device(self) -> Device:
         return self.tensor.device
 
     @staticmethod
@@ -341,39 +364,57 @@ class ImageList:
         """
         if len(tensors) == 0:
             raise ValueError("ImageList.from_tensors got an empty list; pass at least one image tensor.")
-        if not all(isinstance(t, torch.Tensor) for t in tensors):
-            raise TypeError(f"ImageList.from_tensors expects tensors; got {[type(t).__name__ for t in tensors]}.")
         leading = tensors[0].shape[:-2]
         for i, t in enumerate(tensors):
             if t.shape[:-2] != leading:
                 raise ValueError(
-                    f"ImageList.from_tensors: image {i} has shape {tuple(t.shape)} but image 0 has "
-                    f"{tuple(tensors[0].shape)}; all images need the same leading (channel) dims."
+                    f"ImageList.from_tensors: image {i} has shape {t.shape} but image 0 has {tensors[0].shape}; "
+                    "all images need the same leading (channel) dims."
                 )
-        image_sizes = [(int(t.shape[-2]), int(t.shape[-1])) for t in tensors]
-        max_h, max_w = max(s[0] for s in image_sizes), max(s[1] for s in image_sizes)
+        image_sizes = [(t.shape[-2], t.shape[-1]) for t in tensors]
+        # Under tracing, shape entries are tensors: computing the padded size with tensor ops keeps it
+        # a function of the input sizes instead of a constant of the trace.
+        size_tensors = [_size_tensor(t) for t in tensors]
+        max_size = torch.stack(size_tensors).max(0).values
         if padding_constraints is not None:
-            square_size = int(padding_constraints.get("square_size", 0))
+            square_size = padding_constraints.get("square_size", 0)
             if square_size > 0:
-                if max_h > square_size or max_w > square_size:
+                if bool((max_size > square_size).any()):
                     raise ValueError(
-                        f"ImageList.from_tensors: an image of size {max_h}x{max_w} does not fit the square_size "
+                        f"ImageList.from_tensors: an image of size {int(max_size[0])}x{int(max_size[1])} does not fit the square_size "
                         f"{square_size} padding constraint; resize images to at most {square_size} px first."
                     )
-                max_h = max_w = square_size
-            size_divisibility = int(padding_constraints.get("size_divisibility", size_divisibility))
+                max_size = torch.full_like(max_size, square_size)
+            if "size_divisibility" in padding_constraints:
+                size_divisibility = padding_constraints["size_divisibility"]
         if size_divisibility > 1:
             stride = size_divisibility
-            max_h, max_w = -(-max_h // stride) * stride, -(-max_w // stride) * stride
+            max_size = (max_size + (stride - 1)).div(stride, rounding_mode="floor") * stride
+        if torch.jit.is_scripting():
+            padded: list[int] = max_size.to(dtype=torch.long).tolist()
+        elif torch.jit.is_tracing():
+            padded = max_size
+            image_sizes = size_tensors
+        else:
+            padded = max_size.tolist()
 
         if len(tensors) == 1:
             h, w = image_sizes[0]
-            batched = F.pad(tensors[0], [0, max_w - w, 0, max_h - h], value=pad_value).unsqueeze(0)
+            batched = F.pad(tensors[0], [0, padded[-1] - w, 0, padded[-2] - h], value=pad_value).unsqueeze(0)
         else:
-            batched = tensors[0].new_full((len(tensors), *leading, max_h, max_w), pad_value)
-            for pad_img, img in zip(batched, tensors):
-                pad_img[..., : img.shape[-2], : img.shape[-1]].copy_(img)
+            batched = tensors[0].new_full([len(tensors)] + list(leading) + [padded[0], padded[1]], pad_value)
+            for i, img in enumerate(tensors):
+                batched[i, ..., : img.shape[-2], : img.shape[-1]].copy_(img)
         return ImageList(batched.contiguous(), image_sizes)
+
+
+def _size_tensor(image: torch.Tensor) -> torch.Tensor:
+    """``[2]`` long tensor ``(h, w)`` of ``image`` (computed from the traced shape under tracing)."""
+    if torch.jit.is_scripting():
+        return torch.tensor([image.shape[-2], image.shape[-1]])
+    if torch.jit.is_tracing():
+        return torch._shape_as_tensor(image)[-2:]
+    return torch.tensor(image.shape[-2:])
 
 
 class Instances:
