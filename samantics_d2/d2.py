@@ -20,11 +20,16 @@ __all__ = [
     "LazyCall",
     "LazyConfig",
     "instantiate",
+    "CfgNode",
+    "configurable",
+    "get_cfg",
     # modeling
     "Backbone",
     "ShapeSpec",
     "BACKBONE_REGISTRY",
     "META_ARCH_REGISTRY",
+    "build_backbone",
+    "build_model",
     # structures
     "Boxes",
     "BoxMode",
@@ -43,6 +48,7 @@ __all__ = [
     "register_coco_instances",
     # engine
     "AMPTrainer",
+    "DefaultPredictor",
     "SimpleTrainer",
     "create_ddp_model",
     "default_argument_parser",
@@ -97,7 +103,7 @@ BACKEND: str = _choose_backend()
 
 if BACKEND == "detectron2":  # pragma: no cover - Detectron2 cannot be installed on CI machines
     from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.config import LazyCall, LazyConfig, instantiate
+    from detectron2.config import CfgNode, LazyCall, LazyConfig, configurable, get_cfg, instantiate
     from detectron2.data import (
         DatasetCatalog,
         MetadataCatalog,
@@ -108,6 +114,7 @@ if BACKEND == "detectron2":  # pragma: no cover - Detectron2 cannot be installed
     from detectron2.data.datasets import load_coco_json, load_lvis_json, register_coco_instances
     from detectron2.engine import (
         AMPTrainer,
+        DefaultPredictor,
         SimpleTrainer,
         create_ddp_model,
         default_argument_parser,
@@ -124,7 +131,14 @@ if BACKEND == "detectron2":  # pragma: no cover - Detectron2 cannot be installed
         inference_on_dataset,
         print_csv_format,
     )
-    from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, Backbone, ShapeSpec
+    from detectron2.modeling import (
+        BACKBONE_REGISTRY,
+        META_ARCH_REGISTRY,
+        Backbone,
+        ShapeSpec,
+        build_backbone,
+        build_model,
+    )
     from detectron2.solver import LRMultiplier, WarmupParamScheduler, get_default_optimizer_params
     from detectron2.structures import BitMasks, Boxes, BoxMode, ImageList, Instances, pairwise_iou
     from detectron2.utils import comm
@@ -146,6 +160,7 @@ else:
     )
     from .lite.engine import (
         AMPTrainer,
+        DefaultPredictor,
         SimpleTrainer,
         create_ddp_model,
         default_argument_parser,
@@ -163,9 +178,10 @@ else:
     )
     from .lite.events import EventStorage, get_event_storage
     from .lite.logger import setup_logger
-    from .lite.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, Backbone, ShapeSpec
+    from .lite.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, Backbone, ShapeSpec, build_backbone, build_model
     from .lite.solver import LRMultiplier, WarmupParamScheduler, get_default_optimizer_params
     from .lite.structures import BitMasks, Boxes, BoxMode, ImageList, Instances, pairwise_iou
+    from .lite.yacs_config import CfgNode, configurable, get_cfg
 
 _logged = False
 

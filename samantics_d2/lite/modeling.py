@@ -5,10 +5,11 @@ from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 import torch.nn as nn
 from fvcore.common.registry import Registry
 
-__all__ = ["BACKBONE_REGISTRY", "META_ARCH_REGISTRY", "Backbone", "ShapeSpec"]
+__all__ = ["BACKBONE_REGISTRY", "META_ARCH_REGISTRY", "Backbone", "ShapeSpec", "build_backbone", "build_model"]
 
 BACKBONE_REGISTRY = Registry("BACKBONE")
 BACKBONE_REGISTRY.__doc__ = "Registry for backbones: nn.Modules that map images to named feature maps."
@@ -56,3 +57,21 @@ class Backbone(nn.Module, metaclass=ABCMeta):
             name: ShapeSpec(channels=self._out_feature_channels[name], stride=self._out_feature_strides[name])
             for name in self._out_features
         }
+
+
+def build_backbone(cfg, input_shape: Optional[ShapeSpec] = None) -> Backbone:
+    """The backbone registered as ``cfg.MODEL.BACKBONE.NAME``, called as ``cls(cfg, input_shape)``
+    (default input: ``len(cfg.MODEL.PIXEL_MEAN)`` channels)."""
+    if input_shape is None:
+        input_shape = ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN))
+    backbone = BACKBONE_REGISTRY.get(cfg.MODEL.BACKBONE.NAME)(cfg, input_shape)
+    assert isinstance(backbone, Backbone)
+    return backbone
+
+
+def build_model(cfg) -> nn.Module:
+    """The meta-architecture registered as ``cfg.MODEL.META_ARCHITECTURE``, called as ``cls(cfg)``
+    and moved to ``cfg.MODEL.DEVICE``. It loads no weights (``DetectionCheckpointer`` does)."""
+    model = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)(cfg)
+    model.to(torch.device(cfg.MODEL.DEVICE))
+    return model

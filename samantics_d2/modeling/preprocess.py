@@ -244,15 +244,19 @@ def image_to_tensor(image: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
         image: a numpy array ``[H, W]``, ``[H, W, 1|3|4]`` of uint8/uint16/bool/float in [0, 1]
             (converted by :func:`samantics_d2.data.io.to_rgb_uint8`: gray repeated, alpha dropped,
             16 bit scaled), or a tensor ``[3, H, W]`` / ``[1, H, W]`` uint8 (the model-input
-            convention of this project: RGB, channels first).
+            convention of this project: RGB, channels first) or float holding pixel values in
+            [0, 255] (Detectron2's model-input convention: ``DefaultPredictor`` passes float32).
     """
     if isinstance(image, torch.Tensor):
-        if image.ndim != 3 or image.shape[0] not in (1, 3) or image.dtype != torch.uint8 or min(image.shape[1:]) < 1:
+        supported_dtype = image.dtype == torch.uint8 or image.is_floating_point()
+        if image.ndim != 3 or image.shape[0] not in (1, 3) or not supported_dtype or min(image.shape[1:]) < 1:
             raise ValueError(
-                f"Image tensors must be [3, H, W] (or [1, H, W]) uint8 RGB with H, W >= 1; got shape "
-                f"{tuple(image.shape)} dtype {image.dtype}. Pass numpy [H, W, C] arrays for other layouts "
-                "(gray, RGBA, 16-bit, float are converted)."
+                f"Image tensors must be [3, H, W] (or [1, H, W]) RGB, uint8 or float in [0, 255], with H, W >= 1; got "
+                f"shape {tuple(image.shape)} dtype {image.dtype}. Pass numpy [H, W, C] arrays for other layouts "
+                "(gray, RGBA, 16-bit, float in [0, 1] are converted)."
             )
+        if image.is_floating_point():
+            image = image.detach().round().clamp(0, 255).to(torch.uint8)
         return image.detach().cpu().expand(3, -1, -1).contiguous()
     if isinstance(image, np.ndarray):
         from ..data.io import to_rgb_uint8

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from ..preprocess import preprocess_spec
 from ..weights import get_weight_spec, load_encoder_weights, resolve_weights
 from .base import SIZES, EncoderBackbone
 from .clip import CLIPBackbone
@@ -72,12 +71,7 @@ def build_encoder(
             raise ValueError(f"build_encoder({tag!r}, size={size!r}, pretrained=True): only size='full' has weights.")
         path = resolve_weights(weights if weights is not None else tag)
     cls = BACKBONE_CLASSES[spec.family]
-    kwargs: dict = {"variant": spec.variant, "size": size, "out_features": out_features}
-    if size == "full" or input_size is not None or fit is not None:
-        kwargs["preprocess"] = preprocess_spec(tag, input_size=input_size, fit=fit)
-    if input_size is not None and cls is not SAM2Backbone:  # SAM 2 takes any multiple of 32 as it is
-        kwargs["img_size"] = input_size
-    model = cls(**kwargs)
+    model = cls(**cls.options_for_tag(tag, size=size, input_size=input_size, fit=fit, out_features=out_features))
     if path is not None:
         # the published checksum applies to the published file name
         sha256 = spec.sha256 if path.name == spec.file_name else None

@@ -19,7 +19,7 @@ import torch
 
 from ...d2 import Backbone, ShapeSpec
 from ..preprocess import ImageFit, PreprocessSpec, prepare_batch, preprocess_spec
-from ..weights import default_tag
+from ..weights import default_tag, get_weight_spec
 
 __all__ = ["EncoderBackbone", "SIZES"]
 
@@ -45,6 +45,8 @@ class EncoderBackbone(Backbone):
 
     weight_family: ClassVar[str] = ""
     variants: ClassVar[tuple[str, ...]] = ()
+    # Whether the trunk is built for one input size (``img_size``: fixed position embeddings).
+    takes_img_size: ClassVar[bool] = True
 
     def __init__(self, *, variant: str, size: str, preprocess: Optional[PreprocessSpec]) -> None:
         super().__init__()
@@ -57,6 +59,51 @@ class EncoderBackbone(Backbone):
         self._preprocess = preprocess
         self.dense_feature = ""
         self.global_feature = ""
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def options_for_tag(
+        cls,
+        tag: str,
+        *,
+        size: str = "full",
+        input_size: Optional[int] = None,
+        fit: Optional[str] = None,
+        out_features: Optional[Sequence[str]] = None,
+    ) -> dict:
+        """The constructor arguments of weight tag ``tag``'s architecture and preprocessing
+        (``build_encoder`` documents the options); shared by ``build_encoder`` and :meth:`from_config`."""
+        spec = get_weight_spec(tag)
+        if spec.family != cls.weight_family:
+            raise ValueError(
+                f"Weight tag {tag!r} is a {spec.family!r} encoder, not a {cls.weight_family!r} one ({cls.__name__}); "
+                f"pick a {cls.weight_family} tag or the backbone class of its family."
+            )
+        kwargs: dict = {"variant": spec.variant, "size": size, "out_features": out_features}
+        if size == "full" or input_size is not None or fit is not None:
+            kwargs["preprocess"] = preprocess_spec(tag, input_size=input_size, fit=fit)
+        if input_size is not None and cls.takes_img_size:
+            kwargs["img_size"] = input_size
+        return kwargs
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: Optional[ShapeSpec] = None) -> dict:
+        """``build_backbone(cfg)``: the architecture of ``cfg.MODEL.SAMANTICS.BACKBONE`` (yacs path,
+        see :mod:`samantics_d2.yacs_config`). Weights come from ``MODEL.WEIGHTS``, as for any
+        Detectron2 backbone, so ``PRETRAINED`` must be off here."""
+        node = cfg.MODEL.SAMANTICS.BACKBONE
+        if node.PRETRAINED:
+            raise ValueError(
+                f"build_backbone builds {cls.__name__} without weights, but cfg.MODEL.SAMANTICS.BACKBONE.PRETRAINED is "
+                "True. Set it to False and give the model's weights in MODEL.WEIGHTS, or load the official file with "
+                "samantics_d2.modeling.weights.load_encoder_weights(backbone, path)."
+            )
+        if input_shape is not None and input_shape.channels not in (None, 3):
+            raise ValueError(f"{cls.__name__} takes 3-channel RGB images; got input_shape={input_shape}.")
+        return cls.options_for_tag(
+            node.TAG, size=node.SIZE, input_size=node.INPUT_SIZE, fit=node.FIT, out_features=node.OUT_FEATURES
+        )
 
     # ------------------------------------------------------------------ outputs
 

@@ -6,7 +6,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ...d2 import BACKBONE_REGISTRY, ShapeSpec
+from ...d2 import BACKBONE_REGISTRY, ShapeSpec, configurable
 from ..preprocess import PreprocessSpec
 from .base import EncoderBackbone
 
@@ -52,6 +52,7 @@ class CLIPBackbone(EncoderBackbone):
     weight_family = "clip"
     variants = tuple(CLIP_VARIANTS)
 
+    @configurable
     def __init__(
         self,
         *,

@@ -6,7 +6,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ...d2 import BACKBONE_REGISTRY, ShapeSpec
+from ...d2 import BACKBONE_REGISTRY, ShapeSpec, configurable
 from ..preprocess import PreprocessSpec
 from .base import EncoderBackbone
 
@@ -54,6 +54,7 @@ class DINOv2Backbone(EncoderBackbone):
     weight_family = "dinov2"
     variants = tuple(DINOV2_VARIANTS)
 
+    @configurable
     def __init__(
         self,
         *,

@@ -8,7 +8,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ...d2 import BACKBONE_REGISTRY, ShapeSpec
+from ...d2 import BACKBONE_REGISTRY, ShapeSpec, configurable
 from ..preprocess import PreprocessSpec
 from .base import EncoderBackbone
 
@@ -57,6 +57,7 @@ class SAMBackbone(EncoderBackbone):
     weight_family = "sam"
     variants = tuple(SAM_VARIANTS)
 
+    @configurable
     def __init__(
         self,
         *,

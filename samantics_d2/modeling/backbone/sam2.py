@@ -6,7 +6,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ...d2 import BACKBONE_REGISTRY, ShapeSpec
+from ...d2 import BACKBONE_REGISTRY, ShapeSpec, configurable
 from ..preprocess import PreprocessSpec
 from .base import EncoderBackbone
 
@@ -72,7 +72,9 @@ class SAM2Backbone(EncoderBackbone):
 
     weight_family = "sam2"
     variants = tuple(HIERA_VARIANTS)
+    takes_img_size = False  # any multiple of 32, as it is
 
+    @configurable
     def __init__(
         self,
         *,

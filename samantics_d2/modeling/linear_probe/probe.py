@@ -31,10 +31,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...d2 import META_ARCH_REGISTRY, DatasetCatalog, MetadataCatalog, comm
+from ...d2 import META_ARCH_REGISTRY, DatasetCatalog, MetadataCatalog, comm, configurable
 from ...utils.io import atomic_path
 from ...data.io import read_image
 from ...evaluation.classification import accuracy_from_topk, classification_metrics, write_classification_report
+from ...yacs_config import dataset_classes, node_kwargs, require_rgb
+from ..backbone import build_encoder
 from ..weights import module_fingerprint
 from .feature_cache import FeatureCache, PooledEncoder, build_feature_cache
 
@@ -474,6 +476,7 @@ class LinearProbe(nn.Module):
         init_seed: seed of the head's N(0, 0.01^2) initialisation.
     """
 
+    @configurable
     def __init__(
         self,
         *,
@@ -494,6 +497,21 @@ class LinearProbe(nn.Module):
         if in_features is None:
             in_features = self._feature_size()
         self.head = _init_linear(in_features, num_classes, init_seed)
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        """Yacs path (:mod:`samantics_d2.yacs_config`): the encoder of ``MODEL.SAMANTICS.BACKBONE``,
+        ``.LINEAR_PROBE`` and the ``classes`` of ``DATASETS.TRAIN[0]`` (else ``TEST[0]``). The trained
+        head comes from ``MODEL.WEIGHTS`` (``linear_probe_head.pth`` of a training run)."""
+        require_rgb(cfg, cls.__name__)
+        classes = dataset_classes(cfg, key="classes", splits=["TRAIN", "TEST"])
+        if classes is None:
+            raise ValueError("LinearProbe takes its classes from DATASETS.TRAIN[0] (or TEST[0]); both are empty.")
+        return {
+            "backbone": build_encoder(**node_kwargs(cfg.MODEL.SAMANTICS.BACKBONE)),
+            "num_classes": len(classes),
+            **node_kwargs(cfg.MODEL.SAMANTICS.LINEAR_PROBE),
+        }
 
     def _feature_size(self) -> int:
         key = self.encoder.keys[self.pooling]

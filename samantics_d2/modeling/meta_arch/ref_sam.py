@@ -41,11 +41,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...d2 import META_ARCH_REGISTRY, Boxes, DatasetCatalog, Instances, MetadataCatalog
-from ..ref_sam import MultiLevelNeck, RefDETRHead, SetCriterion, TokenFuser, box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+from ...d2 import META_ARCH_REGISTRY, Boxes, DatasetCatalog, Instances, MetadataCatalog, configurable
+from ...yacs_config import dataset_classes, node_kwargs, registered_dataset, require_rgb
+from ..ref_sam import (
+    HungarianMatcher,
+    MultiLevelNeck,
+    RefDETRHead,
+    SetCriterion,
+    TokenFuser,
+    box_cxcywh_to_xyxy,
+    box_xyxy_to_cxcywh,
+)
 from ..ref_sam.reference_encoder import ReferenceTokens, encode_references, mask_token_outputs, num_mask_tokens
 from ..semantic import masks_to_original
-from .training_free import SamProposer, module_fingerprint
+from .training_free import SamProposer, module_fingerprint, sam_proposer_from_config
 
 __all__ = ["RefSAM", "build_optimizer_with_grad_clip", "ref_sam_lr_factor", "ref_sam_lr_factor_func"]
 
@@ -142,6 +151,7 @@ class RefSAM(nn.Module):
         reference_batch_size: reference images per encoder forward when encoding ``references``.
     """
 
+    @configurable
     def __init__(
         self,
         *,
@@ -224,6 +234,33 @@ class RefSAM(nn.Module):
         for p in self.proposer.parameters():
             p.requires_grad_(False)
         self.proposer.eval()
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        """Yacs path (:mod:`samantics_d2.yacs_config`): the SAM of ``MODEL.SAMANTICS.BACKBONE``, the
+        rest from ``MODEL.SAMANTICS.REF_SAM``; the fuser's tokens and width, the neck's input and the
+        number of levels follow the built SAM and ``FEATURE_NAMES``; output classes: ``DATASETS.TEST[0]``'s."""
+        require_rgb(cfg, cls.__name__)
+        opts = cfg.MODEL.SAMANTICS.REF_SAM
+        options = node_kwargs(opts)
+        registered_dataset(options["references"], "MODEL.SAMANTICS.REF_SAM.REFERENCES")
+        proposer = sam_proposer_from_config(cfg)
+        backbone, decoder = proposer.backbone, proposer.proposals.decoder
+        feature_names = list(options.pop("feature_names") or backbone.global_attn_features)
+        level_input = backbone.output_shape()[feature_names[0]]
+        d_model = opts.HEAD.D_MODEL
+        return {
+            **options,
+            "proposer": proposer,
+            "fuser": TokenFuser(num_tokens=num_mask_tokens(decoder), token_dim=decoder.embed_dim, out_dim=d_model,
+                                **node_kwargs(opts.FUSER)),
+            "neck": MultiLevelNeck(in_channels=level_input.channels, out_channels=d_model, num_levels=len(feature_names),
+                                   input_stride=level_input.stride, **node_kwargs(opts.NECK)),
+            "head": RefDETRHead(n_levels=len(feature_names), **node_kwargs(opts.HEAD)),
+            "criterion": SetCriterion(matcher=HungarianMatcher(**node_kwargs(opts.MATCHER)), **node_kwargs(opts.LOSS)),
+            "feature_names": feature_names,
+            "class_names": dataset_classes(cfg, key="thing_classes", splits=["TEST"]),
+        }
 
     # ------------------------------------------------------------------ plumbing
 

@@ -33,11 +33,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss
 
-from ...d2 import META_ARCH_REGISTRY, BitMasks, Boxes, DatasetEvaluator, Instances, comm
+from ...d2 import META_ARCH_REGISTRY, BitMasks, Boxes, DatasetEvaluator, Instances, comm, configurable
+from ...yacs_config import node_kwargs, require_rgb
 from ..preprocess import ImageFit
 from ..proposals.point_grid import _image_region
 from ..semantic import identity_fit, mask_iou_matrix, masks_to_original, resample_masks
-from .training_free import SamProposer
+from .training_free import SamProposer, sam_proposer_from_config
 
 __all__ = ["PromptableSamTrainer", "ProposalRecallEvaluator", "masks_to_mask_frame", "sample_points_in_masks"]
 
@@ -123,6 +124,7 @@ class PromptableSamTrainer(nn.Module):
             (SAM: 0.1, at most 20 px).
     """
 
+    @configurable
     def __init__(
         self,
         *,
@@ -152,6 +154,12 @@ class PromptableSamTrainer(nn.Module):
         self.iou_weight = iou_weight
         self.box_fraction = box_fraction
         self.box_noise = box_noise
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        """Yacs path (:mod:`samantics_d2.yacs_config`): ``MODEL.SAMANTICS.BACKBONE``, ``.PROPOSALS`` and ``.SAM_TRAINER``."""
+        require_rgb(cfg, cls.__name__)
+        return {"proposer": sam_proposer_from_config(cfg), **node_kwargs(cfg.MODEL.SAMANTICS.SAM_TRAINER)}
 
     @property
     def device(self) -> torch.device:
@@ -253,7 +261,10 @@ class PromptableSamTrainer(nn.Module):
         proposals = self.proposer(image)
         masks = masks_to_original(proposals.mask_logits, proposals.fit)  # [P, h, w] bool, the input image grid
         if masks.shape[-2:] != (height, width):  # the mapper resized the image
-            masks = F.interpolate(masks[None].float(), size=(height, width), mode="nearest")[0] > 0.5
+            if len(masks):
+                masks = F.interpolate(masks[None].float(), size=(height, width), mode="nearest")[0] > 0.5
+            else:  # interpolate cannot resize zero masks
+                masks = masks.new_zeros((0, height, width))
         result = Instances((height, width))
         result.pred_masks = masks
         result.pred_boxes = BitMasks(masks).get_bounding_boxes() if len(masks) else Boxes(masks.new_zeros((0, 4)).float())

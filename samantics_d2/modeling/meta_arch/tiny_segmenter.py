@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...d2 import META_ARCH_REGISTRY, BitMasks, Boxes, ImageList, Instances
+from ...d2 import META_ARCH_REGISTRY, BitMasks, Boxes, ImageList, Instances, configurable
+from ...yacs_config import dataset_classes, node_kwargs, require_rgb
 
 __all__ = ["TinySegmenter"]
 
@@ -31,6 +32,7 @@ class TinySegmenter(nn.Module):
     (bool [N, H, W]), ``pred_boxes``, ``scores`` and ``pred_classes``.
     """
 
+    @configurable
     def __init__(
         self,
         *,
@@ -64,6 +66,21 @@ class TinySegmenter(nn.Module):
         )
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        """Yacs path (:mod:`samantics_d2.yacs_config`): ``MODEL.SAMANTICS.TINY_SEGMENTER``, the pixel
+        statistics of ``MODEL.PIXEL_MEAN/STD`` and the classes of ``DATASETS.TRAIN[0]`` (else ``TEST[0]``)."""
+        require_rgb(cfg, cls.__name__)
+        classes = dataset_classes(cfg, key="thing_classes", splits=["TRAIN", "TEST"])
+        if classes is None:
+            raise ValueError("TinySegmenter takes its classes from DATASETS.TRAIN[0] (or TEST[0]); both are empty.")
+        return {
+            "num_classes": len(classes),
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            **node_kwargs(cfg.MODEL.SAMANTICS.TINY_SEGMENTER),
+        }
 
     @property
     def device(self) -> torch.device:

@@ -20,13 +20,14 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from ...d2 import META_ARCH_REGISTRY, BitMasks, Boxes, DatasetCatalog, Instances, MetadataCatalog, comm
-from ..backbone import EncoderBackbone
+from ...d2 import META_ARCH_REGISTRY, BitMasks, Boxes, DatasetCatalog, Instances, MetadataCatalog, comm, configurable
+from ...yacs_config import dataset_classes, node_kwargs, registered_dataset, require_rgb
+from ..backbone import EncoderBackbone, build_encoder
 from ..proposals import MaskProposals, PointGridProposals, build_prompt_decoder
 from ..semantic import MemoryBank, MemoryBankConfig, PrototypeClassifier, masks_to_original, resample_masks
 from ..weights import module_fingerprint
 
-__all__ = ["SamProposer", "TrainingFreeSegmenter", "build_sam_proposer", "module_fingerprint"]
+__all__ = ["SamProposer", "TrainingFreeSegmenter", "build_sam_proposer", "module_fingerprint", "sam_proposer_from_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,18 @@ def build_sam_proposer(
     initialisation) and :class:`PointGridProposals` with ``grid_options``."""
     decoder = build_prompt_decoder(backbone, weights=decoder_weights)
     return SamProposer(backbone=backbone, proposals=PointGridProposals(decoder=decoder, **grid_options))
+
+
+def sam_proposer_from_config(cfg) -> SamProposer:
+    """The proposer of a yacs config: ``cfg.MODEL.SAMANTICS.BACKBONE`` (``build_encoder`` options) and
+    ``.PROPOSALS``; with ``PRETRAINED``, the prompt decoder reads the encoder's checkpoint."""
+    encoder = cfg.MODEL.SAMANTICS.BACKBONE
+    decoder_weights = (encoder.WEIGHTS or encoder.TAG) if encoder.PRETRAINED else None
+    return build_sam_proposer(
+        backbone=build_encoder(**node_kwargs(encoder)),
+        decoder_weights=decoder_weights,
+        **node_kwargs(cfg.MODEL.SAMANTICS.PROPOSALS),
+    )
 
 
 def _default_bank_dir() -> str:
@@ -98,6 +111,7 @@ class TrainingFreeSegmenter(nn.Module):
             ground-truth boxes: the mask-quality oracle).
     """
 
+    @configurable
     def __init__(
         self,
         *,
@@ -139,6 +153,25 @@ class TrainingFreeSegmenter(nn.Module):
         self._prototypes: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         for p in self.parameters():
             p.requires_grad_(False)
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        """Yacs path (:mod:`samantics_d2.yacs_config`): ``MODEL.SAMANTICS.BACKBONE``, ``.PROPOSALS``,
+        ``.SEMANTIC_ENCODER`` and ``.TRAINING_FREE``; output classes: ``DATASETS.TEST[0]``'s."""
+        require_rgb(cfg, cls.__name__)
+        opts = cfg.MODEL.SAMANTICS
+        options = node_kwargs(opts.TRAINING_FREE)
+        if registered_dataset(options["references"], "MODEL.SAMANTICS.TRAINING_FREE.REFERENCES") is None:
+            raise ValueError("TrainingFreeSegmenter needs a reference set: set MODEL.SAMANTICS.TRAINING_FREE.REFERENCES "
+                             "to a registered reference dataset (e.g. shapes_train_ref5_seed0).")
+        return {
+            **options,
+            "proposer": sam_proposer_from_config(cfg),
+            "semantic_encoder": build_encoder(**node_kwargs(opts.SEMANTIC_ENCODER)),
+            "classifier": PrototypeClassifier(**node_kwargs(opts.TRAINING_FREE.CLASSIFIER)),
+            "memory_bank": MemoryBankConfig(**node_kwargs(opts.TRAINING_FREE.MEMORY_BANK)),
+            "class_names": dataset_classes(cfg, key="thing_classes", splits=["TEST"]),
+        }
 
     @property
     def device(self) -> torch.device:

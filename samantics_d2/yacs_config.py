@@ -1,0 +1,159 @@
+"""The yacs plug-in path: build this project's models inside a Detectron2 codebase from a yacs config.
+
+::
+
+    from samantics_d2 import add_samantics_config
+    from samantics_d2.d2 import DefaultPredictor, build_model, get_cfg
+
+    cfg = get_cfg()
+    add_samantics_config(cfg)               # our keys, under cfg.MODEL.SAMANTICS
+    cfg.merge_from_file("configs/yacs/training_free_shapes.yaml")
+    model = build_model(cfg)                # or DefaultPredictor(cfg), DefaultTrainer(cfg)
+
+Every registered meta-architecture and backbone has Detectron2's ``@configurable`` ``__init__`` and
+a ``from_config`` classmethod: called with a config it reads the keys below, otherwise it takes
+keyword arguments as before (the LazyConfig path). ``from_config`` builds the sub-modules with the
+builders the LazyConfig files call (``build_encoder``, ``build_sam_proposer``), loads the encoder
+weights (``PRETRAINED``) and resolves the label space from the dataset metadata, at build time.
+
+Each option node holds the keyword options of the class or builder it configures, upper-cased,
+with that class's defaults (``CLASSIFIER.NMS_THRESH`` is ``PrototypeClassifier(nms_thresh=...)``):
+the constructors' docstrings document the keys.
+
+``cfg.MODEL.SAMANTICS``:
+    BACKBONE: ``build_encoder`` options (TAG, SIZE, PRETRAINED, WEIGHTS, INPUT_SIZE, FIT, OUT_FEATURES)
+        of the image encoder: SAM / HQ-SAM / SAM 2 for TrainingFreeSegmenter, RefSAM and
+        PromptableSamTrainer (their prompt decoder comes from the same checkpoint), the probed
+        encoder for LinearProbe; also what ``build_backbone`` builds when ``MODEL.BACKBONE.NAME`` is
+        one of our backbones (architecture only: weights then come from ``MODEL.WEIGHTS``).
+    SEMANTIC_ENCODER: ``build_encoder`` options of TrainingFreeSegmenter's semantic encoder (DINOv2).
+    PROPOSALS: ``PointGridProposals`` options (the SAM point grid).
+    TRAINING_FREE: ``TrainingFreeSegmenter`` options (REFERENCES: a registered reference set), with
+        CLASSIFIER (``PrototypeClassifier``) and MEMORY_BANK (``MemoryBankConfig``).
+    REF_SAM: ``RefSAM`` options, with FUSER, NECK, HEAD, MATCHER and LOSS (``TokenFuser``,
+        ``MultiLevelNeck``, ``RefDETRHead``, ``HungarianMatcher``, ``SetCriterion``); the sizes that
+        must agree with the SAM (tokens, widths, levels) are taken from the built SAM.
+    LINEAR_PROBE: ``LinearProbe`` options. SAM_TRAINER: ``PromptableSamTrainer`` options.
+    TINY_SEGMENTER: ``TinySegmenter`` options (pixel statistics: ``MODEL.PIXEL_MEAN/STD``).
+
+Label spaces: TrainingFreeSegmenter and RefSAM output the ``thing_classes`` of
+``DATASETS.TEST[0]`` (default: their reference classes); TinySegmenter (``thing_classes``) and
+LinearProbe (``classes``) learn the classes of ``DATASETS.TRAIN[0]``, else ``DATASETS.TEST[0]``.
+Every model takes RGB images: set ``INPUT.FORMAT: RGB``.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Iterable, Optional
+
+from .d2 import CfgNode, DatasetCatalog, MetadataCatalog
+
+__all__ = ["add_samantics_config", "dataset_classes", "node_kwargs", "options_node", "require_rgb"]
+
+_YACS_TYPES = (tuple, list, str, int, float, bool, type(None))
+
+
+def options_node(target: Callable, *, exclude: Iterable[str] = (), **extra: Any) -> CfgNode:
+    """A ``CfgNode`` of ``target``'s keyword options and their defaults, names upper-cased.
+
+    Args:
+        target: a class or function.
+        exclude: options not in the node (built sub-modules, options resolved from other keys).
+        extra: more keys (upper-case) or values for options without a default.
+    """
+    node = CfgNode()
+    skip = set(exclude)
+    for name, param in inspect.signature(target).parameters.items():
+        if name in skip or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        if param.default is param.empty:
+            assert name.upper() in extra, f"{target.__name__}: give {name.upper()}=... for {name!r} (no default)"
+            continue
+        assert isinstance(param.default, _YACS_TYPES), (target.__name__, name, param.default)
+        node[name.upper()] = param.default
+    node.update(extra)
+    return node
+
+
+def node_kwargs(node: CfgNode) -> dict[str, Any]:
+    """The keyword arguments a node of :func:`options_node` stands for (sub-nodes left out)."""
+    return {key.lower(): value for key, value in node.items() if not isinstance(value, CfgNode)}
+
+
+def require_rgb(cfg: CfgNode, owner: str) -> None:
+    """Our models take RGB images: reject any other ``cfg.INPUT.FORMAT``."""
+    if cfg.INPUT.FORMAT != "RGB":
+        raise ValueError(
+            f"{owner} takes RGB images, but cfg.INPUT.FORMAT is {cfg.INPUT.FORMAT!r}. Set INPUT.FORMAT: RGB in the "
+            "config (DefaultPredictor then converts its BGR input, and the data loaders read RGB)."
+        )
+
+
+def dataset_classes(cfg: CfgNode, *, key: str, splits: Iterable[str]) -> Optional[list[str]]:
+    """Metadata ``key`` (class names) of the first dataset of the first non-empty ``cfg.DATASETS.<split>``.
+
+    Returns None when every split named is empty. Metadata that is set when the dataset is loaded
+    (``register_coco_instances``) is obtained by loading it.
+    """
+    for split in splits:
+        names = cfg.DATASETS[split]
+        if not len(names):
+            continue
+        name = names[0]
+        if name not in DatasetCatalog.list():
+            raise KeyError(f"cfg.DATASETS.{split}[0] = {name!r} is not a registered dataset; register it first.")
+        if MetadataCatalog.get(name).get(key) is None:
+            DatasetCatalog.get(name)
+        classes = MetadataCatalog.get(name).get(key)
+        if classes is None:
+            raise ValueError(
+                f"cfg.DATASETS.{split}[0] = {name!r} has no {key!r} metadata; expected its class names there."
+            )
+        return list(classes)
+    return None
+
+
+def registered_dataset(name: Optional[str], key: str) -> Optional[str]:
+    """``name`` after checking it is a registered dataset (None and "" pass through as None)."""
+    if not name:
+        return None
+    if name not in DatasetCatalog.list():
+        raise KeyError(f"cfg.{key} = {name!r} is not a registered dataset; register it first (DatasetCatalog).")
+    return name
+
+
+def add_samantics_config(cfg: CfgNode) -> None:
+    """Add this project's keys (``cfg.MODEL.SAMANTICS``, see the module docstring) to a yacs config.
+
+    Call it on ``get_cfg()`` before ``merge_from_file``, as Mask2Former's ``add_maskformer2_config``.
+    """
+    from .modeling.backbone import build_encoder
+    from .modeling.linear_probe import LinearProbe
+    from .modeling.meta_arch import RefSAM, TinySegmenter, TrainingFreeSegmenter
+    from .modeling.meta_arch.sam_prompt_training import PromptableSamTrainer
+    from .modeling.proposals import PointGridProposals
+    from .modeling.ref_sam import HungarianMatcher, MultiLevelNeck, RefDETRHead, SetCriterion, TokenFuser
+    from .modeling.semantic import MemoryBankConfig, PrototypeClassifier
+
+    opts = cfg.MODEL.SAMANTICS = CfgNode()
+    opts.BACKBONE = options_node(build_encoder, TAG="sam_vit_b")
+    # The "No Time to Train" semantic encoder: DINOv2 ViT-L/14 on a 37 x 37 patch grid.
+    opts.SEMANTIC_ENCODER = options_node(build_encoder, TAG="dinov2_vitl14", INPUT_SIZE=518)
+    opts.PROPOSALS = options_node(PointGridProposals, exclude=["decoder"])
+    built = ["proposer", "reference_classes", "class_names", "dataset_name"]
+    opts.TRAINING_FREE = options_node(
+        TrainingFreeSegmenter, exclude=built + ["semantic_encoder", "classifier", "memory_bank"], REFERENCES=""
+    )
+    opts.TRAINING_FREE.CLASSIFIER = options_node(PrototypeClassifier)
+    opts.TRAINING_FREE.MEMORY_BANK = options_node(MemoryBankConfig)
+    opts.REF_SAM = options_node(RefSAM, exclude=built + ["fuser", "neck", "head", "criterion"])
+    opts.REF_SAM.FUSER = options_node(TokenFuser, exclude=["num_tokens", "token_dim", "out_dim"])
+    opts.REF_SAM.NECK = options_node(MultiLevelNeck, exclude=["in_channels", "out_channels", "num_levels", "input_stride"])
+    opts.REF_SAM.HEAD = options_node(RefDETRHead, exclude=["n_levels"])
+    opts.REF_SAM.MATCHER = options_node(HungarianMatcher)
+    opts.REF_SAM.LOSS = options_node(SetCriterion, exclude=["matcher"])
+    opts.LINEAR_PROBE = options_node(
+        LinearProbe, exclude=["backbone", "num_classes", "in_features", "round_features_to"], POOLING="cls"
+    )
+    opts.SAM_TRAINER = options_node(PromptableSamTrainer, exclude=["proposer"])
+    opts.TINY_SEGMENTER = options_node(TinySegmenter, exclude=["num_classes", "pixel_mean", "pixel_std"])
