@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
+import operator
 import time
 from collections import Counter
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -25,6 +27,7 @@ from .events import EventWriter
 from .solver import LRMultiplier
 
 __all__ = [
+    "BestCheckpointer",
     "CallbackHook",
     "EvalHook",
     "HookBase",
@@ -209,6 +212,72 @@ class PeriodicCheckpointer(_PeriodicCheckpointer, HookBase):
 
     def after_step(self) -> None:
         self.step(self.trainer.iter)
+
+
+class BestCheckpointer(HookBase):
+    """Saves ``{file_prefix}.pth`` whenever the evaluation metric ``val_metric`` improves.
+
+    Checks every ``eval_period`` iterations and after the last one; register it after the
+    :class:`EvalHook` that records the metric (same period). ``mode``: ``"max"`` (higher is better)
+    or ``"min"``. A NaN or infinite metric is never a best one.
+    """
+
+    def __init__(
+        self,
+        eval_period: int,
+        checkpointer: Checkpointer,
+        val_metric: str,
+        mode: str = "max",
+        file_prefix: str = "model_best",
+    ) -> None:
+        if mode not in ("max", "min"):
+            raise ValueError(f"BestCheckpointer got mode={mode!r}; use 'max' (higher is better) or 'min'.")
+        self._period = eval_period
+        self._val_metric = val_metric
+        self._compare = operator.gt if mode == "max" else operator.lt
+        self._checkpointer = checkpointer
+        self._file_prefix = file_prefix
+        self.best_metric: Optional[float] = None
+        self.best_iter: Optional[int] = None
+
+    def _update_best(self, value: float, iteration: int) -> bool:
+        if math.isnan(value) or math.isinf(value):
+            return False
+        self.best_metric, self.best_iter = value, iteration
+        return True
+
+    def _best_checking(self) -> None:
+        latest = self.trainer.storage.latest().get(self._val_metric)
+        if latest is None:
+            logger.warning(
+                "BestCheckpointer: metric %r has not been recorded (recorded: %s); no best checkpoint saved.",
+                self._val_metric,
+                sorted(self.trainer.storage.latest()),
+            )
+            return
+        value, metric_iter = latest
+        if self.best_metric is None or self._compare(value, self.best_metric):
+            previous = self.best_metric
+            if self._update_best(value, metric_iter):
+                self._checkpointer.save(self._file_prefix, iteration=metric_iter)
+                logger.info(
+                    "Saved best model: %s = %.5f at iteration %d (previous best: %s)",
+                    self._val_metric, value, metric_iter, "none" if previous is None else f"{previous:.5f}",
+                )
+        else:
+            logger.info(
+                "Not saving: %s = %.5f is not better than the best %.5f (iteration %d).",
+                self._val_metric, value, self.best_metric, self.best_iter,
+            )
+
+    def after_step(self) -> None:
+        next_iter = self.trainer.iter + 1
+        if self._period > 0 and next_iter % self._period == 0 and next_iter != self.trainer.max_iter:
+            self._best_checking()
+
+    def after_train(self) -> None:
+        if self.trainer.iter + 1 >= self.trainer.max_iter:
+            self._best_checking()
 
 
 class EvalHook(HookBase):

@@ -299,7 +299,8 @@ def get_detection_dataset_dicts(
         filter_empty: drop images without any non-crowd annotation (logged).
         min_keypoints: drop images with fewer visible keypoints (0: keep all).
         proposal_files: precomputed proposals; not supported by lite (must be None).
-        check_consistency: the datasets must share ``thing_classes``; logs the per-class instance count.
+        check_consistency: the datasets must share ``thing_classes``; logs the per-class instance count
+            (AssertionError, as in Detectron2, for a ``category_id`` outside ``thing_classes``).
     """
     names = _check_names(names)
     if proposal_files is not None:
@@ -331,12 +332,20 @@ def get_detection_dataset_dicts(
             counts = Counter(
                 a["category_id"] for d in dataset_dicts for a in d["annotations"] if not a.get("iscrowd", 0)
             )
+            invalid = sorted(k for k in counts if not 0 <= k < len(classes[0]))
+            if invalid:
+                # AssertionError, as Detectron2's class histogram raises.
+                raise AssertionError(
+                    f"Got an invalid category_id={invalid[0]} for a dataset of {len(classes[0])} classes in {names}: "
+                    f"category ids must be contiguous indices 0..{len(classes[0]) - 1} into thing_classes "
+                    "(load_coco_json maps COCO ids to them when the metadata has thing_dataset_id_to_contiguous_id)."
+                )
             logger.info(
                 "%d instances of %d classes in %s: %s",
                 sum(counts.values()),
                 len(classes[0]),
                 names,
-                ", ".join(f"{classes[0][k]}: {counts[k]}" for k in sorted(counts) if 0 <= k < len(classes[0])),
+                ", ".join(f"{classes[0][k]}: {counts[k]}" for k in sorted(counts)),
             )
     if not dataset_dicts:
         raise ValueError(

@@ -7,10 +7,11 @@ else (LR schedule, checkpoints, evaluation, logging).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import time
 import weakref
-from typing import Any, Iterable, Iterator, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -167,6 +168,8 @@ class SimpleTrainer(TrainerBase):
         gather_metric_period: record metrics every this many iterations (gathering them across
             processes costs a synchronization).
         zero_grad_before_forward: zero the gradients before the forward pass instead of after it.
+        async_write_metrics: record the metrics in a background thread (the step does not wait for
+            the gather); all are recorded before ``after_train`` returns.
     """
 
     def __init__(
@@ -176,6 +179,7 @@ class SimpleTrainer(TrainerBase):
         optimizer: torch.optim.Optimizer,
         gather_metric_period: int = 1,
         zero_grad_before_forward: bool = False,
+        async_write_metrics: bool = False,
     ) -> None:
         super().__init__()
         model.train()
@@ -185,6 +189,8 @@ class SimpleTrainer(TrainerBase):
         self.optimizer = optimizer
         self.gather_metric_period = gather_metric_period
         self.zero_grad_before_forward = zero_grad_before_forward
+        self.async_write_metrics = async_write_metrics
+        self.concurrent_executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
 
     @property
     def _data_loader_iter(self) -> Iterator[Any]:
@@ -192,6 +198,19 @@ class SimpleTrainer(TrainerBase):
         if self._data_loader_iter_obj is None:
             self._data_loader_iter_obj = iter(self.data_loader)
         return self._data_loader_iter_obj
+
+    def reset_data_loader(self, data_loader_builder: Callable[[], Iterable[Any]]) -> None:
+        """Replace the data loader by ``data_loader_builder()`` (the old one is dropped first, so its
+        workers can exit before the new one starts its own)."""
+        del self.data_loader
+        self._data_loader_iter_obj = None
+        self.data_loader = data_loader_builder()
+
+    def after_train(self) -> None:
+        super().after_train()
+        # Metrics still being written in the background are recorded before training returns.
+        self.concurrent_executor.shutdown(wait=True)
+        self.concurrent_executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
 
     def _next_batch(self) -> tuple[Any, float]:
         start = time.perf_counter()
@@ -223,8 +242,21 @@ class SimpleTrainer(TrainerBase):
         self.optimizer.step()
 
     def _write_metrics(self, loss_dict: Mapping[str, torch.Tensor], data_time: float, prefix: str = "") -> None:
-        if (self.iter + 1) % self.gather_metric_period == 0:
+        if (self.iter + 1) % self.gather_metric_period != 0:
+            return
+        if self.async_write_metrics:
+            self.concurrent_executor.submit(self._write_metrics_logged, loss_dict, data_time, self.iter, prefix)
+        else:
             self.write_metrics(loss_dict, data_time, self.iter, prefix)
+
+    def _write_metrics_logged(
+        self, loss_dict: Mapping[str, torch.Tensor], data_time: float, cur_iter: int, prefix: str
+    ) -> None:
+        try:
+            self.write_metrics(loss_dict, data_time, cur_iter, prefix)
+        except Exception:  # a background thread's exception would otherwise go unseen
+            logger.exception("Exception in writing metrics of iteration %d:", cur_iter)
+            raise
 
     @staticmethod
     def write_metrics(loss_dict: Mapping[str, torch.Tensor], data_time: float, cur_iter: int, prefix: str = "") -> None:
@@ -288,12 +320,15 @@ class AMPTrainer(SimpleTrainer):
         grad_scaler: Optional[torch.amp.GradScaler] = None,
         precision: torch.dtype = torch.float16,
         log_grad_scaler: bool = False,
+        async_write_metrics: bool = False,
     ) -> None:
         if isinstance(model, DataParallel) or (
             isinstance(model, DistributedDataParallel) and model.device_ids and len(model.device_ids) > 1
         ):
             raise ValueError("AMPTrainer does not support single-process multi-device models: use one device per process.")
-        super().__init__(model, data_loader, optimizer, gather_metric_period, zero_grad_before_forward)
+        super().__init__(
+            model, data_loader, optimizer, gather_metric_period, zero_grad_before_forward, async_write_metrics
+        )
         self.device_type = _device_type(model)
         if self.device_type == "cuda":
             self.precision = precision
