@@ -22,12 +22,9 @@ from omegaconf import OmegaConf
 import samantics_d2  # noqa: F401  (registers datasets and components)
 from samantics_d2.config import check_override_keys
 from samantics_d2.d2 import (
-    AMPTrainer,
     DetectionCheckpointer,
     LazyConfig,
-    SimpleTrainer,
     comm,
-    create_ddp_model,
     default_argument_parser,
     default_setup,
     default_writers,
@@ -39,6 +36,7 @@ from samantics_d2.d2 import (
     print_csv_format,
     setup_logger,
 )
+from samantics_d2.engine import build_trainer, wrap_ddp, write_run_files
 
 logger = logging.getLogger("samantics_d2.train_net")
 
@@ -63,8 +61,8 @@ def do_train(args, cfg):
     optimizer = instantiate(cfg.optimizer)
     train_loader = instantiate(cfg.dataloader.train)
 
-    model = create_ddp_model(model, **cfg.train.ddp)
-    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optimizer)
+    model = wrap_ddp(model, **cfg.train.ddp)
+    trainer = build_trainer(model, train_loader, optimizer, amp=cfg.train.amp.enabled)
     checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     trainer.register_hooks(
         [
@@ -87,13 +85,14 @@ def main(args):
     check_override_keys(cfg, args.opts)  # a misspelt key fails here, before anything runs
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     default_setup(cfg, args)
+    write_run_files(cfg.train.output_dir, args)  # Detectron2's default_setup only logs them
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="samantics_d2")
     log_backend()
 
     if args.eval_only:
         model = instantiate(cfg.model)
         model.to(cfg.train.device)
-        model = create_ddp_model(model)
+        model = wrap_ddp(model)
         if cfg.train.init_checkpoint:
             DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
         else:

@@ -61,6 +61,7 @@ __all__ = [
     "LRMultiplier",
     "WarmupParamScheduler",
     "get_default_optimizer_params",
+    "collect_env_info",
     "comm",
     "EventStorage",
     "get_event_storage",
@@ -142,6 +143,7 @@ if BACKEND == "detectron2":  # pragma: no cover - Detectron2 cannot be installed
     from detectron2.solver import LRMultiplier, WarmupParamScheduler, get_default_optimizer_params
     from detectron2.structures import BitMasks, Boxes, BoxMode, ImageList, Instances, pairwise_iou
     from detectron2.utils import comm
+    from detectron2.utils.collect_env import collect_env_info
     from detectron2.utils.events import EventStorage, get_event_storage
     from detectron2.utils.logger import setup_logger
 else:
@@ -176,6 +178,7 @@ else:
         inference_on_dataset,
         print_csv_format,
     )
+    from .lite.env import collect_env_info
     from .lite.events import EventStorage, get_event_storage
     from .lite.logger import setup_logger
     from .lite.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, Backbone, ShapeSpec, build_backbone, build_model

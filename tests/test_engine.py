@@ -16,14 +16,12 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from samantics_d2.d2 import (
-    AMPTrainer,
     DetectionCheckpointer,
     EventStorage,
     LRMultiplier,
     SimpleTrainer,
     WarmupParamScheduler,
     comm,
-    create_ddp_model,
     default_argument_parser,
     default_setup,
     default_writers,
@@ -31,7 +29,9 @@ from samantics_d2.d2 import (
     get_event_storage,
     hooks,
     launch,
+    setup_logger,
 )
+from samantics_d2.engine import build_trainer, wrap_ddp, write_run_files
 
 MAX_ITER = 20
 BASE_LR = 0.1
@@ -227,7 +227,9 @@ def test_nan_loss_raises_before_the_optimizer_step():
         assert torch.equal(value, before[name]), name
 
 
-def test_amp_trainer_runs_on_cpu_in_bfloat16():
+@pytest.mark.parametrize("amp", [True, False])
+def test_trainer_for_the_device_runs_on_cpu(amp):
+    # train.amp.enabled on CPU: the forward in bfloat16 autocast (Detectron2's AMPTrainer needs CUDA).
     seen = []
 
     class Recording(TinyRegressor):
@@ -237,10 +239,11 @@ def test_amp_trainer_runs_on_cpu_in_bfloat16():
 
     model = Recording()
     before = model.linear.weight.detach().clone()
-    trainer = AMPTrainer(model, FixedBatches(), torch.optim.SGD(model.parameters(), lr=0.1))
+    trainer = build_trainer(model, FixedBatches(), torch.optim.SGD(model.parameters(), lr=0.1), amp=amp)
     trainer.train(0, 2)
-    assert seen == [torch.bfloat16, torch.bfloat16]
+    assert seen == [torch.bfloat16 if amp else torch.float32] * 2
     assert model.linear.weight.dtype == torch.float32 and not torch.equal(model.linear.weight, before)
+    assert model.linear.weight.grad.dtype == torch.float32
     assert math.isfinite(trainer.storage.history("total_loss").latest())
     assert "optimizer" in trainer.state_dict()
 
@@ -335,7 +338,8 @@ def _gather_worker(out_dir: str) -> None:
         "local_rank": comm.get_local_rank(),
         "local_size": comm.get_local_size(),
         "gathered": gathered,
-        "model_is_ddp": type(create_ddp_model(nn.Linear(2, 2))).__name__,
+        "model_is_ddp": type(wrap_ddp(nn.Linear(2, 2))).__name__,  # on CPU: DDP without device_ids
+        "frozen_is_ddp": type(wrap_ddp(nn.Linear(2, 2).requires_grad_(False))).__name__,  # nothing to train
     }
     with open(os.path.join(out_dir, f"rank{comm.get_rank()}.json"), "w") as f:
         json.dump(record, f)
@@ -352,6 +356,7 @@ def test_launch_two_cpu_processes_gather(tmp_path):
             "local_size": 2,
             "gathered": [0, 10],
             "model_is_ddp": "DistributedDataParallel",
+            "frozen_is_ddp": "Linear",
         }
 
 
@@ -388,8 +393,12 @@ def test_default_setup_makes_the_run_reproducible(tmp_path, restore_logging_and_
     assert torch.equal(drawn, torch.rand(3))
 
     assert OmegaConf.load(out / "config.yaml").train.max_iter == 7
-    assert "torch" in (out / "env.txt").read_text()
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("log.txt")) == ["config.yaml"]  # as Detectron2
+    write_run_files(str(out), args)  # train_net.py writes these itself, in both backends
+    assert "torch" in (out / "env.txt").read_text().lower()
     assert "train.max_iter=7" in (out / "command.txt").read_text()
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    setup_logger(str(out), name="samantics_d2")  # as train_net.py does: default_setup sets up detectron2 and fvcore
     logging.getLogger("samantics_d2.test").info("a line from the project logger")
     for handler in logging.getLogger("samantics_d2").handlers:
         handler.flush()

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shlex
 import sys
 from typing import Any, Mapping, Optional
 
@@ -113,10 +112,10 @@ def default_setup(cfg: Any, args: argparse.Namespace) -> None:
 
     - creates the output directory (``cfg.train.output_dir``, or ``cfg.OUTPUT_DIR`` for a
       yacs-style config) on the main process;
-    - logs loggers ``detectron2``, ``fvcore`` and ``samantics_d2`` to ``<output>/log.txt`` (rank r > 0:
+    - logs loggers ``detectron2`` and ``fvcore`` to ``<output>/log.txt`` (rank r > 0:
       ``log.txt.rank<r>``, no console);
     - logs rank and world size, the environment, the command line and the config file;
-    - writes ``config.yaml`` (resolved config), ``env.txt`` and ``command.txt`` to the output directory;
+    - writes ``config.yaml`` (the resolved config) to the output directory (as Detectron2, no other file);
     - seeds python/numpy/torch with ``train.seed + rank`` when ``train.seed >= 0``, else with a
       random seed that is logged;
     - sets ``torch.backends.cudnn.benchmark`` from ``train.cudnn_benchmark`` when training.
@@ -125,12 +124,10 @@ def default_setup(cfg: Any, args: argparse.Namespace) -> None:
     rank = comm.get_rank()
     if output_dir and comm.is_main_process():
         g_pathmgr.mkdirs(output_dir)
-    for name in ("fvcore", "samantics_d2"):
-        setup_logger(output_dir, distributed_rank=rank, name=name)
+    setup_logger(output_dir, distributed_rank=rank, name="fvcore")
     d2_logger = setup_logger(output_dir, distributed_rank=rank, name="detectron2")
 
     env_info = collect_env_info()
-    command = shlex.join([sys.executable, *sys.argv])
     d2_logger.info("Rank of current process: %d. World size: %d", rank, comm.get_world_size())
     d2_logger.info("Environment info:\n%s", env_info)
     d2_logger.info("Command line arguments: %s", args)
@@ -143,10 +140,6 @@ def default_setup(cfg: Any, args: argparse.Namespace) -> None:
         config_path = os.path.join(output_dir, "config.yaml")
         _save_config(cfg, config_path)
         d2_logger.info("Full config saved to %s", config_path)
-        atomic_write(os.path.join(output_dir, "env.txt"), lambda f: f.write((env_info + "\n").encode()))
-        atomic_write(
-            os.path.join(output_dir, "command.txt"), lambda f: f.write(f"{command}\n# args: {args}\n".encode())
-        )
 
     seed = int(_config_value(cfg, ("train.seed", "SEED"), -1))
     used_seed = seed_all_rng(seed + rank if seed >= 0 else None)
