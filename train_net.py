@@ -20,7 +20,8 @@ import logging
 from omegaconf import OmegaConf
 
 import samantics_d2  # noqa: F401  (registers datasets and components)
-from samantics_d2.config import check_override_keys
+from samantics_d2.checkpoint import load_init_checkpoint
+from samantics_d2.config import check_override_keys, check_weights_available
 from samantics_d2.d2 import (
     DetectionCheckpointer,
     LazyConfig,
@@ -75,7 +76,10 @@ def do_train(args, cfg):
             else None,
         ]
     )
-    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    if args.resume and checkpointer.has_checkpoint():
+        checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=True)
+    elif cfg.train.init_checkpoint:  # checked: a checkpoint of another model is an error, not a warning
+        load_init_checkpoint(model, cfg.train.init_checkpoint, training=True)
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
     trainer.train(start_iter, cfg.train.max_iter)
 
@@ -84,6 +88,7 @@ def main(args):
     cfg = LazyConfig.load(args.config_file)
     check_override_keys(cfg, args.opts)  # a misspelt key fails here, before anything runs
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    check_weights_available(cfg, args.config_file)  # every missing weight file at once, before any work
     default_setup(cfg, args)
     write_run_files(cfg.train.output_dir, args)  # Detectron2's default_setup only logs them
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="samantics_d2")
@@ -94,7 +99,7 @@ def main(args):
         model.to(cfg.train.device)
         model = wrap_ddp(model)
         if cfg.train.init_checkpoint:
-            DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+            load_init_checkpoint(model, cfg.train.init_checkpoint, training=False)
         else:
             logger.warning("train.init_checkpoint is empty: evaluating the model as built by the config.")
         return do_test(cfg, model)

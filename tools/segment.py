@@ -8,14 +8,24 @@ References, either
   * a COCO-format instances JSON (``--image-root`` is the folder its file names are relative to), or
   * a folder with one sub-folder per class, holding images and their binary masks: ``cat/a.jpg``
     with ``cat/a_mask.png`` (non-zero pixels are the object; one instance per mask).
-Every image file directly in ``--images`` is segmented. Written to ``--output``:
+Every image file directly in ``--images`` is segmented. Written to ``--output`` (each file atomically):
 ``coco_results.json`` (COCO results: image_id, category_id, bbox XYWH, score, RLE segmentation),
-``index.json`` (image ids -> file names, category ids -> names), one ``overlays/<name>.png`` per image,
-and ``predictions/<name>.json`` per image, so an interrupted run resumes where it stopped.
+``index.json`` (image ids -> file names and sizes, category ids -> names, skipped files with the reason),
+one ``overlays/<file name>.png`` and one ``predictions/<file name>.json`` per image (``x.jpg`` and
+``x.png`` get distinct files).
+
+Image ids are derived from the file name (a hash of it), so they are the same in every run whatever
+other files come and go. An image unreadable as an image (empty, truncated, not an image) is logged,
+listed under ``skipped`` in ``index.json``, and the run goes on; the exit status is then 1.
+An interrupted run resumes: an image's prediction is reused only when its fingerprint (the file's
+name, size and modification time, the model's config and weights, the references, ``--shots`` and
+``--score-threshold``) is unchanged; otherwise it is segmented again.
 
 The model is the training-free pipeline of ``--config-file`` (default: SAM 2.1 Hiera-L proposals +
-DINOv2 ViT-L/14 prototypes, weights under $SAMANTICS_WEIGHTS); ``key=value`` overrides apply to it,
-and ``train.init_checkpoint`` (when set) is loaded into it.
+DINOv2 ViT-L/14 prototypes, weights under $SAMANTICS_WEIGHTS; a relative path that does not exist
+from the current folder is taken from the project folder); ``key=value`` overrides apply to it, and
+``train.init_checkpoint`` (when set) is loaded into it, checked (``samantics_d2.checkpoint``).
+To try it without weights, with the demo's tiny models on the synthetic shapes, see the README.
 """
 from __future__ import annotations
 
@@ -28,21 +38,26 @@ import sys
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 from pycocotools import mask as mask_util
 from tqdm import tqdm
 
-from samantics_d2.config import check_override_keys
-from samantics_d2.d2 import BoxMode, DetectionCheckpointer, LazyConfig, instantiate, setup_logger
+from samantics_d2.checkpoint import load_init_checkpoint
+from samantics_d2.config import check_override_keys, check_weights_available
+from samantics_d2.d2 import BoxMode, LazyConfig, instantiate, setup_logger
 from samantics_d2.data.io import read_image
 from samantics_d2.data.classification import IMAGE_EXTENSIONS
 from samantics_d2.modeling.semantic import load_reference_json
-from samantics_d2.utils.io import atomic_path
+from samantics_d2.modeling.weights import module_fingerprint
+from samantics_d2.utils.io import atomic_path, read_json
 from samantics_d2.utils.visualization import draw_instances
 
 logger = logging.getLogger("samantics_d2.tools.segment")
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = "configs/common/training_free.py"
 MASK_SUFFIX = "_mask.png"
+PREDICTION_FORMAT = 2  # version of predictions/<file>.json (1: a bare list of results, no fingerprint)
 
 
 def _is_image(name: str) -> bool:
@@ -113,6 +128,71 @@ def load_references(references: str, image_root: str | None, output_dir: str) ->
     return dicts, classes
 
 
+def resolve_config_file(path: str) -> str:
+    """``path`` as given if it exists, else relative to the project folder (where the configs live)."""
+    if os.path.isfile(path) or os.path.isabs(path):
+        return path
+    in_project = os.path.join(PROJECT_ROOT, path)
+    if os.path.isfile(in_project):
+        return in_project
+    raise FileNotFoundError(f"--config-file {path}: no such file here ({os.getcwd()}) nor in the project folder "
+                            f"({PROJECT_ROOT}). Give a LazyConfig .py file, e.g. {DEFAULT_CONFIG}.")
+
+
+def image_id_of(file_name: str) -> int:
+    """A stable COCO image id for ``file_name`` (relative to --images): a 31-bit hash of the name."""
+    return int(hashlib.sha256(file_name.encode("utf-8")).hexdigest()[:8], 16) & 0x7FFFFFFF
+
+
+def _digest(obj) -> str:
+    def named(o):  # LazyCall targets: by name, never by memory address
+        return f"{getattr(o, '__module__', '')}.{getattr(o, '__qualname__', type(o).__name__)}"
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=named).encode()).hexdigest()
+
+
+def references_key(references: list[dict], classes: list[str]) -> str:
+    """Identifies the references: their annotations (masks included), class names and image files."""
+    files = sorted({d["file_name"] for d in references})
+    stats = [[f, os.path.getsize(f), os.stat(f).st_mtime_ns] if os.path.isfile(f) else [f] for f in files]
+    return _digest([references, classes, stats])
+
+
+def _segment_image(model, image: np.ndarray, image_id: int, classes: list[str], score_threshold: float):
+    """COCO results of one image, and its overlay."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    with torch.no_grad():
+        inst = model([{"image": tensor, "height": image.shape[0], "width": image.shape[1]}])[0]["instances"]
+    inst = inst.to("cpu")
+    masks = inst.pred_masks.numpy()
+    boxes = inst.pred_boxes.tensor.numpy()
+    scores, labels = inst.scores.numpy().tolist(), inst.pred_classes.numpy().tolist()
+    rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8))) if len(masks) else []
+    results = [{
+        "image_id": image_id, "category_id": int(c) + 1, "score": float(s),
+        "bbox": BoxMode.convert(box.tolist(), BoxMode.XYXY_ABS, BoxMode.XYWH_ABS),
+        "segmentation": {"size": r["size"], "counts": r["counts"].decode("ascii")},
+    } for box, s, c, r in zip(boxes, scores, labels, rles)]
+    keep = np.asarray(scores) >= score_threshold
+    overlay = draw_instances(image, masks=masks[keep], boxes=boxes[keep], classes=np.asarray(labels)[keep],
+                             scores=np.asarray(scores)[keep], class_names=classes)
+    return results, overlay
+
+
+def _finished(pred_file: str, fingerprint: str):
+    """The record of ``pred_file`` if an earlier run finished it with the same fingerprint, else None."""
+    if not os.path.exists(pred_file):
+        return None
+    try:
+        record = read_json(pred_file, what="a prediction record of tools/segment.py")
+    except ValueError as e:  # not expected (writes are atomic); segment the image again
+        logger.warning("%s; segmenting its image again.", e)
+        return None
+    if not isinstance(record, dict) or record.get("format") != PREDICTION_FORMAT:
+        return None
+    return record if record.get("fingerprint") == fingerprint else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--references", required=True, help="COCO json or <class>/<image> + mask folder")
@@ -125,75 +205,85 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="key=value config overrides")
     args = parser.parse_args(argv)
 
-    os.makedirs(args.output, exist_ok=True)
-    setup_logger(args.output, name="samantics_d2")
     if not os.path.isdir(args.images):
         parser.error(f"--images {args.images} is not a folder")
-    image_files = sorted(f for f in os.listdir(args.images) if _is_image(f))
+    image_files = sorted(f for f in os.listdir(args.images)
+                         if _is_image(f) and os.path.isfile(os.path.join(args.images, f)))
     if not image_files:
         parser.error(f"--images {args.images} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
+    config_file = resolve_config_file(args.config_file)
+    os.makedirs(args.output, exist_ok=True)
+    setup_logger(args.output, name="samantics_d2")
 
-    cfg = LazyConfig.load(args.config_file)
+    cfg = LazyConfig.load(config_file)
     check_override_keys(cfg, args.opts)
-    LazyConfig.apply_overrides(cfg, args.opts)
+    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    check_weights_available(cfg, config_file)
     references, classes = load_references(args.references, args.image_root, args.output)
-    key = hashlib.sha256(json.dumps([[a.get("id") for a in d["annotations"]] + [d["file_name"]] for d in references],
-                                    default=str).encode()).hexdigest()[:12]
+    refs_key = references_key(references, classes)
     cfg.model.references = "given-by-tools/segment.py"  # replaced below: dataset dicts stay out of the config
     cfg.model.dataset_name = None
     cfg.model.class_names = None
     cfg.model.shots = args.shots
-    cfg.model.memory_bank_path = os.path.join(args.output, f"memory_bank-{key}.safetensors")
+    cfg.model.memory_bank_path = os.path.join(args.output, f"memory_bank-{refs_key[:12]}.safetensors")
     seed = cfg.train.get("seed", -1)
     torch.manual_seed(seed if seed >= 0 else 0)  # randomly initialised (tiny) encoders are the same in every run
     model = instantiate(cfg.model)
     if cfg.train.get("init_checkpoint"):  # e.g. a SAM trained with train_net.py
-        DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+        load_init_checkpoint(model, cfg.train.init_checkpoint, training=False)
+    run_key = _digest([OmegaConf.to_container(cfg.model, resolve=False), module_fingerprint(model), refs_key,
+                       args.shots, args.score_threshold])
     model.set_references(references, classes)
     model.to(cfg.train.device).eval()
 
     pred_dir, overlay_dir = os.path.join(args.output, "predictions"), os.path.join(args.output, "overlays")
-    os.makedirs(pred_dir, exist_ok=True)
-    os.makedirs(overlay_dir, exist_ok=True)
-    done = 0
-    for image_id, file in enumerate(tqdm(image_files, desc="segment", unit="image"), start=1):
-        stem = os.path.splitext(file)[0]
-        pred_file = os.path.join(pred_dir, stem + ".json")
-        if os.path.exists(pred_file):  # resume: finished in an earlier run
-            continue
-        image = read_image(os.path.join(args.images, file))
-        tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
-        with torch.no_grad():
-            inst = model([{"image": tensor, "height": image.shape[0], "width": image.shape[1]}])[0]["instances"]
-        inst = inst.to("cpu")
-        masks = inst.pred_masks.numpy()
-        boxes = inst.pred_boxes.tensor.numpy()
-        scores, labels = inst.scores.numpy().tolist(), inst.pred_classes.numpy().tolist()
-        rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8))) if len(masks) else []
-        results = [{
-            "image_id": image_id, "category_id": int(c) + 1, "score": float(s),
-            "bbox": BoxMode.convert(box.tolist(), BoxMode.XYXY_ABS, BoxMode.XYWH_ABS),
-            "segmentation": {"size": r["size"], "counts": r["counts"].decode("ascii")},
-        } for box, s, c, r in zip(boxes, scores, labels, rles)]
-        keep = np.asarray(scores) >= args.score_threshold
-        overlay = draw_instances(image, masks=masks[keep], boxes=boxes[keep], classes=np.asarray(labels)[keep],
-                                 scores=np.asarray(scores)[keep], class_names=classes)
-        with atomic_path(os.path.join(overlay_dir, stem + ".png")) as tmp:
-            Image.fromarray(overlay).save(tmp, format="PNG")
-        _write_json(pred_file, results)  # last: its presence marks the image as done
-        done += 1
+    for folder in (pred_dir, overlay_dir):  # temporary files of a run that was killed while writing
+        for name in os.listdir(folder) if os.path.isdir(folder) else []:
+            if name.startswith(".") and name.endswith(".tmp"):
+                os.remove(os.path.join(folder, name))
+    done, resumed, images, all_results, skipped = 0, 0, [], [], []
+    for file in tqdm(image_files, desc="segment", unit="image"):
+        path = os.path.join(args.images, file)
+        image_id = image_id_of(file)
+        stat = os.stat(path)
+        fingerprint = _digest([file, stat.st_size, stat.st_mtime_ns, run_key])
+        pred_file, overlay_file = os.path.join(pred_dir, file + ".json"), os.path.join(overlay_dir, file + ".png")
+        record = _finished(pred_file, fingerprint)
+        if record is not None and os.path.exists(overlay_file):
+            resumed += 1
+        else:
+            try:
+                image = read_image(path)
+            except (OSError, ValueError) as e:
+                logger.error("Skipping %s: %s", path, e)
+                skipped.append({"file_name": file, "reason": str(e)})
+                for stale in (pred_file, overlay_file):  # outputs of an earlier, readable version of the file
+                    if os.path.exists(stale):
+                        os.remove(stale)
+                continue
+            results, overlay = _segment_image(model, image, image_id, classes, args.score_threshold)
+            with atomic_path(overlay_file) as tmp:
+                Image.fromarray(overlay).save(tmp, format="PNG")
+            record = {"format": PREDICTION_FORMAT, "fingerprint": fingerprint, "file_name": file, "image_id": image_id,
+                      "height": int(image.shape[0]), "width": int(image.shape[1]), "results": results}
+            _write_json(pred_file, record)  # after the overlay: its presence marks the image as done
+            done += 1
+        images.append({"id": image_id, "file_name": file, "height": record["height"], "width": record["width"]})
+        all_results.extend(record["results"])
 
-    all_results = []
-    for file in image_files:
-        with open(os.path.join(pred_dir, os.path.splitext(file)[0] + ".json"), encoding="utf-8") as f:
-            all_results.extend(json.load(f))
     _write_json(os.path.join(args.output, "coco_results.json"), all_results)
     _write_json(os.path.join(args.output, "index.json"), {
-        "images": [{"id": i, "file_name": f} for i, f in enumerate(image_files, start=1)],
+        "images": images,
         "categories": [{"id": i, "name": n} for i, n in enumerate(classes, start=1)],
+        "skipped": skipped,
     })
-    logger.info("Segmented %d image(s) (%d resumed from earlier runs): %d instances in %s.", done,
-                len(image_files) - done, len(all_results), os.path.join(args.output, "coco_results.json"))
+    logger.info("Segmented %d image(s) (%d resumed from earlier runs): %d instances in %s.", done, resumed,
+                len(all_results), os.path.join(args.output, "coco_results.json"))
+    if skipped:
+        logger.error("%d of %d image(s) could not be read and were skipped (listed under 'skipped' in %s): %s.",
+                     len(skipped), len(image_files), os.path.join(args.output, "index.json"),
+                     ", ".join(s["file_name"] for s in skipped))
+        return 1
     return 0
 
 

@@ -53,6 +53,8 @@ import numpy as np
 from iopath.common.file_io import PathManager as _PathManagerClass
 from pycocotools import mask as mask_util
 
+from ..utils.io import read_json
+
 __all__ = [
     "COCO_BASE_CLASSES",
     "COCO_CLASSES",
@@ -330,11 +332,7 @@ def load_coco_dict(path: Union[str, os.PathLike]) -> dict[str, Any]:
     if not PathManager.exists(path):
         raise FileNotFoundError(f"COCO annotation file {path!r} does not exist. Check the path.")
     start = time.perf_counter()
-    with PathManager.open(path, "r", encoding="utf-8") as f:
-        try:
-            coco = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path!r} is not a JSON file ({e}); expected a COCO instances json.") from e
+    coco = read_json(PathManager.get_local_path(path), what="a COCO instances json")
     _check_coco_dict(coco, path)
     logger.info("Read %s (%d annotations) in %.1f s.", path, len(coco["annotations"]), time.perf_counter() - start)
     return coco
@@ -939,11 +937,11 @@ def reference_cache_dir() -> Path:
 
 def _source_json(source: str) -> tuple[str, str]:
     """``(json_file, image_root)`` of a registered COCO-format dataset, without loading it when
-    possible: from its metadata, else from the builtin COCO table (whose loaders set the metadata
-    only on load), else by loading it once (datasets generated on first use, like the shapes)."""
+    possible: from its metadata (the builtin COCO/LVIS names get theirs when registered, by us or by
+    Detectron2), else by loading it once (datasets generated on first use, like the shapes)."""
     from samantics_d2.d2 import DatasetCatalog, MetadataCatalog
 
-    from .builtin import BUILTIN_COCO, BUILTIN_LVIS, datasets_root
+    from .builtin import BUILTIN_COCO, BUILTIN_LVIS
 
     if source not in DatasetCatalog:
         raise KeyError(
@@ -952,11 +950,8 @@ def _source_json(source: str) -> tuple[str, str]:
         )
     meta = MetadataCatalog.get(source)
     json_file, image_root = meta.get("json_file"), meta.get("image_root")
-    if json_file is None and (source in BUILTIN_COCO or source in BUILTIN_LVIS):
-        image_dir, json_name = {**BUILTIN_COCO, **BUILTIN_LVIS}[source]
-        root = datasets_root()
-        json_file, image_root = os.path.join(root, json_name), os.path.join(root, image_dir)
-    elif json_file is None or not PathManager.exists(os.fspath(json_file)):
+    builtin = source in BUILTIN_COCO or source in BUILTIN_LVIS  # a missing file is reported below
+    if not builtin and (json_file is None or not PathManager.exists(os.fspath(json_file))):
         DatasetCatalog.get(source)  # generated datasets write their json on first use
         json_file, image_root = meta.get("json_file"), meta.get("image_root")
     if json_file is None or image_root is None:

@@ -24,6 +24,7 @@ import torch
 from fvcore.common.checkpoint import Checkpointer
 from torch import nn
 
+from ..utils.io import checkpoint_read_error
 from . import comm
 
 __all__ = ["DetectionCheckpointer", "atomic_write"]
@@ -145,12 +146,12 @@ class DetectionCheckpointer(Checkpointer):
     def _load_torch_file(self, f: str) -> dict[str, Any]:
         try:
             loaded = torch.load(f, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise RuntimeError(
-                f"{f} holds Python objects that weights_only loading refuses ({e}). Checkpoints written by "
-                "DetectionCheckpointer load this way; for another file you trust, re-save its state dict "
-                "with torch.save(state_dict)."
-            ) from e
+        except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError) as e:
+            message, refers_to_code = checkpoint_read_error(f, e)
+            if refers_to_code:
+                message += (" Checkpoints written by DetectionCheckpointer load this way; for another file you "
+                            "trust, re-save its state dict with torch.save(state_dict).")
+            raise RuntimeError(message) from e
         if not isinstance(loaded, dict):
             raise ValueError(f"{f} holds a {type(loaded).__name__}; expected a dict (a checkpoint or a state dict).")
         return loaded

@@ -41,6 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..utils.io import checkpoint_read_error
+
 if TYPE_CHECKING:  # pragma: no cover
     from .backbone.base import EncoderBackbone
 
@@ -379,21 +381,15 @@ def read_state_dict(path: Union[str, os.PathLike], *, sha256: Optional[str] = No
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except WeightsError:
         raise
-    except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Weights only load failed" in str(e):
-            raise UnsafeCheckpointError(
-                f"{path}: refusing to unpickle it with weights_only=True, it refers to code, not only tensors "
-                f"(nothing was executed): {str(e).splitlines()[0]}. Only load files from a source you trust, "
-                "re-saved as a plain state dict or .safetensors."
-            ) from e
-        raise WeightsError(f"{path}: cannot be read, the pickle is corrupt or truncated ({e}).") from e
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as e:
         if isinstance(e, FileNotFoundError):
             raise
-        raise WeightsError(
-            f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
-            "The file is truncated or corrupt, or not a PyTorch/safetensors file; download it again."
-        ) from e
+        message, refers_to_code = checkpoint_read_error(path, e)
+        if refers_to_code:
+            raise UnsafeCheckpointError(
+                f"{message} Only load files from a source you trust, re-saved as a plain state dict or .safetensors."
+            ) from e
+        raise WeightsError(message) from e
     for wrapper in ("model", "state_dict"):
         if isinstance(obj, Mapping) and not _is_state_dict(obj) and _is_state_dict(obj.get(wrapper)):
             logger.info("%s: using the state dict under key %r", path, wrapper)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
 import time
@@ -16,6 +15,7 @@ from iopath.common.file_io import PathManager as _PathManagerClass
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
+from ...utils.io import read_json
 from ..structures import BoxMode
 from .catalog import DatasetCatalog, MetadataCatalog
 
@@ -124,8 +124,7 @@ def load_coco_json(
     """
     start = time.perf_counter()
     local_json = _local_json_path(json_file, "COCO json file")
-    with open(local_json, encoding="utf-8") as f:
-        dataset = json.load(f)
+    dataset = read_json(local_json, what="a COCO instances json")
     _require_keys(json_file, dataset, ("images", "annotations", "categories"), "COCO")
     coco_api = COCO()
     coco_api.dataset = dataset

@@ -35,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from ...d2 import BoxMode, load_coco_json
-from ...utils.io import atomic_path
+from ...utils.io import atomic_path, read_json
 from ...data.io import read_image
 from ...data.mapper import segmentation_to_mask
 from ..backbone.base import EncoderBackbone
@@ -118,8 +118,8 @@ def load_reference_json(json_file: str, image_root: str) -> tuple[list[dict], li
         ``(dataset_dicts, class_names)``; ``K = len(class_names)`` (categories without references
         included).
     """
-    with open(json_file, encoding="utf-8") as f:
-        categories = json.load(f).get("categories")
+    content = read_json(json_file, what="a COCO instances json of reference instances")
+    categories = content.get("categories") if isinstance(content, dict) else None
     if not isinstance(categories, list) or not categories:
         raise ValueError(f"{json_file!r} has no 'categories' list; a COCO instances json needs one.")
     ordered = sorted(categories, key=lambda c: c["id"])
