@@ -7,7 +7,7 @@ a stand-in module whose attributes are those of the matching lite module (``dete
 raises when used, so a test file still imports and only the tests using such a name fail; those are
 the tests the contract test deselects, each with its reason. ``detectron2.utils.testing`` is
 answered with the two test helpers below (our own code). The outcome of every test is written as
-JSON to ``$D2_SHIM_REPORT``.
+JSON to ``$D2_SHIM_REPORT`` (``"deselected"`` for the tests deselected on the command line).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ _LITE = "samantics_d2.lite"
 _SOURCES: dict[str, tuple[str, ...]] = {
     "detectron2.checkpoint": (f"{_LITE}.checkpoint",),
     "detectron2.checkpoint.c2_model_loading": (f"{_LITE}.checkpoint",),
-    "detectron2.config": (f"{_LITE}.config",),
+    "detectron2.config": (f"{_LITE}.config", f"{_LITE}.yacs_config"),
     "detectron2.data": (f"{_LITE}.data",),
     "detectron2.data.build": (f"{_LITE}.data.build",),
     "detectron2.data.common": (f"{_LITE}.data.build",),
@@ -135,6 +135,11 @@ _outcomes: dict[str, str] = {}
 def pytest_collectreport(report) -> None:
     if report.failed:
         _outcomes[report.nodeid] = "collection error"
+
+
+def pytest_deselected(items) -> None:
+    for item in items:
+        _outcomes[item.nodeid] = "deselected"
 
 
 def pytest_runtest_logreport(report) -> None:

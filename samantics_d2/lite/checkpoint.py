@@ -7,9 +7,10 @@ files are loaded on CPU with ``weights_only=True``, and a missing file is an err
 
 Also as in Detectron2: ``path?matching_heuristics=True`` loads a state dict whose names lack the
 model's prefixes (each model parameter takes the checkpoint entry whose name is its longest
-dot-suffix), and Detectron2 model-zoo ``.pkl`` files (numpy arrays, read without running any code
-they might name) and pycls ``.pyth`` files load with those heuristics. Caffe2 (Detectron v1)
-``.pkl`` files, whose names need Detectron2's Caffe2 renaming, are refused with an explanation.
+dot-suffix); Detectron2 model-zoo ``.pkl`` files (numpy arrays, read without running any code
+they might name) load, with those heuristics when the file asks for them, and pycls ``.pyth`` files
+load with them. Caffe2 (Detectron v1) ``.pkl`` files, whose names need Detectron2's Caffe2
+renaming, are refused with an explanation.
 """
 from __future__ import annotations
 
@@ -129,7 +130,10 @@ class DetectionCheckpointer(Checkpointer):
     def _load_file(self, f: str) -> dict[str, Any]:
         """Read a checkpoint on CPU; a bare state dict is treated as ``{"model": state_dict}``."""
         if f.endswith(".pkl"):
-            return _load_model_zoo_pickle(f)
+            loaded = _load_model_zoo_pickle(f)
+            if self._matching_heuristics:
+                loaded["matching_heuristics"] = True
+            return loaded
         if f.endswith(".pyth"):  # pycls (only pycls uses this extension)
             state = self._load_torch_file(f)
             if "model_state" not in state:
@@ -198,15 +202,15 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 
 def _load_model_zoo_pickle(f: str) -> dict[str, Any]:
-    """A Detectron2 model-zoo ``.pkl`` (``{"model": {name: array}, "__author__": ...}``), for loading
-    with the matching heuristics."""
+    """A Detectron2 model-zoo ``.pkl`` (``{"model": {name: array}, "__author__": ...}``, with
+    ``"matching_heuristics": True`` when its names need them, as Detectron2's model-zoo files have)."""
     with open(f, "rb") as stream:
         data = _ArrayUnpickler(stream, f).load()
     if not isinstance(data, dict):
         raise ValueError(f"{f} holds a {type(data).__name__}; a model-zoo .pkl holds a dict.")
     if "model" in data and "__author__" in data:
         logger.info("Reading %s, written by %s", f, data["__author__"])
-        return {**data, "matching_heuristics": True}
+        return data
     raise NotImplementedError(
         f"{f} is not in Detectron2's model-zoo format (a dict with 'model' and '__author__'; it holds "
         f"{sorted(data)[:8]}): it looks like a Caffe2 (Detectron v1) file, whose parameter names need "
