@@ -1,8 +1,8 @@
 # LVIS v1 val (1203 classes), 10 references per class from lvis_v1_train, evaluated with
 # LVISEvaluator (AP, APr, APc, APf). Classes without training instances get no prototype and are
 # never predicted. Up to 300 detections per image, as LVIS evaluates.
-from samantics_d2.d2 import LVISEvaluator
 from samantics_d2.d2 import LazyCall as L
+from samantics_d2.evaluation import LVISEvaluator  # the seam's, runnable on NumPy >= 1.24
 
 from ..common.training_free import dataloader, model, train
 

@@ -1,16 +1,19 @@
 """COCO 2017 and LVIS v1 under ``$DETECTRON2_DATASETS``, with Detectron2's dataset names.
 
-Only names not already in ``DatasetCatalog`` are registered (real Detectron2 registers them itself).
-The root is read when a dataset is loaded, not at import, so a tool may set ``DETECTRON2_DATASETS``
-after ``import samantics_d2``; ``json_file`` and ``image_root`` are put on the metadata at that time
-(unless already set, e.g. by an evaluator that converted the dataset itself).
+As in Detectron2 (``detectron2.data.datasets.builtin``), the root is ``$DETECTRON2_DATASETS``
+(default ``datasets``, relative to the working directory) read once, when the names are registered,
+and each dataset's metadata gets ``json_file``, ``image_root`` and ``evaluator_type`` then. So set
+the variable before starting Python. With Detectron2, ``import detectron2.data`` has registered
+these names already (and many more): those registrations are Detectron2's and are kept as they
+are, so a missing file there fails with Detectron2's error. The names registered here (with lite)
+check the json when loaded and name the root and the variable when it is missing.
 The expected layout is in ``datasets/README.md``.
 """
 from __future__ import annotations
 
 import logging
 import os
-from typing import Callable
+from typing import Callable, Optional
 
 from ..d2 import DatasetCatalog, MetadataCatalog, load_coco_json, load_lvis_json
 
@@ -32,9 +35,13 @@ BUILTIN_LVIS: dict[str, tuple[str, str]] = {
 }
 
 
+def _root_from_env() -> str:
+    return os.path.expanduser(os.environ.get(DATASETS_ENV, "datasets"))
+
+
 def datasets_root() -> str:
     """``$DETECTRON2_DATASETS`` (default ``"datasets"``), read now; an error naming it when missing."""
-    root = os.path.expanduser(os.environ.get(DATASETS_ENV, "datasets"))
+    root = _root_from_env()
     if not os.path.isdir(root):
         source = f"{DATASETS_ENV}={os.environ[DATASETS_ENV]!r}" if DATASETS_ENV in os.environ else (
             f"{DATASETS_ENV} is unset, so the default 'datasets' relative to {os.getcwd()!r} is used"
@@ -61,24 +68,33 @@ def set_paths_if_missing(name: str, *, json_file: str, image_root: str) -> None:
             logger.info("Metadata of %s keeps %s=%s (this load used %s).", name, key, current, value)
 
 
-def _loader(name: str, image_dir: str, json_name: str, load: Callable) -> Callable[[], list[dict]]:
+def _loader(name: str, json_file: str, image_root: str, root: str, load: Callable) -> Callable[[], list[dict]]:
     def load_builtin() -> list[dict]:
-        root = datasets_root()
-        json_file, image_root = os.path.join(root, json_name), os.path.join(root, image_dir)
-        set_paths_if_missing(name, json_file=json_file, image_root=image_root)
+        if not os.path.isfile(json_file):
+            raise FileNotFoundError(
+                f"Dataset {name!r}: {os.path.abspath(json_file)!r} does not exist. Its root {os.path.abspath(root)!r} "
+                f"is {DATASETS_ENV} (default 'datasets'), read when samantics_d2 was imported: set {DATASETS_ENV} to "
+                "the folder holding coco/ and lvis/ (laid out as in datasets/README.md) before starting Python."
+            )
         return load(json_file, image_root, name)
 
     return load_builtin
 
 
-def register_all_builtin() -> None:
-    """Register the COCO and LVIS names that are not registered yet (cheap: nothing is read)."""
+def register_all_builtin(root: Optional[str] = None) -> list[str]:
+    """Register the COCO and LVIS names that are not registered yet, under ``root`` (default:
+    ``$DETECTRON2_DATASETS``, else ``datasets``); nothing is read. Returns the names registered."""
+    root = _root_from_env() if root is None else root
+    registered = []
     for table, load, evaluator_type in ((BUILTIN_COCO, load_coco_json, "coco"), (BUILTIN_LVIS, load_lvis_json, "lvis")):
         for name, (image_dir, json_name) in table.items():
             if name in DatasetCatalog.list():
                 continue
-            DatasetCatalog.register(name, _loader(name, image_dir, json_name, load))
-            MetadataCatalog.get(name).set(evaluator_type=evaluator_type)
+            json_file, image_root = os.path.join(root, json_name), os.path.join(root, image_dir)
+            DatasetCatalog.register(name, _loader(name, json_file, image_root, root, load))
+            MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type=evaluator_type)
+            registered.append(name)
+    return registered
 
 
 register_all_builtin()

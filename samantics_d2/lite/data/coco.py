@@ -25,40 +25,24 @@ logger = logging.getLogger(__name__)
 
 PathManager = _PathManagerClass()
 
-_DATASETS_ENV = "DETECTRON2_DATASETS"
-
-
-def _missing_file_error(path: str, what: str) -> FileNotFoundError:
-    """A FileNotFoundError naming ``path``, and DETECTRON2_DATASETS when the path lies under it."""
-    root = os.path.expanduser(os.environ.get(_DATASETS_ENV, "datasets"))
-    message = f"{what} {path!r} does not exist."
-    abs_root, abs_path = os.path.abspath(root), os.path.abspath(os.path.expanduser(path))
-    if abs_path.startswith(abs_root.rstrip(os.sep) + os.sep):
-        source = f"{_DATASETS_ENV}={os.environ[_DATASETS_ENV]!r}" if _DATASETS_ENV in os.environ else (
-            f"{_DATASETS_ENV} unset, default 'datasets'"
-        )
-        message += (
-            f" It is under the dataset root {root!r} ({source}): set {_DATASETS_ENV} to the folder holding "
-            "the datasets, laid out as in datasets/README.md."
-        )
-    return FileNotFoundError(message)
-
-
 def _local_json_path(json_file: str, what: str) -> str:
     json_file = os.fspath(json_file)
     if not PathManager.exists(json_file):
-        raise _missing_file_error(json_file, what)
+        raise FileNotFoundError(f"{what} {json_file!r} does not exist.")
     return PathManager.get_local_path(json_file)
 
 
-def _require_keys(json_file: str, dataset: Any, keys: Sequence[str], kind: str) -> None:
-    """Check the top level of an annotation file: a dict with list values under ``keys``."""
+def _require_keys(json_file: str, dataset: Any, keys: Sequence[str], kind: str, *, allow_missing: bool = False) -> None:
+    """Check the top level of an annotation file: a dict with list values under ``keys`` (under those
+    of ``keys`` it has, with ``allow_missing``)."""
     if not isinstance(dataset, dict):
         raise ValueError(
             f"{json_file!r} holds a JSON {type(dataset).__name__}; expected a {kind} instances file: an object "
             f"with keys {list(keys)}."
         )
     for key in keys:
+        if allow_missing and key not in dataset:
+            continue
         if not isinstance(dataset.get(key), list):
             found = "missing" if key not in dataset else f"a {type(dataset[key]).__name__}, not a list"
             raise ValueError(
@@ -120,12 +104,15 @@ def load_coco_json(
         One dict per image, sorted by image id: ``file_name``, ``height``, ``width``, ``image_id``,
         ``annotations`` (list of dicts with ``bbox`` in ``BoxMode.XYWH_ABS``, ``bbox_mode``,
         ``category_id``, ``iscrowd``, ``segmentation`` as polygons or compressed RLE). Polygons with
-        fewer than 3 points are dropped, and so is an instance left with none (with a warning).
+        fewer than 3 points are dropped, and so is an instance left with none (with a warning); an
+        instance with an empty or no segmentation is kept with its box only. As in Detectron2
+        (pycocotools), a file without ``annotations`` (a test-set image-info file) or ``images``
+        reads as if they were empty lists.
     """
     start = time.perf_counter()
     local_json = _local_json_path(json_file, "COCO json file")
     dataset = read_json(local_json, what="a COCO instances json")
-    _require_keys(json_file, dataset, ("images", "annotations", "categories"), "COCO")
+    _require_keys(json_file, dataset, ("images", "annotations", "categories"), "COCO", allow_missing=True)
     coco_api = COCO()
     coco_api.dataset = dataset
     try:
@@ -146,7 +133,15 @@ def load_coco_json(
         id_map = {cat_id: i for i, cat_id in enumerate(cat_ids)}
         MetadataCatalog.get(dataset_name).set(thing_classes=thing_classes, thing_dataset_id_to_contiguous_id=id_map)
 
-    annotation_ids = [ann["id"] for ann in dataset["annotations"]]
+    matched = sum(len(coco_api.imgToAnns[image_id]) for image_id in coco_api.imgs)
+    if matched < len(coco_api.anns):
+        logger.warning(
+            "%s contains %d annotations, but only %d of them match to images in the file.",
+            json_file,
+            len(coco_api.anns),
+            matched,
+        )
+    annotation_ids = [ann["id"] for ann in dataset.get("annotations", [])]
     if len(set(annotation_ids)) != len(annotation_ids):
         raise ValueError(f"Annotation ids in {json_file!r} are not unique; each annotation needs its own id.")
 
@@ -176,7 +171,7 @@ def load_coco_json(
                     f"Annotation {anno['id']} of image {image_id} in {json_file!r} has an empty 'bbox'; "
                     "expected [x, y, w, h]."
                 )
-            if "segmentation" in anno:
+            if anno.get("segmentation"):  # as Detectron2: an empty or missing segmentation keeps the box only
                 segmentation = _convert_segmentation(anno["segmentation"], json_file, anno["id"])
                 if isinstance(anno["segmentation"], list):
                     dropped_polygons += len(anno["segmentation"]) - len(segmentation or [])

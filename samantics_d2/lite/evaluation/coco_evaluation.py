@@ -1,4 +1,4 @@
-"""``COCOEvaluator``: COCO box and mask AP/AR, as in ``detectron2.evaluation.COCOEvaluator``.
+"""``COCOEvaluator``: COCO box and mask AP, as in ``detectron2.evaluation.COCOEvaluator``.
 
 Evaluation is pycocotools' ``COCOeval`` (``use_fast_impl=False``) or faster-coco-eval's
 ``COCOeval_faster`` (``use_fast_impl=True``, C++; same numbers). Predictions are turned into COCO
@@ -34,8 +34,8 @@ __all__ = ["COCOEvaluator", "convert_to_coco_json", "instances_to_coco_json"]
 logger = logging.getLogger(__name__)
 
 _SUPPORTED_TASKS = ("bbox", "segm")
-# Order of pycocotools' ``COCOeval.stats`` for boxes and masks (AR at maxDets[0], [1], [2]).
-_COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR{0}", "AR{1}", "AR{2}", "ARs", "ARm", "ARl")
+# The first six of pycocotools' ``COCOeval.stats`` for boxes and masks: Detectron2 reports no AR.
+_COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def instances_to_coco_json(instances: Instances, img_id: int) -> list[dict[str, Any]]:
@@ -200,13 +200,13 @@ class _InstancesEvaluator(DatasetEvaluator):
 
 
 class COCOEvaluator(_InstancesEvaluator):
-    """COCO AP/AR of instance detection ("bbox") and segmentation ("segm").
+    """COCO AP of instance detection ("bbox") and segmentation ("segm").
 
     Each model output needs ``"instances"`` with ``pred_boxes``, ``scores``, ``pred_classes`` (contiguous
     ids, mapped back to dataset ids through ``thing_dataset_id_to_contiguous_id``) and, for "segm",
     ``pred_masks``. Results: ``{"bbox": {...}, "segm": {...}}`` with AP, AP50, AP75, APs, APm, APl,
-    AR1, AR10, AR100 (AR at the three maxDets), ARs, ARm, ARl, all in percent (NaN when undefined),
-    plus ``AP-<class name>`` per category.
+    in percent (NaN when undefined), plus ``AP-<class name>`` per category; no AR, as in Detectron2.
+    Keypoint evaluation is not in lite (``tasks=("keypoints",)`` is an error).
     """
 
     def __init__(
@@ -228,7 +228,7 @@ class COCOEvaluator(_InstancesEvaluator):
             distributed: gather predictions from all processes and evaluate on the main one.
             output_dir: where ``coco_instances_results.json`` is written (optional).
             max_dets_per_image: COCOeval's maxDets becomes [1, 10, this] (default 100); like COCOeval,
-                it limits detections per image and category. AR at it is named ``AR<this>``.
+                it limits detections per image and category.
             use_fast_impl: faster-coco-eval's C++ evaluation instead of pycocotools' Python one.
             allow_cached_coco: reuse a COCO json converted by an earlier run.
         """
@@ -344,7 +344,7 @@ class COCOEvaluator(_InstancesEvaluator):
 
     def _derive_coco_results(self, coco_eval: Any, iou_type: str) -> dict[str, float]:
         """Percent metrics from a run ``coco_eval`` (None: no predictions, all NaN) and per-class AP."""
-        names = [n.format(*self._max_dets_per_image) for n in _COCO_STAT_NAMES]
+        names = _COCO_STAT_NAMES
         if coco_eval is None:
             logger.warning("No predictions from the model! %s metrics are NaN.", iou_type)
             return {name: float("nan") for name in names}

@@ -7,11 +7,11 @@ import io
 import logging
 import os
 from collections import OrderedDict
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
-import numpy as np
 from iopath.common.file_io import g_pathmgr
 
+from ...utils.compat import numpy_float_alias
 from ..data import MetadataCatalog
 from .coco_evaluation import _SUPPORTED_TASKS, _atomic_write_json, _InstancesEvaluator
 from .testing import create_small_table
@@ -21,23 +21,6 @@ __all__ = ["LVISEvaluator"]
 logger = logging.getLogger(__name__)
 
 _LVIS_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
-
-
-@contextlib.contextmanager
-def _numpy_float_alias() -> Iterator[None]:
-    """Provide ``np.float`` while LVISEval runs, then remove it again.
-
-    lvis 0.5.3 (the latest release) calls ``np.float`` in ``LVISEval.accumulate``; NumPy 1.24
-    removed that alias of the builtin ``float``. Only added when missing, only for this block.
-    """
-    added = "float" not in np.__dict__
-    if added:
-        np.float = float  # type: ignore[attr-defined]
-    try:
-        yield
-    finally:
-        if added:
-            del np.float  # type: ignore[attr-defined]
 
 
 class LVISEvaluator(_InstancesEvaluator):
@@ -143,7 +126,7 @@ def _evaluate_predictions_on_lvis(
         for c in lvis_results:
             c.pop("bbox", None)
     captured = io.StringIO()
-    with _numpy_float_alias(), contextlib.redirect_stdout(captured):  # print_results prints
+    with numpy_float_alias(), contextlib.redirect_stdout(captured):  # print_results prints
         lvis_dt = LVISResults(lvis_gt, lvis_results, max_dets=max_dets_per_image)
         lvis_eval = LVISEval(lvis_gt, lvis_dt, iou_type)
         lvis_eval.params.max_dets = max_dets_per_image
