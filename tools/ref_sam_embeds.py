@@ -40,10 +40,10 @@ import sys
 from typing import Any, Optional, Sequence
 
 import samantics_d2  # noqa: F401  (registers datasets and components)
+from samantics_d2.checkpoint import load_init_checkpoint
 from samantics_d2.config import check_override_keys
 from samantics_d2.d2 import (
     DatasetCatalog,
-    DetectionCheckpointer,
     LazyConfig,
     MetadataCatalog,
     inference_on_dataset,
@@ -109,7 +109,7 @@ def _build_model(cfg: Any) -> Any:
     model = instantiate(cfg.model)
     model.to(cfg.train.device)
     if cfg.train.init_checkpoint:
-        DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+        load_init_checkpoint(model, cfg.train.init_checkpoint, training=False)
     else:
         logger.warning("train.init_checkpoint is empty: using the model as built by the config.")
     return model.eval()
