@@ -119,8 +119,8 @@ class DetectionCheckpointer(Checkpointer):
             path = parsed._replace(query="").geturl()
         if path and not os.path.isfile(path):
             local = self.path_manager.get_local_path(path)
-            if not os.path.isfile(local):
-                raise FileNotFoundError(
+            if not os.path.isfile(local):  # AssertionError, as fvcore's Checkpointer in Detectron2
+                raise AssertionError(
                     f"Checkpoint {path!r} not found. Give an existing .pth file (e.g. train.init_checkpoint=...), "
                     "or an empty path to start from the model's initial weights."
                 )

@@ -35,9 +35,9 @@ _CURRENT_STORAGE_STACK: list["EventStorage"] = []
 
 
 def get_event_storage() -> "EventStorage":
-    """The innermost active :class:`EventStorage`; an error outside any ``with EventStorage()``."""
+    """The innermost active :class:`EventStorage`; AssertionError (as Detectron2) outside any ``with EventStorage()``."""
     if not _CURRENT_STORAGE_STACK:
-        raise RuntimeError(
+        raise AssertionError(
             "get_event_storage() was called outside an EventStorage: call it inside "
             "'with EventStorage(...):' (the trainer opens one around training)."
         )
@@ -108,8 +108,8 @@ class EventStorage:
         cur_iter = self._iter if cur_iter is None else int(cur_iter)
         value = float(value)
         existing = self._smoothing_hints.setdefault(name, smoothing_hint)
-        if existing != smoothing_hint:
-            raise ValueError(
+        if existing != smoothing_hint:  # AssertionError, as Detectron2
+            raise AssertionError(
                 f"Scalar {name!r} was recorded with smoothing_hint={existing} before and with "
                 f"smoothing_hint={smoothing_hint} now: use one value per scalar name."
             )
