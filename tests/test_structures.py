@@ -44,11 +44,15 @@ def test_boxmode_round_trips(kind):
     torch.testing.assert_close(xywh_t[:, 2:], xyxy[:, 2:] - xyxy[:, :2])
     back = BoxMode.convert(xywh, BoxMode.XYWH_ABS, BoxMode.XYXY_ABS)
     torch.testing.assert_close(torch.as_tensor(back), xyxy)
-    rotated = BoxMode.convert(boxes, BoxMode.XYXY_ABS, BoxMode.XYWHA_ABS)
+    # Detectron2's rotated conversions: XYWH_ABS -> XYWHA_ABS (angle 0) and XYWHA_ABS -> XYXY_ABS
+    rotated = BoxMode.convert(xywh, BoxMode.XYWH_ABS, BoxMode.XYWHA_ABS)
     rotated_t = torch.as_tensor(rotated)
+    assert type(rotated) is type(boxes) and rotated_t.dtype == xyxy.dtype
     torch.testing.assert_close(rotated_t[:, :2], (xyxy[:, :2] + xyxy[:, 2:]) / 2)
     torch.testing.assert_close(rotated_t[:, 4], torch.zeros(7))
     torch.testing.assert_close(torch.as_tensor(BoxMode.convert(rotated, BoxMode.XYWHA_ABS, BoxMode.XYXY_ABS)), xyxy)
+    with pytest.raises(NotImplementedError):  # not a conversion Detectron2 has
+        BoxMode.convert(boxes, BoxMode.XYXY_ABS, BoxMode.XYWHA_ABS)
 
 
 def test_boxmode_rotated_by_90_degrees_swaps_extent():

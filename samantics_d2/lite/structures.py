@@ -81,30 +81,31 @@ class BoxMode(IntEnum):
                 f"BoxMode.convert got boxes of shape {tuple(arr.shape)}; expected [N, 4] (or [N, 5] for XYWHA_ABS)."
             )
 
-        if from_mode == BoxMode.XYWHA_ABS:
-            if to_mode != BoxMode.XYXY_ABS:
-                arr = BoxMode.convert(arr, BoxMode.XYWHA_ABS, BoxMode.XYXY_ABS)
-                return _restore_type(BoxMode.convert(arr, BoxMode.XYXY_ABS, to_mode), original_type, single_box)
+        # The conversions Detectron2 has, computed as it does (rotated ones in float64, then back).
+        if from_mode == BoxMode.XYWHA_ABS and to_mode == BoxMode.XYXY_ABS:
             # The axis-aligned box enclosing the rotated one.
-            arr = arr.double() if not arr.is_floating_point() else arr
+            dtype, arr = arr.dtype, arr.double()
             w, h, angle = arr[:, 2], arr[:, 3], arr[:, 4]
             cos, sin = torch.cos(angle * np.pi / 180.0).abs(), torch.sin(angle * np.pi / 180.0).abs()
             new_w, new_h = cos * w + sin * h, cos * h + sin * w
             x0, y0 = arr[:, 0] - new_w / 2.0, arr[:, 1] - new_h / 2.0
-            arr = torch.stack([x0, y0, x0 + new_w, y0 + new_h], dim=1)
-        elif to_mode == BoxMode.XYWHA_ABS:
-            if from_mode != BoxMode.XYXY_ABS:
-                arr = BoxMode.convert(arr, from_mode, BoxMode.XYXY_ABS)
-            arr = arr.double() if not arr.is_floating_point() else arr
-            w, h = arr[:, 2] - arr[:, 0], arr[:, 3] - arr[:, 1]
-            angle = torch.zeros_like(w)
-            arr = torch.stack([arr[:, 0] + w / 2.0, arr[:, 1] + h / 2.0, w, h, angle], dim=1)
+            arr = torch.stack([x0, y0, x0 + new_w, y0 + new_h], dim=1).to(dtype)
+        elif from_mode == BoxMode.XYWH_ABS and to_mode == BoxMode.XYWHA_ABS:
+            dtype, arr = arr.dtype, arr.double()
+            arr[:, 0] += arr[:, 2] / 2.0
+            arr[:, 1] += arr[:, 3] / 2.0
+            arr = torch.cat([arr, arr.new_zeros((arr.shape[0], 1))], dim=1).to(dtype)
         elif from_mode == BoxMode.XYWH_ABS and to_mode == BoxMode.XYXY_ABS:
             arr[:, 2] += arr[:, 0]
             arr[:, 3] += arr[:, 1]
-        else:  # XYXY_ABS -> XYWH_ABS
+        elif from_mode == BoxMode.XYXY_ABS and to_mode == BoxMode.XYWH_ABS:
             arr[:, 2] -= arr[:, 0]
             arr[:, 3] -= arr[:, 1]
+        else:
+            raise NotImplementedError(
+                f"Conversion from BoxMode {from_mode.name} to {to_mode.name} is not supported (nor in Detectron2); "
+                "convert through XYWH_ABS."
+            )
         return _restore_type(arr, original_type, single_box)
 
 
