@@ -48,7 +48,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from .d2 import CfgNode, DatasetCatalog, MetadataCatalog
 
-__all__ = ["add_samantics_config", "dataset_classes", "node_kwargs", "options_node", "require_rgb"]
+__all__ = ["add_samantics_config", "dataset_classes", "node_kwargs", "options_node", "registered_dataset", "require_rgb"]
 
 _YACS_TYPES = (tuple, list, str, int, float, bool, type(None))
 

@@ -185,11 +185,11 @@ if "_YacsTestRecordingModel" not in {name for name, _ in META_ARCH_REGISTRY}:
     META_ARCH_REGISTRY.register(type("_YacsTestRecordingModel", (_RecordingModel,), {}))
 
 
-@pytest.mark.parametrize("input_format", ["RGB", "BGR"])
-def test_default_predictor_contract(tmp_path, input_format):
+@pytest.mark.parametrize("input_format, dtype", [("RGB", np.uint8), ("BGR", np.uint8), ("RGB", np.float32)])
+def test_default_predictor_contract(tmp_path, input_format, dtype):
     """Detectron2's DefaultPredictor: loads MODEL.WEIGHTS, converts BGR input to INPUT.FORMAT, resizes
-    the shortest edge (PIL bilinear, the long side capped), passes float32 [C, h, w] with the original
-    height and width, and returns the first prediction."""
+    the shortest edge (the long side capped; bilinear: PIL for uint8, torch otherwise), passes float32
+    [C, h, w] with the original height and width, and returns the first prediction."""
     weights = tmp_path / "model.pth"
     torch.save({"model": {"scale": torch.tensor(2.5)}}, weights)
     cfg = _cfg(None, "MODEL.META_ARCHITECTURE", "_YacsTestRecordingModel", "MODEL.DEVICE", "cpu",
@@ -197,7 +197,7 @@ def test_default_predictor_contract(tmp_path, input_format):
                "INPUT.MAX_SIZE_TEST", 100, "DATASETS.TEST", ("shapes_val",))
     predictor = DefaultPredictor(cfg)
     assert predictor.metadata.name == "shapes_val"
-    bgr = np.random.default_rng(0).integers(0, 256, size=(40, 90, 3), dtype=np.uint8)
+    bgr = np.random.default_rng(0).integers(0, 256, size=(40, 90, 3), dtype=np.uint8).astype(dtype)
     out = predictor(bgr)
     assert out == {"scale": torch.tensor(2.5)}
     ((inputs,),) = predictor.model.inputs
@@ -205,6 +205,11 @@ def test_default_predictor_contract(tmp_path, input_format):
     image = inputs["image"]
     # 40 -> 60 would make the long side 135 > 100: the long side goes to 100 (44.4 -> 44 rows)
     assert image.dtype == torch.float32 and tuple(image.shape) == (3, 44, 100)
-    source = bgr[:, :, ::-1] if input_format == "RGB" else bgr
-    expected = np.asarray(Image.fromarray(np.ascontiguousarray(source)).resize((100, 44), Image.BILINEAR))
-    assert torch.equal(image, torch.from_numpy(expected.astype(np.float32)).permute(2, 0, 1))
+    source = np.ascontiguousarray(bgr[:, :, ::-1] if input_format == "RGB" else bgr)
+    if dtype == np.uint8:
+        expected = torch.from_numpy(np.asarray(Image.fromarray(source).resize((100, 44), Image.BILINEAR)).astype(np.float32))
+        expected = expected.permute(2, 0, 1)
+    else:
+        expected = torch.nn.functional.interpolate(torch.from_numpy(source).permute(2, 0, 1)[None], (44, 100),
+                                                   mode="bilinear", align_corners=False)[0]
+    assert torch.equal(image, expected)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ..checkpoint import DetectionCheckpointer
@@ -14,8 +15,9 @@ __all__ = ["DefaultPredictor"]
 
 def _resize_shortest_edge(image: np.ndarray, short_edge: int, max_size: int) -> np.ndarray:
     """Detectron2's test-time ``ResizeShortestEdge``: the shorter side to ``short_edge`` unless the
-    longer side would exceed ``max_size`` (then the longer side to ``max_size``); PIL bilinear on
-    uint8 ``[H, W, C]``; ``short_edge == 0`` leaves the image as it is."""
+    longer side would exceed ``max_size`` (then the longer side to ``max_size``), bilinear (PIL for
+    uint8 ``[H, W, C]``, torch otherwise, as ``ResizeTransform``); ``short_edge == 0`` leaves the
+    image as it is."""
     if short_edge == 0:
         return image
     h, w = image.shape[:2]
@@ -25,8 +27,10 @@ def _resize_shortest_edge(image: np.ndarray, short_edge: int, max_size: int) -> 
         scale = max_size / max(new_h, new_w)
         new_h, new_w = new_h * scale, new_w * scale
     new_h, new_w = int(new_h + 0.5), int(new_w + 0.5)
-    if image.dtype != np.uint8:
-        raise TypeError(f"DefaultPredictor (lite) resizes uint8 images; got dtype {image.dtype}. Pass cv2.imread's uint8 BGR array.")
+    if image.dtype != np.uint8:  # [H, W, C] -> [1, C, H, W] -> resized -> [h, w, C]
+        pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
+        resized = F.interpolate(pixels, (new_h, new_w), mode="bilinear", align_corners=False)
+        return resized[0].permute(1, 2, 0).numpy()
     if image.ndim == 3 and image.shape[2] == 1:
         resized = Image.fromarray(image[:, :, 0], mode="L").resize((new_w, new_h), Image.BILINEAR)
         return np.asarray(resized)[:, :, None]
