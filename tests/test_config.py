@@ -69,6 +69,25 @@ def test_save_load_round_trip(tmp_path):
     assert instantiate(again.model) == instantiate(cfg.model)
 
 
+def test_configs_saved_by_either_backend_load_in_both(tmp_path):
+    # Saved with Detectron2, a config names detectron2.* targets; lite maps those to the seam's objects.
+    path = tmp_path / "saved.yaml"
+    path.write_text(
+        "from_detectron2: {_target_: detectron2.modeling.ShapeSpec, channels: 3}\n"
+        "from_lite: {_target_: samantics_d2.d2.ShapeSpec, channels: 4}\n"
+        "unknown: {_target_: detectron2.no_such_module.Thing}\n"
+    )
+    cfg = LazyConfig.load(str(path))
+    for key, channels in (("from_detectron2", 3), ("from_lite", 4)):
+        shape = instantiate(cfg[key])
+        assert isinstance(shape, ShapeSpec) and shape.channels == channels
+    with pytest.raises(ImportError, match="detectron2.no_such_module.Thing"):
+        instantiate(cfg.unknown)
+    # and what either backend saves names the seam's object in a way both backends resolve
+    LazyConfig.save(DictConfig({"shape": L(ShapeSpec)(channels=5)}), str(path))
+    assert LazyConfig.load(str(path)).shape._target_.startswith(("samantics_d2.d2.", "detectron2."))
+
+
 def test_config_yaml_cannot_hold_is_also_pickled(tmp_path):
     # Detectron2's behaviour: the YAML is written, and the config is pickled next to it.
     cfg = DictConfig({"f": L(collections.OrderedDict)(fn=lambda x: x + 1)}, flags={"allow_objects": True})

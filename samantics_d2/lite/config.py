@@ -18,7 +18,7 @@ import sys
 import uuid
 from collections import abc
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import cloudpickle
 import yaml
@@ -36,8 +36,39 @@ _path_manager = _PathManagerCls()
 _CONFIG_PACKAGE = "samantics_d2._lazy_config"
 
 
+def _seam_name(target: Any) -> Optional[str]:
+    """``samantics_d2.d2.<name>`` when ``target`` is a Detectron2 name exported by the seam, so that a
+    config saved with lite names it in a way Detectron2 mode resolves to Detectron2's own object."""
+    from .. import d2  # imported here: d2 imports this module
+
+    name = getattr(target, "__name__", None)
+    return f"samantics_d2.d2.{name}" if name in d2.__all__ and getattr(d2, name, None) is target else None
+
+
+def _detectron2_target(name: str) -> Any:
+    """A ``detectron2.*`` target (a config saved with Detectron2) under lite: the seam's object of the
+    same name; otherwise Detectron2's own when it is importable; otherwise an ImportError saying why."""
+    from .. import d2
+
+    attr = name.rsplit(".", 1)[-1]
+    if attr in d2.__all__:
+        return getattr(d2, attr)
+    obj = pydoc.locate(name)
+    if obj is not None:
+        return obj
+    raise ImportError(
+        f"Cannot locate {name!r}: the config names a Detectron2 object (it was saved with Detectron2), "
+        f"Detectron2 is not importable, and samantics_d2.lite provides no {attr!r} (it provides the names of "
+        "samantics_d2.d2.__all__). Install Detectron2, or change this _target_ in the config."
+    )
+
+
 def _target_name(target: Any) -> str:
-    """The dotted name under which ``locate`` finds ``target`` again."""
+    """The dotted name under which ``locate`` finds ``target`` again (for the seam's names, one that
+    both backends resolve)."""
+    seam = _seam_name(target)
+    if seam is not None:
+        return seam
     module, qualname = target.__module__, target.__qualname__
     # Prefer the shortest public module path that still resolves to the same object.
     parts = module.split(".")
@@ -52,7 +83,10 @@ def _target_name(target: Any) -> str:
 
 
 def locate(name: str) -> Any:
-    """Import the object named by a dotted path, e.g. ``"torch.optim.SGD"``."""
+    """Import the object named by a dotted path, e.g. ``"torch.optim.SGD"``; ``detectron2.*`` names
+    resolve to the seam's objects of the same name (see :func:`_detectron2_target`)."""
+    if name.startswith("detectron2."):
+        return _detectron2_target(name)
     obj = pydoc.locate(name)
     if obj is not None:
         return obj
