@@ -48,7 +48,14 @@ from typing import Any, Callable, Iterable, Optional
 
 from .d2 import CfgNode, DatasetCatalog, MetadataCatalog
 
-__all__ = ["add_samantics_config", "dataset_classes", "node_kwargs", "options_node", "registered_dataset", "require_rgb"]
+__all__ = [
+    "add_samantics_config",
+    "check_yacs_config",
+    "dataset_classes",
+    "node_kwargs",
+    "options_node",
+    "registered_dataset",
+]
 
 _YACS_TYPES = (tuple, list, str, int, float, bool, type(None))
 
@@ -80,8 +87,13 @@ def node_kwargs(node: CfgNode) -> dict[str, Any]:
     return {key.lower(): value for key, value in node.items() if not isinstance(value, CfgNode)}
 
 
-def require_rgb(cfg: CfgNode, owner: str) -> None:
-    """Our models take RGB images: reject any other ``cfg.INPUT.FORMAT``."""
+def check_yacs_config(cfg: CfgNode, owner: str) -> None:
+    """A config ``owner.from_config`` can read: with our keys, and ``INPUT.FORMAT`` RGB (our models take RGB)."""
+    if "SAMANTICS" not in cfg.MODEL:
+        raise KeyError(
+            f"{owner} reads cfg.MODEL.SAMANTICS, which this config lacks: call samantics_d2.add_samantics_config(cfg) "
+            "on get_cfg()'s config before merge_from_file."
+        )
     if cfg.INPUT.FORMAT != "RGB":
         raise ValueError(
             f"{owner} takes RGB images, but cfg.INPUT.FORMAT is {cfg.INPUT.FORMAT!r}. Set INPUT.FORMAT: RGB in the "

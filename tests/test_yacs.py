@@ -96,7 +96,7 @@ def test_example_builds_and_predicts(path, shapes_image, tmp_path):
 def test_build_backbone_gives_the_encoder_of_the_tag(family, tag):
     cls = BACKBONE_CLASSES[family]
     assert BACKBONE_REGISTRY.get(cls.__name__) is cls
-    cfg = _cfg(None, "MODEL.BACKBONE.NAME", cls.__name__, "MODEL.SAMANTICS.BACKBONE.TAG", tag,
+    cfg = _cfg(None, "INPUT.FORMAT", "RGB", "MODEL.BACKBONE.NAME", cls.__name__, "MODEL.SAMANTICS.BACKBONE.TAG", tag,
                "MODEL.SAMANTICS.BACKBONE.SIZE", "tiny")
     backbone = build_backbone(cfg)  # called as cls(cfg, ShapeSpec(channels=3))
     reference = build_encoder(tag, size="tiny")
@@ -111,7 +111,7 @@ def test_every_registered_backbone_is_covered():
 
 
 def test_build_backbone_input_size_and_errors():
-    cfg = _cfg(None, "MODEL.BACKBONE.NAME", "SAMBackbone", "MODEL.SAMANTICS.BACKBONE.SIZE", "tiny",
+    cfg = _cfg(None, "INPUT.FORMAT", "RGB", "MODEL.BACKBONE.NAME", "SAMBackbone", "MODEL.SAMANTICS.BACKBONE.SIZE", "tiny",
                "MODEL.SAMANTICS.BACKBONE.INPUT_SIZE", 128)
     assert build_backbone(cfg).img_size == 128
     cfg.MODEL.SAMANTICS.BACKBONE.TAG = "dinov2_vits14"  # a DINOv2 tag for the SAM class
@@ -138,10 +138,15 @@ def test_keyword_construction_still_works_and_cfg_arguments_override():
     assert model.pixel_mean.flatten().tolist() == pytest.approx(list(cfg.MODEL.PIXEL_MEAN))
 
 
-def test_bgr_input_format_is_rejected():
+def test_bgr_input_format_and_missing_keys_are_rejected():
     cfg = _cfg(ROOT / "configs" / "yacs" / "tiny_segmenter_shapes.yaml", "INPUT.FORMAT", "BGR")
     with pytest.raises(ValueError, match="INPUT.FORMAT"):
         build_model(cfg)
+    cfg = get_cfg()  # add_samantics_config forgotten
+    cfg.merge_from_list(["MODEL.META_ARCHITECTURE", "TinySegmenter", "MODEL.BACKBONE.NAME", "SAMBackbone"])
+    for build in (build_model, build_backbone):
+        with pytest.raises(KeyError, match="add_samantics_config"):
+            build(cfg)
 
 
 def test_unknown_keys_and_references_are_rejected(tmp_path):

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ...d2 import Backbone, ShapeSpec
+from ...yacs_config import check_yacs_config
 from ..preprocess import ImageFit, PreprocessSpec, prepare_batch, preprocess_spec
 from ..weights import default_tag, get_weight_spec
 
@@ -92,6 +93,7 @@ class EncoderBackbone(Backbone):
         """``build_backbone(cfg)``: the architecture of ``cfg.MODEL.SAMANTICS.BACKBONE`` (yacs path,
         see :mod:`samantics_d2.yacs_config`). Weights come from ``MODEL.WEIGHTS``, as for any
         Detectron2 backbone, so ``PRETRAINED`` must be off here."""
+        check_yacs_config(cfg, cls.__name__)
         node = cfg.MODEL.SAMANTICS.BACKBONE
         if node.PRETRAINED:
             raise ValueError(

@@ -35,7 +35,7 @@ from ...d2 import META_ARCH_REGISTRY, DatasetCatalog, MetadataCatalog, comm, con
 from ...utils.io import atomic_path
 from ...data.io import read_image
 from ...evaluation.classification import accuracy_from_topk, classification_metrics, write_classification_report
-from ...yacs_config import dataset_classes, node_kwargs, require_rgb
+from ...yacs_config import check_yacs_config, dataset_classes, node_kwargs
 from ..backbone import build_encoder
 from ..weights import module_fingerprint
 from .feature_cache import FeatureCache, PooledEncoder, build_feature_cache
@@ -503,7 +503,7 @@ class LinearProbe(nn.Module):
         """Yacs path (:mod:`samantics_d2.yacs_config`): the encoder of ``MODEL.SAMANTICS.BACKBONE``,
         ``.LINEAR_PROBE`` and the ``classes`` of ``DATASETS.TRAIN[0]`` (else ``TEST[0]``). The trained
         head comes from ``MODEL.WEIGHTS`` (``linear_probe_head.pth`` of a training run)."""
-        require_rgb(cfg, cls.__name__)
+        check_yacs_config(cfg, cls.__name__)
         classes = dataset_classes(cfg, key="classes", splits=["TRAIN", "TEST"])
         if classes is None:
             raise ValueError("LinearProbe takes its classes from DATASETS.TRAIN[0] (or TEST[0]); both are empty.")

@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...d2 import META_ARCH_REGISTRY, Boxes, DatasetCatalog, Instances, MetadataCatalog, configurable
-from ...yacs_config import dataset_classes, node_kwargs, registered_dataset, require_rgb
+from ...yacs_config import check_yacs_config, dataset_classes, node_kwargs, registered_dataset
 from ..ref_sam import (
     HungarianMatcher,
     MultiLevelNeck,
@@ -240,7 +240,7 @@ class RefSAM(nn.Module):
         """Yacs path (:mod:`samantics_d2.yacs_config`): the SAM of ``MODEL.SAMANTICS.BACKBONE``, the
         rest from ``MODEL.SAMANTICS.REF_SAM``; the fuser's tokens and width, the neck's input and the
         number of levels follow the built SAM and ``FEATURE_NAMES``; output classes: ``DATASETS.TEST[0]``'s."""
-        require_rgb(cfg, cls.__name__)
+        check_yacs_config(cfg, cls.__name__)
         opts = cfg.MODEL.SAMANTICS.REF_SAM
         options = node_kwargs(opts)
         registered_dataset(options["references"], "MODEL.SAMANTICS.REF_SAM.REFERENCES")

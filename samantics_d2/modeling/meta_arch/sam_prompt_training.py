@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss
 
 from ...d2 import META_ARCH_REGISTRY, BitMasks, Boxes, DatasetEvaluator, Instances, comm, configurable
-from ...yacs_config import node_kwargs, require_rgb
+from ...yacs_config import check_yacs_config, node_kwargs
 from ..preprocess import ImageFit
 from ..proposals.point_grid import _image_region
 from ..semantic import identity_fit, mask_iou_matrix, masks_to_original, resample_masks
@@ -158,7 +158,7 @@ class PromptableSamTrainer(nn.Module):
     @classmethod
     def from_config(cls, cfg) -> dict:
         """Yacs path (:mod:`samantics_d2.yacs_config`): ``MODEL.SAMANTICS.BACKBONE``, ``.PROPOSALS`` and ``.SAM_TRAINER``."""
-        require_rgb(cfg, cls.__name__)
+        check_yacs_config(cfg, cls.__name__)
         return {"proposer": sam_proposer_from_config(cfg), **node_kwargs(cfg.MODEL.SAMANTICS.SAM_TRAINER)}
 
     @property

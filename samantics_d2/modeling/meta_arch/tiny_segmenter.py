@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...d2 import META_ARCH_REGISTRY, BitMasks, Boxes, ImageList, Instances, configurable
-from ...yacs_config import dataset_classes, node_kwargs, require_rgb
+from ...yacs_config import check_yacs_config, dataset_classes, node_kwargs
 
 __all__ = ["TinySegmenter"]
 
@@ -71,7 +71,7 @@ class TinySegmenter(nn.Module):
     def from_config(cls, cfg) -> dict:
         """Yacs path (:mod:`samantics_d2.yacs_config`): ``MODEL.SAMANTICS.TINY_SEGMENTER``, the pixel
         statistics of ``MODEL.PIXEL_MEAN/STD`` and the classes of ``DATASETS.TRAIN[0]`` (else ``TEST[0]``)."""
-        require_rgb(cfg, cls.__name__)
+        check_yacs_config(cfg, cls.__name__)
         classes = dataset_classes(cfg, key="thing_classes", splits=["TRAIN", "TEST"])
         if classes is None:
             raise ValueError("TinySegmenter takes its classes from DATASETS.TRAIN[0] (or TEST[0]); both are empty.")

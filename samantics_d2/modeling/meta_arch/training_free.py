@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from ...d2 import META_ARCH_REGISTRY, BitMasks, Boxes, DatasetCatalog, Instances, MetadataCatalog, comm, configurable
-from ...yacs_config import dataset_classes, node_kwargs, registered_dataset, require_rgb
+from ...yacs_config import check_yacs_config, dataset_classes, node_kwargs, registered_dataset
 from ..backbone import EncoderBackbone, build_encoder
 from ..proposals import MaskProposals, PointGridProposals, build_prompt_decoder
 from ..semantic import MemoryBank, MemoryBankConfig, PrototypeClassifier, masks_to_original, resample_masks
@@ -158,7 +158,7 @@ class TrainingFreeSegmenter(nn.Module):
     def from_config(cls, cfg) -> dict:
         """Yacs path (:mod:`samantics_d2.yacs_config`): ``MODEL.SAMANTICS.BACKBONE``, ``.PROPOSALS``,
         ``.SEMANTIC_ENCODER`` and ``.TRAINING_FREE``; output classes: ``DATASETS.TEST[0]``'s."""
-        require_rgb(cfg, cls.__name__)
+        check_yacs_config(cfg, cls.__name__)
         opts = cfg.MODEL.SAMANTICS
         options = node_kwargs(opts.TRAINING_FREE)
         if registered_dataset(options["references"], "MODEL.SAMANTICS.TRAINING_FREE.REFERENCES") is None:
