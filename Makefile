@@ -1,4 +1,5 @@
 # Two commands a new user types (README): `make demo` and `make test`. Each sets up .venv first.
+# `make test-detectron2 D2=path/to/detectron2` runs the same suite against a Detectron2 checkout.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_PAIR := torch==2.15.0 torchvision==0.29.2
 SAM2 := sam2==1.1.0
 
-.PHONY: demo test setup clean
+.PHONY: demo test test-detectron2 detectron2-checkout setup clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +26,15 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
+
+# Detectron2 is not on the package index: D2 is the folder of its source repository (no build
+# needed: the project runs with its pure-Python part on PYTHONPATH).
+test-detectron2: detectron2-checkout $(VENV)/.installed
+	PYTHONPATH="$(abspath $(D2))$${PYTHONPATH:+:$$PYTHONPATH}" SAMANTICS_D2_BACKEND=detectron2 $(PY) -m pytest -q tests
+
+detectron2-checkout:
+	@test -n "$(D2)" || { echo "make test-detectron2: give D2=<folder of a Detectron2 source checkout>, e.g. make test-detectron2 D2=../detectron2" >&2; exit 2; }
+	@test -f "$(D2)/detectron2/__init__.py" || { echo "make test-detectron2: D2=$(D2) is not a Detectron2 checkout ($(D2)/detectron2/__init__.py does not exist); clone https://github.com/facebookresearch/detectron2 and pass its folder" >&2; exit 2; }
 
 clean:
 	rm -rf $(VENV) output
