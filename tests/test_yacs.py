@@ -15,12 +15,14 @@ from samantics_d2.d2 import (
     META_ARCH_REGISTRY,
     DatasetCatalog,
     DefaultPredictor,
+    LazyConfig,
     MetadataCatalog,
     ShapeSpec,
     build_backbone,
     build_model,
     configurable,
     get_cfg,
+    instantiate,
 )
 from samantics_d2.data.io import read_image
 from samantics_d2.modeling.backbone import BACKBONE_CLASSES, EncoderBackbone, build_encoder
@@ -89,6 +91,28 @@ def test_example_builds_and_predicts(path, shapes_image, tmp_path):
         assert ((instances.pred_classes >= 0) & (instances.pred_classes < len(classes))).all()
         if cfg.MODEL.META_ARCHITECTURE in ("TinySegmenter", "TrainingFreeSegmenter", "RefSAM"):
             assert n > 0, f"{path.name}: no detection from the random model on a shapes image"
+
+
+# Each yacs example and the LazyConfig file it mirrors (same architecture, built the other way).
+LAZY_TWINS = {
+    "linear_probe_shapes": "linear_probe/tiny_shapes.py",
+    "ref_sam_shapes": "ref_sam/tiny_shapes.py",
+    "sam_trainer_shapes": "quick/tiny_sam_shapes.py",
+    "tiny_segmenter_shapes": "quick/tiny_segmenter_shapes.py",
+    "training_free_shapes": "training_free/shapes_tiny_random.py",
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAZY_TWINS))
+def test_example_builds_the_architecture_of_its_lazy_config(name):
+    """from_config wires the same modules as the LazyConfig files (same parameter and buffer shapes)."""
+    assert {p.stem for p in EXAMPLES} == set(LAZY_TWINS)
+    lazy = LazyConfig.load(str(ROOT / "configs" / LAZY_TWINS[name]))
+    from_lazy = instantiate(lazy.model)
+    from_yacs = build_model(_cfg(ROOT / "configs" / "yacs" / f"{name}.yaml"))
+    assert type(from_yacs) is type(from_lazy)
+    shapes = [{k: tuple(v.shape) for k, v in m.state_dict().items()} for m in (from_yacs, from_lazy)]
+    assert shapes[0] == shapes[1]
 
 
 @pytest.mark.parametrize("family, tag", [("sam", "sam_vit_b"), ("hq_sam", "hq_sam_vit_b"), ("sam2", "sam2.1_hiera_t"),
