@@ -201,7 +201,8 @@ def test_train_net_eval_only_refuses_a_checkpoint_of_another_model(tmp_path):
     proc = subprocess.run(
         [sys.executable, "train_net.py", "--config-file", "configs/quick/tiny_sam_shapes.py", "--eval-only",
          f"train.init_checkpoint={other}", f"train.output_dir={tmp_path / 'run'}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, SAMANTICS_CACHE=str(tmp_path / "c")),
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, SAMANTICS_CACHE=str(tmp_path / "c")),
     )
     assert proc.returncode != 0
     assert "KeyMismatchError" in proc.stderr and f"{other} (2 tensors) matches none" in proc.stderr

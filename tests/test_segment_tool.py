@@ -28,8 +28,8 @@ def shapes(tmp_path_factory):
 def run(args, tmp_path, check=True, cwd=ROOT, config=CONFIG, env=None, wait=True):
     """tools/segment.py in a subprocess (``config=None``: its default config; ``wait=False``: the Popen)."""
     env = dict(os.environ, SAMANTICS_CACHE=str(tmp_path / "cache"), PYTHONUNBUFFERED="1", **(env or {}))
-    command = [sys.executable, os.path.join(ROOT, "tools", "segment.py"), *(["--config-file", config] if config else []),
-               *args]
+    command = [sys.executable, os.path.join(ROOT, "tools", "segment.py"),
+               *(["--config-file", config] if config else []), *args]
     if not wait:
         return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
@@ -223,6 +223,17 @@ def test_folder_references(shapes, tmp_path):
     index = json.loads((out / "index.json").read_text())
     assert [c["name"] for c in index["categories"]] == sorted(os.listdir(refs))
     assert (out / "references.json").exists() and (out / "coco_results.json").exists()
+
+
+def test_registered_reference_set_and_image_folder(tmp_path):
+    # The README's "try it without weights" command, with a random tiny SAM instead of the demo's trained one.
+    out = tmp_path / "out"
+    run(["--references", "shapes_train_ref5_seed0", "--images", "shapes_val", "--output", str(out),
+         "model.proposer.points_per_side=4"], tmp_path)
+    index = json.loads((out / "index.json").read_text())
+    assert [c["name"] for c in index["categories"]][:2] == ["red circle", "green square"]
+    assert len(index["categories"]) == 8 and len(index["images"]) == 16 and index["skipped"] == []
+    assert len(os.listdir(out / "overlays")) == 16
 
 
 def test_bad_reference_folder_names_the_file(shapes, tmp_path):

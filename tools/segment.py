@@ -5,10 +5,12 @@
     python tools/segment.py --references REF_DIR --images DIR --output OUT [--config-file CFG] [key=value ...]
 
 References, either
-  * a COCO-format instances JSON (``--image-root`` is the folder its file names are relative to), or
+  * a COCO-format instances JSON (``--image-root`` is the folder its file names are relative to),
   * a folder with one sub-folder per class, holding images and their binary masks: ``cat/a.jpg``
-    with ``cat/a_mask.png`` (non-zero pixels are the object; one instance per mask).
-Every image file directly in ``--images`` is segmented. Written to ``--output`` (each file atomically):
+    with ``cat/a_mask.png`` (non-zero pixels are the object; one instance per mask), or
+  * a registered reference set (``shapes_train_ref5_seed0``, ``coco_2017_train_novel_ref30_seed0``...).
+Every image file directly in ``--images`` (a folder, or a registered dataset's image folder, e.g.
+``shapes_val``) is segmented. Written to ``--output`` (each file atomically):
 ``coco_results.json`` (COCO results: image_id, category_id, bbox XYWH, score, RLE segmentation),
 ``index.json`` (image ids -> file names and sizes, category ids -> names, skipped files with the reason),
 one ``overlays/<file name>.png`` and one ``predictions/<file name>.json`` per image (``x.jpg`` and
@@ -45,7 +47,7 @@ from tqdm import tqdm
 
 from samantics_d2.checkpoint import load_init_checkpoint
 from samantics_d2.config import check_override_keys, check_weights_available
-from samantics_d2.d2 import BoxMode, LazyConfig, instantiate, setup_logger
+from samantics_d2.d2 import BoxMode, DatasetCatalog, LazyConfig, MetadataCatalog, instantiate, setup_logger
 from samantics_d2.data.io import read_image
 from samantics_d2.data.classification import IMAGE_EXTENSIONS
 from samantics_d2.modeling.semantic import load_reference_json
@@ -110,19 +112,30 @@ def folder_to_coco(root: str, output_json: str) -> str:
     return output_json
 
 
+def _registered(name: str) -> bool:
+    return not os.path.exists(name) and name in DatasetCatalog.list()
+
+
 def load_references(references: str, image_root: str | None, output_dir: str) -> tuple[list[dict], list[str]]:
-    """Reference dataset dicts (contiguous class ids) and class names, from a COCO json or a folder."""
-    if os.path.isdir(references):
-        json_file = folder_to_coco(references, os.path.join(output_dir, "references.json"))
-        image_root = references
-    elif os.path.isfile(references):
-        json_file = references
-        if image_root is None:
-            image_root = os.path.dirname(os.path.abspath(references))
-            logger.info("No --image-root: reference file names are taken relative to %s.", image_root)
+    """Reference dataset dicts (contiguous class ids) and class names, from a COCO json, a folder, or a
+    registered dataset (e.g. the shapes reference set ``shapes_train_ref5_seed0``)."""
+    if _registered(references):
+        dicts, classes = DatasetCatalog.get(references), list(MetadataCatalog.get(references).thing_classes)
+        logger.info("References: the registered dataset %s (%s).", references,
+                    MetadataCatalog.get(references).get("json_file", "no json file"))
     else:
-        raise FileNotFoundError(f"--references {references} is neither a COCO json file nor a folder.")
-    dicts, classes = load_reference_json(json_file, image_root)
+        if os.path.isdir(references):
+            json_file = folder_to_coco(references, os.path.join(output_dir, "references.json"))
+            image_root = references
+        elif os.path.isfile(references):
+            json_file = references
+            if image_root is None:
+                image_root = os.path.dirname(os.path.abspath(references))
+                logger.info("No --image-root: reference file names are taken relative to %s.", image_root)
+        else:
+            raise FileNotFoundError(f"--references {references} is neither a COCO json file, a folder, nor a "
+                                    "registered dataset (e.g. shapes_train_ref5_seed0).")
+        dicts, classes = load_reference_json(json_file, image_root)
     if not any(d["annotations"] for d in dicts):
         raise ValueError(f"--references {references} holds no annotated instance: nothing to build prototypes from.")
     return dicts, classes
@@ -195,25 +208,32 @@ def _finished(pred_file: str, fingerprint: str):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--references", required=True, help="COCO json or <class>/<image> + mask folder")
+    parser.add_argument("--references", required=True,
+                        help="COCO json, <class>/<image> + mask folder, or a registered reference set")
     parser.add_argument("--image-root", default=None, help="folder of the reference json's file names")
-    parser.add_argument("--images", required=True, help="folder of images to segment")
+    parser.add_argument("--images", required=True,
+                        help="folder of images to segment, or a registered dataset (its images)")
     parser.add_argument("--output", required=True, help="output folder")
-    parser.add_argument("--config-file", default=DEFAULT_CONFIG, help=f"training-free config (default {DEFAULT_CONFIG})")
+    parser.add_argument("--config-file", default=DEFAULT_CONFIG,
+                        help=f"training-free config (default {DEFAULT_CONFIG})")
     parser.add_argument("--shots", type=int, default=None, help="references per class to use (default: all)")
     parser.add_argument("--score-threshold", type=float, default=0.3, help="minimum score drawn on the overlays")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="key=value config overrides")
     args = parser.parse_args(argv)
+    os.makedirs(args.output, exist_ok=True)
+    setup_logger(args.output, name="samantics_d2")
 
+    if _registered(args.images):  # e.g. shapes_val: its image folder (generated on first use)
+        DatasetCatalog.get(args.images)
+        args.images = MetadataCatalog.get(args.images).image_root
+        logger.info("Images: %s", args.images)
     if not os.path.isdir(args.images):
-        parser.error(f"--images {args.images} is not a folder")
+        parser.error(f"--images {args.images} is neither a folder nor a registered dataset (e.g. shapes_val)")
     image_files = sorted(f for f in os.listdir(args.images)
                          if _is_image(f) and os.path.isfile(os.path.join(args.images, f)))
     if not image_files:
         parser.error(f"--images {args.images} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
     config_file = resolve_config_file(args.config_file)
-    os.makedirs(args.output, exist_ok=True)
-    setup_logger(args.output, name="samantics_d2")
 
     cfg = LazyConfig.load(config_file)
     check_override_keys(cfg, args.opts)
