@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from samantics_d2.d2 import (
+    AMPTrainer,
     DetectionCheckpointer,
     EventStorage,
     LRMultiplier,
@@ -246,6 +247,9 @@ def test_trainer_for_the_device_runs_on_cpu(amp):
     assert model.linear.weight.grad.dtype == torch.float32
     assert math.isfinite(trainer.storage.history("total_loss").latest())
     assert "optimizer" in trainer.state_dict()
+    if amp and not torch.cuda.is_available():  # what build_trainer avoids: AMPTrainer needs CUDA (Detectron2)
+        with pytest.raises(AssertionError, match="CUDA"):
+            AMPTrainer(model, FixedBatches(), torch.optim.SGD(model.parameters(), lr=0.1)).train(0, 1)
 
 
 def test_event_storage_histories_and_smoothing():

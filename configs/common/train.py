@@ -5,7 +5,7 @@ train = dict(
     output_dir="./output",
     init_checkpoint="",  # a checkpoint to load before training / the model to evaluate with --eval-only
     max_iter=90000,
-    amp=dict(enabled=False),  # AMPTrainer: fp16 + GradScaler on CUDA, bf16 autocast on CPU
+    amp=dict(enabled=False),  # samantics_d2.engine.build_trainer: AMPTrainer (fp16 + GradScaler) on CUDA, bf16 autocast on CPU
     ddp=dict(  # options of create_ddp_model
         broadcast_buffers=False,
         find_unused_parameters=False,

@@ -161,13 +161,13 @@ def default_writers(output_dir: str, max_iter: Optional[int] = None) -> list[Eve
 def create_ddp_model(model: nn.Module, *, fp16_compression: bool = False, **kwargs: Any) -> nn.Module:
     """``model`` itself in a single process; otherwise ``DistributedDataParallel(model, **kwargs)``.
 
-    On CUDA, ``device_ids`` defaults to this process's local GPU; on CPU (gloo) no device ids are
-    given. ``fp16_compression`` halves the gradient all-reduce traffic (fp16 communication hook).
+    As in Detectron2, ``device_ids`` defaults to ``[local rank]``, which DDP accepts only for a
+    model on that GPU: pass ``device_ids=None`` for a CPU model (``samantics_d2.engine.wrap_ddp``
+    does). ``fp16_compression`` halves the gradient all-reduce traffic (fp16 communication hook).
     """
     if comm.get_world_size() == 1:
         return model
-    on_cuda = any(p.device.type == "cuda" for p in model.parameters())
-    if on_cuda and "device_ids" not in kwargs:
+    if "device_ids" not in kwargs:
         kwargs["device_ids"] = [comm.get_local_rank()]
     ddp = DistributedDataParallel(model, **kwargs)
     if fp16_compression:

@@ -290,24 +290,14 @@ class SimpleTrainer(TrainerBase):
         self.optimizer.load_state_dict(state_dict["optimizer"])
 
 
-def _device_type(model: nn.Module) -> str:
-    for tensor in model.parameters():
-        return tensor.device.type
-    return "cpu"
-
-
 class AMPTrainer(SimpleTrainer):
-    """:class:`SimpleTrainer` with automatic mixed precision (``torch.autocast``).
+    """:class:`SimpleTrainer` with CUDA automatic mixed precision, as Detectron2's.
 
-    The autocast device is the model's (its first parameter's device type).
-
-    - CUDA: autocast in ``precision`` (float16 by default) with a ``torch.amp.GradScaler`` that
-      scales the loss before backward and unscales before the optimizer step (as Detectron2).
-    - CPU: autocast in **bfloat16** whatever ``precision`` says (float16 on CPU is slow and, without
-      a scaler, its gradients underflow) and **no** GradScaler (bfloat16 has float32's exponent
-      range, so the loss needs no scaling). A ``grad_scaler`` passed explicitly is used anyway.
-
-    ``grad_scaler`` state is saved with the trainer when there is one.
+    The forward pass and the losses run in ``torch.autocast("cuda", precision)`` (float16 by
+    default); a ``torch.amp.GradScaler`` (``grad_scaler``, default a new one) scales the loss before
+    backward and unscales before the optimizer step; its state is saved with the trainer. CUDA is
+    required: ``run_step`` raises AssertionError without it, as Detectron2 does (``train_net.py``
+    chooses a bfloat16 CPU trainer itself: :func:`samantics_d2.engine.build_trainer`).
     """
 
     def __init__(
@@ -329,48 +319,38 @@ class AMPTrainer(SimpleTrainer):
         super().__init__(
             model, data_loader, optimizer, gather_metric_period, zero_grad_before_forward, async_write_metrics
         )
-        self.device_type = _device_type(model)
-        if self.device_type == "cuda":
-            self.precision = precision
-            self.grad_scaler = grad_scaler if grad_scaler is not None else torch.amp.GradScaler("cuda")
-        else:
-            if precision != torch.bfloat16:
-                logger.info("AMPTrainer on %s: autocast in bfloat16 instead of %s, without loss scaling.", self.device_type, precision)
-            self.precision = torch.bfloat16
-            self.grad_scaler = grad_scaler
+        self.grad_scaler = grad_scaler if grad_scaler is not None else torch.amp.GradScaler("cuda")
+        self.precision = precision
         self.log_grad_scaler = log_grad_scaler
 
     def run_step(self) -> None:
         if not self.model.training:
             raise RuntimeError(f"[AMPTrainer] the model was put in eval mode at iteration {self.iter}; call model.train().")
+        if not torch.cuda.is_available():
+            raise AssertionError(
+                "[AMPTrainer] CUDA is required for AMP training! (On CPU, samantics_d2.engine.build_trainer(..., "
+                "amp=True) trains with a bfloat16 autocast forward instead.)"
+            )
         data, data_time = self._next_batch()
         if self.zero_grad_before_forward:
             self.optimizer.zero_grad()
-        with torch.autocast(device_type=self.device_type, dtype=self.precision):
+        with torch.autocast(device_type="cuda", dtype=self.precision):
             loss_dict, losses = self._sum_losses(self.model(data))
         if not self.zero_grad_before_forward:
             self.optimizer.zero_grad()
-        if self.grad_scaler is None:
-            losses.backward()
-        else:
-            self.grad_scaler.scale(losses).backward()
-            if self.log_grad_scaler:
-                self.storage.put_scalar("[metric]grad_scaler", self.grad_scaler.get_scale())
+        self.grad_scaler.scale(losses).backward()
+        if self.log_grad_scaler:
+            self.storage.put_scalar("[metric]grad_scaler", self.grad_scaler.get_scale())
         self.after_backward()
         self._write_metrics(loss_dict, data_time)
-        if self.grad_scaler is None:
-            self.optimizer.step()
-        else:
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        if self.grad_scaler is not None:
-            state["grad_scaler"] = self.grad_scaler.state_dict()
+        state["grad_scaler"] = self.grad_scaler.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        if self.grad_scaler is not None and "grad_scaler" in state_dict:
-            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
+        self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
