@@ -153,8 +153,9 @@ def resolve_config_file(path: str) -> str:
 
 
 def image_id_of(file_name: str) -> int:
-    """A stable COCO image id for ``file_name`` (relative to --images): a 31-bit hash of the name."""
-    return int(hashlib.sha256(file_name.encode("utf-8")).hexdigest()[:8], 16) & 0x7FFFFFFF
+    """A stable COCO image id for ``file_name`` (relative to --images): a 53-bit hash of the name
+    (exact in JSON readers that use doubles; two names share one with odds ~n^2 / 2^54)."""
+    return int(hashlib.sha256(file_name.encode("utf-8")).hexdigest()[:14], 16) & ((1 << 53) - 1)
 
 
 def _digest(obj) -> str:
@@ -233,6 +234,11 @@ def main(argv: list[str] | None = None) -> int:
                          if _is_image(f) and os.path.isfile(os.path.join(args.images, f)))
     if not image_files:
         parser.error(f"--images {args.images} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
+    ids: dict[int, str] = {}
+    for file in image_files:
+        if ids.setdefault(image_id_of(file), file) != file:  # never silently merge two images' results
+            raise ValueError(f"{file} and {ids[image_id_of(file)]} in {args.images} hash to the same image id; "
+                             "rename one of them.")
     config_file = resolve_config_file(args.config_file)
 
     cfg = LazyConfig.load(config_file)
