@@ -26,7 +26,7 @@ def demo(monkeypatch, tmp_path):
     module.recall = 95.0
     module.calls = []
 
-    def fake_step(title, args, expected):
+    def fake_step(title, args, expected, threads=None):
         module.calls.append(title)
         if title.startswith("1/3"):
             out = next(a.split("=", 1)[1] for a in args if a.startswith("train.output_dir="))
@@ -114,7 +114,7 @@ def test_interrupted_training_of_the_same_config_is_resumed(demo, tmp_path):
 
 
 def test_failed_step_exits_non_zero_without_summary(demo, monkeypatch, capsys):
-    def failing(title, args, expected):
+    def failing(title, args, expected, threads=None):
         raise demo.DemoError(f"step '{title}' failed with exit status 1; its output is above.")
 
     monkeypatch.setattr(demo, "run_step", failing)
