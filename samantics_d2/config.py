@@ -139,7 +139,7 @@ def check_override_keys(cfg: DictConfig, overrides: Iterable[str]) -> None:
 
 
 def _check_override_value(cfg: DictConfig, key: str, value: Any, input_line: str) -> None:
-    if value is None or value == "None":
+    if value is None:
         return
     current = _current_value(cfg, key)
     expected = None if current is _MISSING or current is None else _expected_kind(current)
@@ -151,7 +151,8 @@ def _check_override_value(cfg: DictConfig, key: str, value: Any, input_line: str
     shown = current if not isinstance(current, (DictConfig, ListConfig)) else OmegaConf.to_container(current)
     raise TypeError(
         f"Override {input_line!r}: {key} expects {words} (the config holds {shown!r}), got {value!r} "
-        f"({type(value).__name__}). Give a value of that type, e.g. {key}={_example(current)}."
+        f"({type(value).__name__}). Give a value of that type, e.g. {key}={_example(current)}"
+        + (f", or {key}=null for None (Hydra's override syntax: None is the string 'None')." if value == "None" else ".")
     )
 
 

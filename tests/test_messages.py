@@ -96,6 +96,7 @@ def test_only_a_pickle_referring_to_code_gets_the_weights_only_message(tmp_path)
         ("train.amp.enabled=1", "train.amp.enabled expects a boolean"),
         ("train.output_dir=7", "train.output_dir expects a string"),
         ("model.proposer.points_per_side=[4]", "model.proposer.points_per_side expects an integer"),
+        ("model.proposer.pred_iou_thresh=None", "model.proposer.pred_iou_thresh=null for None"),
     ],
 )
 def test_override_of_the_wrong_type_is_rejected(override, expected):
@@ -107,7 +108,8 @@ def test_override_of_the_wrong_type_is_rejected(override, expected):
 def test_override_of_the_right_type_is_accepted():
     cfg = LazyConfig.load(os.path.join(ROOT, "configs/quick/tiny_sam_shapes.py"))
     check_override_keys(cfg, ["train.max_iter=10", "optimizer.lr=1", "train.amp.enabled=true",
-                              "train.output_dir='7'", "train.init_checkpoint=a.pth", "train.seed=None"])
+                              "train.output_dir='7'", "train.init_checkpoint=a.pth", "train.seed=null",
+                              "model.proposer.pred_iou_thresh=null"])
 
 
 def test_train_net_rejects_a_wrong_type_before_anything_runs(tmp_path):
