@@ -16,7 +16,6 @@ is a tiny random network, and the SAM is the tiny one trained in step 1.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -26,6 +25,8 @@ import sys
 import tempfile
 import time
 from typing import Optional
+
+from samantics_d2.utils.io import atomic_path, sha256_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAM_CONFIG = "configs/quick/tiny_sam_shapes.py"
@@ -80,14 +81,6 @@ def _duration(seconds: float) -> str:
     return f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def config_fingerprint(config_file: str, overrides: list[str]) -> str:
     """SHA-256 of ``config_file`` with ``overrides`` applied, as LazyConfig saves it (YAML)."""
     from samantics_d2.d2 import LazyConfig
@@ -96,13 +89,11 @@ def config_fingerprint(config_file: str, overrides: list[str]) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "config.yaml")
         LazyConfig.save(cfg, path)
-        return _sha256(path)
+        return sha256_of(path)
 
 
 def write_stamp(sam_dir: str, stamp: dict) -> None:
     """Write ``sam_dir/demo_stamp.json`` atomically."""
-    from samantics_d2.utils.io import atomic_path
-
     with atomic_path(os.path.join(sam_dir, STAMP_FILE)) as tmp, open(tmp, "w") as f:
         json.dump(stamp, f, indent=1)
 
@@ -143,7 +134,7 @@ def prepare_sam_dir(sam_dir: str, fingerprint: str) -> bool:
         if (
             stamp.get("status") == "passed"
             and os.path.isfile(checkpoint)
-            and stamp.get("checkpoint_sha256") == _sha256(checkpoint)
+            and stamp.get("checkpoint_sha256") == sha256_of(checkpoint)
         ):
             print(f"Reusing the tiny SAM trained earlier: {checkpoint} (recall@0.5 {stamp['recall@0.5']:.1f} %, "
                   f"same config; delete {sam_dir} to train again).")
@@ -199,7 +190,7 @@ def check_recall(sam_dir: str, fingerprint: str, min_recall: float) -> float:
             "used. Try another training seed: `python tools/demo.py --seed 1`."
         )
     write_stamp(sam_dir, {"config_sha256": fingerprint, "status": "passed", "recall@0.5": recall,
-                          "min_recall": min_recall, "checkpoint_sha256": _sha256(checkpoint)})
+                          "min_recall": min_recall, "checkpoint_sha256": sha256_of(checkpoint)})
     return recall
 
 

@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..utils.io import checkpoint_read_error
+from ..utils.io import checkpoint_read_error, sha256_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from .backbone.base import EncoderBackbone
@@ -218,15 +218,6 @@ def resolve_weights(weights: Union[str, os.PathLike]) -> Path:
             + ". Check the path, or give a weight tag."
         )
     raise KeyError(f"{text!r} is neither an existing file nor a known weight tag; known tags: {sorted(WEIGHTS)}.")
-
-
-def sha256_of(path: Union[str, os.PathLike], *, chunk_size: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------- reading

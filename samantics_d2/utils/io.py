@@ -1,6 +1,7 @@
-"""Atomic file writes, reading user JSON and diagnosing unreadable checkpoints, the cache folder."""
+"""Atomic file writes, file checksums, reading user JSON and diagnosing unreadable checkpoints, the cache folder."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -11,9 +12,19 @@ import zipfile
 from contextlib import contextmanager
 from typing import Any, Iterator, Union
 
-__all__ = ["CACHE_ENV", "atomic_path", "cache_root", "checkpoint_read_error", "read_json"]
+__all__ = ["CACHE_ENV", "atomic_path", "cache_root", "checkpoint_read_error", "read_json", "sha256_of"]
 
 CACHE_ENV = "SAMANTICS_CACHE"
+
+
+
+def sha256_of(path: Union[str, os.PathLike], *, chunk_size: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 @contextmanager

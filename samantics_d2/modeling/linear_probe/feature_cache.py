@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.utils.data as torchdata
 
 from ...d2 import comm
-from ...utils.io import atomic_path
+from ...utils.io import atomic_path, sha256_of
 from ...data.io import read_image
 from ..weights import module_fingerprint
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec, prepare_batch
@@ -221,14 +221,6 @@ def feature_cache_dir(cache_root: str, provenance: Mapping[str, Any]) -> str:
     return os.path.join(cache_root, safe(provenance["dataset_name"]), f"{safe(provenance['encoder_tag'])}-{key}")
 
 
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _shard_prefix(shard: int) -> str:
     return f"shard_{shard:05d}"
 
@@ -260,7 +252,7 @@ def _valid_marker(cache_dir: str, shard: int, start: int, stop: int, poolings: S
             logger.warning("Shard %d of %s: %s has %d bytes, the marker says %d; recomputing the shard.",
                            shard, cache_dir, name, size, info["bytes"])
             return None
-        if verify == "checksum" and _file_sha256(path) != info["sha256"]:
+        if verify == "checksum" and sha256_of(path) != info["sha256"]:
             logger.warning("Shard %d of %s: %s fails its SHA-256 check (corrupt); recomputing the shard.",
                            shard, cache_dir, name)
             return None
@@ -324,7 +316,7 @@ def _save_npy(path: str, array: np.ndarray) -> dict[str, Any]:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, array)
-    return {"bytes": os.path.getsize(path), "sha256": _file_sha256(path)}
+    return {"bytes": os.path.getsize(path), "sha256": sha256_of(path)}
 
 
 def _write_shard(cache_dir: str, shard: int, start: int, stop: int, features: Mapping[str, Optional[np.ndarray]],
