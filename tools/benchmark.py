@@ -269,6 +269,8 @@ def markdown_table(rows: Sequence[dict], *, dtype: str, channels_last: bool, com
 
 def write_section(path: str, section: str, body: str) -> None:
     """Replace ``<!-- section:begin -->...<!-- section:end -->`` in ``path`` (appended if absent), atomically."""
+    from samantics_d2.utils.io import atomic_path
+
     begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
     text = ""
     if os.path.exists(path):
@@ -279,16 +281,8 @@ def write_section(path: str, section: str, body: str) -> None:
         text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip() + ("\n\n" if text else "") + block + "\n"
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".benchmark.", suffix=".md")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def resolve_device(name: str) -> torch.device:

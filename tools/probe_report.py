@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import sys
-import uuid
 from typing import Optional, Sequence
 
 logger = logging.getLogger("samantics_d2.tools.probe_report")
@@ -103,15 +102,10 @@ def csv_table(rows: Sequence[dict]) -> str:
 
 def _atomic_write(path: str, data: bytes) -> None:
     """Write ``data`` to a temporary file next to ``path``, then rename it into place."""
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    from samantics_d2.utils.io import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
 def bar_plot(rows: Sequence[dict], path: str) -> None:

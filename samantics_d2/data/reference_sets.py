@@ -41,7 +41,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from itertools import chain
 from operator import itemgetter
@@ -53,7 +52,7 @@ import numpy as np
 from iopath.common.file_io import PathManager as _PathManagerClass
 from pycocotools import mask as mask_util
 
-from ..utils.io import read_json
+from ..utils.io import atomic_path, cache_root, read_json
 
 __all__ = [
     "COCO_BASE_CLASSES",
@@ -106,7 +105,6 @@ _CATEGORY_SPLITS: dict[str, Optional[tuple[str, ...]]] = {
 _ORDERS = ("random", "largest")
 _INFO_KEY = "samantics_d2_reference_set"
 _FORMAT_VERSION = 1
-_CACHE_ENV = "SAMANTICS_CACHE"
 
 CategorySpec = Union[None, str, Sequence[Union[str, int]]]
 
@@ -796,15 +794,8 @@ def take_k_shot(dataset_dicts: Sequence[dict], k: int) -> list[dict]:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_path(str(path)) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
 def sidecar_path(output_path: Union[str, os.PathLike]) -> Path:
@@ -931,8 +922,7 @@ def write_contact_sheets(
 
 def reference_cache_dir() -> Path:
     """``$SAMANTICS_CACHE/reference_sets`` (default ``~/.cache/samantics_d2/reference_sets``)."""
-    root = os.environ.get(_CACHE_ENV) or os.path.join("~", ".cache", "samantics_d2")
-    return Path(os.path.expanduser(root)) / "reference_sets"
+    return Path(cache_root()) / "reference_sets"
 
 
 def _source_json(source: str) -> tuple[str, str]:

@@ -54,12 +54,10 @@ __all__ = [
     "write_split_json",
 ]
 
-from ..utils.io import atomic_path
+from ..utils.io import atomic_path, cache_root
 
 logger = logging.getLogger(__name__)
 
-CACHE_ENV = "SAMANTICS_CACHE"
-_DEFAULT_CACHE = "~/.cache/samantics_d2"
 # Bump when the drawing code changes, so cached datasets are regenerated.
 _GENERATOR_VERSION = 1
 
@@ -304,8 +302,7 @@ def _shapes_folder(part: str) -> str:
         raise KeyError(f"Unknown shapes part {part!r}; expected one of {sorted(SHAPES_PARTS)}.")
     params = dict(SHAPES_PARTS[part], generator_version=_GENERATOR_VERSION)
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode("utf-8")).hexdigest()[:12]
-    cache = os.path.expanduser(os.environ.get(CACHE_ENV, _DEFAULT_CACHE))
-    return os.path.join(cache, "shapes", f"{part}-{digest}")
+    return os.path.join(cache_root(), "shapes", f"{part}-{digest}")
 
 
 def _split_json_name(split: Optional[str]) -> str:

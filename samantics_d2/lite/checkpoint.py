@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import uuid
 from typing import IO, Any, Callable, Optional
 from urllib.parse import parse_qs, urlparse
 
@@ -25,7 +24,7 @@ import torch
 from fvcore.common.checkpoint import Checkpointer
 from torch import nn
 
-from ..utils.io import checkpoint_read_error
+from ..utils.io import atomic_path, checkpoint_read_error
 from . import comm
 
 __all__ = ["DetectionCheckpointer", "atomic_write"]
@@ -39,18 +38,8 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
     The data goes to a temporary file next to ``path`` that is then renamed over it, so an
     interrupted write leaves either the old file or the new one, never half a file.
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 class DetectionCheckpointer(Checkpointer):

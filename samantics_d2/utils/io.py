@@ -48,8 +48,9 @@ def atomic_path(path: str) -> Iterator[str]:
 
 
 def cache_root() -> str:
-    """``$SAMANTICS_CACHE``, default ``~/.cache/samantics_d2``: generated datasets, feature caches, memory banks."""
-    return os.path.expanduser(os.environ.get(CACHE_ENV, os.path.join("~", ".cache", "samantics_d2")))
+    """``$SAMANTICS_CACHE`` (unset or empty: ``~/.cache/samantics_d2``), read at each call: generated
+    datasets, reference sets, feature caches, memory banks. The one place that resolves it."""
+    return os.path.expanduser(os.environ.get(CACHE_ENV) or os.path.join("~", ".cache", "samantics_d2"))
 
 
 def read_json(path: Union[str, os.PathLike], *, what: str = "a JSON file") -> Any:

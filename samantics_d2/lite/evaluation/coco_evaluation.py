@@ -14,7 +14,6 @@ import itertools
 import json
 import logging
 import os
-import tempfile
 from collections import OrderedDict
 from typing import Any, Optional, Sequence
 
@@ -23,6 +22,7 @@ import pycocotools.mask as mask_util
 from iopath.common.file_io import g_pathmgr
 from tabulate import tabulate
 
+from ...utils.io import atomic_path
 from .. import comm
 from ..data import DatasetCatalog, MetadataCatalog
 from ..structures import BoxMode, Instances
@@ -73,18 +73,8 @@ def instances_to_coco_json(instances: Instances, img_id: int) -> list[dict[str, 
 
 def _atomic_write_json(path: str, obj: Any) -> None:
     """Write ``obj`` as JSON to ``path`` through a temporary file and ``os.replace``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        os.unlink(tmp_path)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f)
 
 
 def _convert_to_coco_dict(dataset_name: str) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from ..backbone import EncoderBackbone, build_encoder
 from ..proposals import MaskProposals, PointGridProposals, build_prompt_decoder
 from ..semantic import MemoryBank, MemoryBankConfig, PrototypeClassifier, masks_to_original, resample_masks
 from ..weights import module_fingerprint
+from ...utils.io import cache_root
 
 __all__ = ["SamProposer", "TrainingFreeSegmenter", "build_sam_proposer", "module_fingerprint", "sam_proposer_from_config"]
 
@@ -75,8 +76,7 @@ def sam_proposer_from_config(cfg) -> SamProposer:
 
 
 def _default_bank_dir() -> str:
-    root = os.path.expanduser(os.environ.get("SAMANTICS_CACHE", os.path.join("~", ".cache", "samantics_d2")))
-    return os.path.join(root, "memory_banks")
+    return os.path.join(cache_root(), "memory_banks")
 
 
 @META_ARCH_REGISTRY.register()
