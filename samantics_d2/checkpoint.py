@@ -79,10 +79,11 @@ def load_init_checkpoint(model: nn.Module, path: Union[str, os.PathLike], *, tra
     if state and all(k.startswith("module.") for k in state):  # saved from a DDP wrapper
         state = {k[len("module.") :]: v for k, v in state.items()}
     expected = model.state_dict()
-    matched = [k for k in expected if k in state and tuple(state[k].shape) == tuple(expected[k].shape)]
+    present = [k for k in expected if k in state]
+    matched = [k for k in present if tuple(state[k].shape) == tuple(expected[k].shape)]
+    wrong_shape = [k for k in present if tuple(state[k].shape) != tuple(expected[k].shape)]
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    wrong_shape = [k for k in expected if k in state and k not in set(matched)]
     name = type(model).__name__
     if not matched:
         raise KeyMismatchError(
