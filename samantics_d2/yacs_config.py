@@ -30,9 +30,10 @@ the constructors' docstrings document the keys.
     PROPOSALS: ``PointGridProposals`` options (the SAM point grid).
     TRAINING_FREE: ``TrainingFreeSegmenter`` options (REFERENCES: a registered reference set), with
         CLASSIFIER (``PrototypeClassifier``) and MEMORY_BANK (``MemoryBankConfig``).
-    REF_SAM: ``RefSAM`` options, with FUSER, NECK, HEAD, MATCHER and LOSS (``TokenFuser``,
-        ``MultiLevelNeck``, ``RefDETRHead``, ``HungarianMatcher``, ``SetCriterion``); the sizes that
-        must agree with the SAM (tokens, widths, levels) are taken from the built SAM.
+    REF_SAM: ``RefSAM`` options and D_MODEL, with FUSER, NECK, TRANSFORMER, HEAD, MATCHER and LOSS
+        (``TokenFuser``, ``MultiLevelNeck``, ``DeformableTransformer``, ``RefDETRHead``,
+        ``HungarianMatcher``, ``SetCriterion``); the sizes that must agree with the SAM (tokens,
+        widths, levels) are taken from the built SAM (``ref_sam_heads``).
     LINEAR_PROBE: ``LinearProbe`` options. SAM_TRAINER: ``PromptableSamTrainer`` options.
     TINY_SEGMENTER: ``TinySegmenter`` options (pixel statistics: ``MODEL.PIXEL_MEAN/STD``).
 
@@ -144,7 +145,14 @@ def add_samantics_config(cfg: CfgNode) -> None:
     from .modeling.meta_arch import RefSAM, TinySegmenter, TrainingFreeSegmenter
     from .modeling.meta_arch.sam_prompt_training import PromptableSamTrainer
     from .modeling.proposals import PointGridProposals
-    from .modeling.ref_sam import HungarianMatcher, MultiLevelNeck, RefDETRHead, SetCriterion, TokenFuser
+    from .modeling.ref_sam import (
+        DeformableTransformer,
+        HungarianMatcher,
+        MultiLevelNeck,
+        RefDETRHead,
+        SetCriterion,
+        TokenFuser,
+    )
     from .modeling.semantic import MemoryBankConfig, PrototypeClassifier
 
     opts = cfg.MODEL.SAMANTICS = CfgNode()
@@ -158,10 +166,11 @@ def add_samantics_config(cfg: CfgNode) -> None:
     )
     opts.TRAINING_FREE.CLASSIFIER = options_node(PrototypeClassifier)
     opts.TRAINING_FREE.MEMORY_BANK = options_node(MemoryBankConfig)
-    opts.REF_SAM = options_node(RefSAM, exclude=built + ["fuser", "neck", "head", "criterion"])
+    opts.REF_SAM = options_node(RefSAM, exclude=built + ["fuser", "neck", "head", "criterion"], D_MODEL=256)
     opts.REF_SAM.FUSER = options_node(TokenFuser, exclude=["num_tokens", "token_dim", "out_dim"])
-    opts.REF_SAM.NECK = options_node(MultiLevelNeck, exclude=["in_channels", "out_channels", "num_levels", "input_stride"])
-    opts.REF_SAM.HEAD = options_node(RefDETRHead, exclude=["n_levels"])
+    opts.REF_SAM.NECK = options_node(MultiLevelNeck, exclude=["input_shapes", "out_channels"])
+    opts.REF_SAM.TRANSFORMER = options_node(DeformableTransformer, exclude=["d_model", "n_levels"])
+    opts.REF_SAM.HEAD = options_node(RefDETRHead, exclude=["transformer"])
     opts.REF_SAM.MATCHER = options_node(HungarianMatcher)
     opts.REF_SAM.LOSS = options_node(SetCriterion, exclude=["matcher"])
     opts.LINEAR_PROBE = options_node(

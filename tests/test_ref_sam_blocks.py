@@ -6,7 +6,9 @@ import math
 import pytest
 import torch
 
+from samantics_d2.d2 import ShapeSpec
 from samantics_d2.modeling.ref_sam import (
+    DeformableTransformer,
     HungarianMatcher,
     MSDeformAttn,
     MultiLevelNeck,
@@ -113,11 +115,11 @@ def test_msdeformattn_shapes_and_circle_initialisation():
 
 
 # ----------------------------------------------------------------------------- head
-def _tiny_head(**kwargs):
-    args = dict(d_model=32, num_queries=7, num_encoder_layers=1, num_decoder_layers=3, n_levels=2, n_heads=4,
-                n_points=2, d_ffn=64)
-    args.update(kwargs)
-    return RefDETRHead(**args)
+def _tiny_head(**transformer_options):
+    options = dict(d_model=32, num_encoder_layers=1, num_decoder_layers=3, n_levels=2, n_heads=4, enc_n_points=2,
+                   dec_n_points=2, d_ffn=64)
+    options.update(transformer_options)
+    return RefDETRHead(transformer=DeformableTransformer(**options), num_queries=7)
 
 
 def test_ref_detr_head_shapes_and_prompt_dependence():
@@ -162,17 +164,27 @@ def test_ref_detr_head_refinement_detaches_boxes_between_layers():
 
 # ----------------------------------------------------------------------------- neck, token fuser
 def test_multi_level_neck_shapes_and_errors():
-    neck = MultiLevelNeck(in_channels=16, out_channels=32)
+    shapes = [ShapeSpec(channels=16, stride=16)] * 4
+    neck = MultiLevelNeck(input_shapes=shapes, out_channels=32)
     blocks = [torch.randn(2, 16, 8, 10) for _ in range(4)]
     outs = neck(blocks)
     assert [tuple(o.shape) for o in outs] == [(2, 32, 16, 20), (2, 32, 8, 10), (2, 32, 4, 5), (2, 32, 2, 2)]
     assert all(torch.isfinite(o).all() for o in outs)
     with pytest.raises(ValueError, match="4 block outputs"):
         neck(blocks[:3])
+    with pytest.raises(ValueError, match=r"block_outputs\[1\] has shape \(2, 8, 8, 10\); expected \[B, 16, H, W\]"):
+        neck([blocks[0], torch.randn(2, 8, 8, 10), *blocks[2:]])
     with pytest.raises(ValueError, match="stride 24"):
-        MultiLevelNeck(in_channels=16, out_channels=32, strides=(8, 16, 24, 64))
+        MultiLevelNeck(input_shapes=shapes, out_channels=32, strides=(8, 16, 24, 64))
     with pytest.raises(ValueError, match="num_groups"):
-        MultiLevelNeck(in_channels=16, out_channels=48)
+        MultiLevelNeck(input_shapes=shapes, out_channels=48)
+    with pytest.raises(ValueError, match="one stride per input"):
+        MultiLevelNeck(input_shapes=shapes[:3], out_channels=32)
+    # Levels of other widths and strides (e.g. a hierarchical backbone): each is sized from its own shape.
+    mixed = MultiLevelNeck(input_shapes=[ShapeSpec(channels=8, stride=8), ShapeSpec(channels=24, stride=32)],
+                           out_channels=32, strides=(8, 16))
+    outs = mixed([torch.randn(1, 8, 16, 16), torch.randn(1, 24, 4, 4)])
+    assert [tuple(o.shape) for o in outs] == [(1, 32, 16, 16), (1, 32, 8, 8)]
 
 
 def test_token_fuser_shape_and_wrong_token_count():

@@ -12,7 +12,8 @@
 #                --output embeds.safetensors train.init_checkpoint=<...>
 #            python tools/ref_sam_embeds.py eval --config-file ... --embeds embeds.safetensors --shots 5 \
 #                train.init_checkpoint=<...>
-# Experiment files pick the SAM with `use_sam(model, tag)` and the classes with `base_only(...)`.
+# Experiment files pick the SAM with `use_sam(model, tag, feature_names=...)` and the classes with
+# `base_only(...)`.
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 from omegaconf import OmegaConf
 
@@ -28,35 +29,39 @@ from samantics_d2.data.mapper import DetectionMapper, random_flip
 from samantics_d2.data.ref_sam_mapper import RefSAMMapper
 from samantics_d2.data.reference_sets import COCO_BASE_CLASSES
 from samantics_d2.modeling.backbone import build_encoder
-from samantics_d2.modeling.backbone.sam import SAM_VARIANTS
-from samantics_d2.modeling.meta_arch.ref_sam import RefSAM, build_optimizer_with_grad_clip, ref_sam_lr_factor_func
+from samantics_d2.modeling.meta_arch.ref_sam import (
+    build_optimizer_with_grad_clip,
+    build_ref_sam,
+    ref_sam_lr_factor_func,
+)
 from samantics_d2.modeling.meta_arch.training_free import build_sam_proposer
-from samantics_d2.modeling.ref_sam import HungarianMatcher, MultiLevelNeck, RefDETRHead, SetCriterion, TokenFuser
+from samantics_d2.modeling.ref_sam import HungarianMatcher, SetCriterion
 
 from .train import train
 
-# Mask tokens per family: SAM's 4 (1 single + 3 multimask), HQ-SAM's 5 (plus its HQ token).
-NUM_MASK_TOKENS = {"sam": 4, "hq_sam": 5}
-
-model = L(RefSAM)(
+# The fuser, neck and head are sized from the built SAM (build_ref_sam, as ViTDet's feature pyramid
+# reads net.output_shape()): the neck's input channels and stride from backbone.output_shape() of
+# feature_names, the fuser's tokens (4 SAM, 5 HQ-SAM) and width from its prompt decoder, one level per
+# feature name; any SAM variant or size (model.proposer.backbone.size=tiny) gets parts that fit it.
+model = L(build_ref_sam)(
     proposer=L(build_sam_proposer)(
         backbone=L(build_encoder)(
             tag="hq_sam_vit_b", pretrained=True, out_features=["neck", "block2", "block5", "block8", "block11"]
         ),
         decoder_weights="${.backbone.tag}",  # the prompt decoder comes from the same checkpoint
     ),
-    fuser=L(TokenFuser)(num_tokens=5, token_dim=256, hidden_dim=1024, out_dim=256),
-    neck=L(MultiLevelNeck)(in_channels=768, out_channels=256, num_levels=4, strides=(8, 16, 32, 64)),
-    head=L(RefDETRHead)(
-        d_model=256, num_queries=300, num_encoder_layers=1, num_decoder_layers=6, n_levels=4, n_heads=8, n_points=4
-    ),
+    feature_names=["block2", "block5", "block8", "block11"],  # ViT-B's global-attention blocks
+    d_model=256,
+    fuser=dict(hidden_dim=1024),
+    neck=dict(strides=(8, 16, 32, 64)),
+    transformer=dict(num_encoder_layers=1, num_decoder_layers=6, n_heads=8, enc_n_points=4, dec_n_points=4),
+    head=dict(num_queries=300),
     criterion=L(SetCriterion)(
         matcher=L(HungarianMatcher)(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0),
         weight_focal=2.0,
         weight_bbox=5.0,
         weight_giou=2.0,
     ),
-    feature_names=["block2", "block5", "block8", "block11"],  # ViT-B's global-attention blocks
     references="coco_2017_train_ref10_seed0",  # eval: encoded at the first forward
     shots=10,
     dataset_name="${dataloader.test.dataset.names}",
@@ -67,17 +72,12 @@ model = L(RefSAM)(
 )
 
 
-def use_sam(model, tag: str) -> None:
-    """Point ``model`` at SAM / HQ-SAM ``tag`` (``"sam_vit_l"``, ``"hq_sam_vit_h"``...): its global-
-    attention blocks feed the neck, the fuser takes its number of mask tokens."""
-    family, variant = tag.rsplit("_vit_", 1)[0], "vit_" + tag.rsplit("_vit_", 1)[1]
-    arch = SAM_VARIANTS[variant]
-    blocks = [f"block{i}" for i in arch["global_attn_indexes"]]
+def use_sam(model, tag: str, *, feature_names: list[str]) -> None:
+    """Point ``model`` at SAM / HQ-SAM ``tag`` (``"sam_vit_l"``, ``"hq_sam_vit_h"``...) whose block
+    outputs ``feature_names`` (its global-attention blocks) feed the neck, one level each."""
     model.proposer.backbone.tag = tag
-    model.proposer.backbone.out_features = ["neck", *blocks]
-    model.feature_names = blocks
-    model.neck.in_channels = arch["embed_dim"]
-    model.fuser.num_tokens = NUM_MASK_TOKENS[family]
+    model.proposer.backbone.out_features = ["neck", *feature_names]
+    model.feature_names = list(feature_names)
 
 
 def use_tiny_sam(model, *, input_size: int = 128) -> None:
@@ -85,18 +85,14 @@ def use_tiny_sam(model, *, input_size: int = 128) -> None:
     a head to match, for CPU demos and tests. The windowed block0 gives a finer level; there is no
     deformable encoder layer (the head runs it once per (image, reference) pair, which would double
     the cost on CPU)."""
-    model.proposer.backbone = dict(
-        model.proposer.backbone, tag="sam_vit_b", size="tiny", pretrained=False, input_size=input_size,
-        out_features=["neck", "block0", "block1"],
-    )
+    model.proposer.backbone.update(size="tiny", pretrained=False, input_size=input_size)
     model.proposer.decoder_weights = None
-    model.feature_names = ["block0", "block1", "block1"]
-    model.neck.update(in_channels=32, out_channels=64, num_levels=3, strides=(8, 16, 32))
-    model.fuser.update(num_tokens=4, token_dim=32, hidden_dim=128, out_dim=64)
-    model.head.update(
-        d_model=64, num_queries=20, num_encoder_layers=0, num_decoder_layers=3, n_levels=3, n_heads=4, d_ffn=128,
-        dropout=0.0,
-    )
+    use_sam(model, "sam_vit_b", feature_names=["block0", "block1", "block1"])
+    model.d_model = 64
+    model.neck.strides = (8, 16, 32)
+    model.fuser.hidden_dim = 128
+    model.transformer.update(num_encoder_layers=0, num_decoder_layers=3, n_heads=4, d_ffn=128, dropout=0.0)
+    model.head.num_queries = 20
 
 
 dataloader = OmegaConf.create()

@@ -2,6 +2,7 @@
 # (never seen) classes of COCO val with 10-shot references.
 from ..common.ref_sam import base_only, dataloader, lr_multiplier, model, optimizer, train, use_sam
 
-use_sam(model, "sam_vit_l")
+# ViT-L's global-attention blocks feed the neck, one level each.
+use_sam(model, "sam_vit_l", feature_names=["block5", "block11", "block17", "block23"])
 base_only(model, dataloader)
 train.output_dir = "./output/ref_sam/sam_vit_l_coco_base"

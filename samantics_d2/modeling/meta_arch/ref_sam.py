@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import pydoc
 from functools import partial
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from ...d2 import META_ARCH_REGISTRY, Boxes, DatasetCatalog, Instances, MetadataCatalog, configurable
 from ...yacs_config import check_yacs_config, dataset_classes, node_kwargs, registered_dataset
 from ..ref_sam import (
+    DeformableTransformer,
     HungarianMatcher,
     MultiLevelNeck,
     RefDETRHead,
@@ -56,7 +57,14 @@ from ..ref_sam.reference_encoder import ReferenceTokens, encode_references, mask
 from ..semantic import masks_to_original
 from .training_free import SamProposer, module_fingerprint, sam_proposer_from_config
 
-__all__ = ["RefSAM", "build_optimizer_with_grad_clip", "ref_sam_lr_factor", "ref_sam_lr_factor_func"]
+__all__ = [
+    "RefSAM",
+    "build_optimizer_with_grad_clip",
+    "build_ref_sam",
+    "ref_sam_heads",
+    "ref_sam_lr_factor",
+    "ref_sam_lr_factor_func",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +123,54 @@ def build_optimizer_with_grad_clip(
 
     optimizer.register_step_pre_hook(clip_before_step)
     return optimizer
+
+
+def ref_sam_heads(
+    proposer: SamProposer,
+    *,
+    feature_names: Optional[Sequence[str]] = None,
+    d_model: int = 256,
+    fuser: Optional[Mapping[str, Any]] = None,
+    neck: Optional[Mapping[str, Any]] = None,
+    transformer: Optional[Mapping[str, Any]] = None,
+    head: Optional[Mapping[str, Any]] = None,
+) -> dict[str, Any]:
+    """RefSAM's trainable parts over the built ``proposer``, sized from it as ViTDet's feature pyramid
+    is from ``net.output_shape()``: the neck's inputs are ``backbone.output_shape()`` of
+    ``feature_names`` (default: the backbone's global-attention blocks), the fuser takes the SAM
+    decoder's mask tokens (4 SAM, 5 HQ-SAM) and width, and every part works at ``d_model``, with
+    one level per feature name. ``fuser``, ``neck``, ``transformer`` and ``head`` hold the other
+    options of :class:`TokenFuser`, :class:`MultiLevelNeck`, :class:`DeformableTransformer` and
+    :class:`RefDETRHead`. Returns RefSAM's ``feature_names``, ``fuser``, ``neck`` and ``head``.
+    """
+    backbone, decoder = proposer.backbone, proposer.proposals.decoder
+    feature_names = list(feature_names) if feature_names is not None else list(backbone.global_attn_features)
+    shapes = backbone.output_shape()
+    missing = [name for name in feature_names if name not in shapes]
+    if missing:
+        raise ValueError(
+            f"RefSAM feature_names {feature_names}: the backbone does not output {missing} (out_features "
+            f"{list(shapes)}); add them to its out_features."
+        )
+    # Built in this order (fuser, neck, transformer, head): the same random initialisation for a seed.
+    fuser = TokenFuser(
+        num_tokens=num_mask_tokens(decoder), token_dim=decoder.embed_dim, out_dim=d_model, **(fuser or {})
+    )
+    neck = MultiLevelNeck(input_shapes=[shapes[name] for name in feature_names], out_channels=d_model, **(neck or {}))
+    transformer = DeformableTransformer(d_model=d_model, n_levels=len(feature_names), **(transformer or {}))
+    head = RefDETRHead(transformer=transformer, **(head or {}))
+    return {"feature_names": feature_names, "fuser": fuser, "neck": neck, "head": head}
+
+
+_SIZING_OPTIONS = ("feature_names", "d_model", "fuser", "neck", "transformer", "head")  # ref_sam_heads'
+
+
+def build_ref_sam(*, proposer: SamProposer, **options: Any) -> "RefSAM":
+    """:class:`RefSAM` over the built ``proposer``, its fuser, neck and head sized from it by
+    :func:`ref_sam_heads` (the LazyConfig entry: any SAM / HQ-SAM variant or size gets parts of its
+    own sizes). ``options``: those of :func:`ref_sam_heads` and RefSAM's other arguments."""
+    sizing = {name: options.pop(name) for name in _SIZING_OPTIONS if name in options}
+    return RefSAM(proposer=proposer, **ref_sam_heads(proposer, **sizing), **options)
 
 
 @META_ARCH_REGISTRY.register()
@@ -238,27 +294,24 @@ class RefSAM(nn.Module):
     @classmethod
     def from_config(cls, cfg) -> dict:
         """Yacs path (:mod:`samantics_d2.yacs_config`): the SAM of ``MODEL.SAMANTICS.BACKBONE``, the
-        rest from ``MODEL.SAMANTICS.REF_SAM``; the fuser's tokens and width, the neck's input and the
-        number of levels follow the built SAM and ``FEATURE_NAMES``; output classes: ``DATASETS.TEST[0]``'s."""
+        rest from ``MODEL.SAMANTICS.REF_SAM``, sized from the built SAM by :func:`ref_sam_heads` (``D_MODEL``,
+        ``FEATURE_NAMES`` and the FUSER / NECK / TRANSFORMER / HEAD nodes); output classes: ``DATASETS.TEST[0]``'s."""
         check_yacs_config(cfg, cls.__name__)
         opts = cfg.MODEL.SAMANTICS.REF_SAM
         options = node_kwargs(opts)
         registered_dataset(options["references"], "MODEL.SAMANTICS.REF_SAM.REFERENCES")
         proposer = sam_proposer_from_config(cfg)
-        backbone, decoder = proposer.backbone, proposer.proposals.decoder
-        feature_names = list(options.pop("feature_names") or backbone.global_attn_features)
-        level_input = backbone.output_shape()[feature_names[0]]
-        d_model = opts.HEAD.D_MODEL
+        parts = ref_sam_heads(
+            proposer,
+            feature_names=options.pop("feature_names") or None,
+            d_model=options.pop("d_model"),
+            **{name.lower(): node_kwargs(opts[name]) for name in ("FUSER", "NECK", "TRANSFORMER", "HEAD")},
+        )
         return {
             **options,
+            **parts,
             "proposer": proposer,
-            "fuser": TokenFuser(num_tokens=num_mask_tokens(decoder), token_dim=decoder.embed_dim, out_dim=d_model,
-                                **node_kwargs(opts.FUSER)),
-            "neck": MultiLevelNeck(in_channels=level_input.channels, out_channels=d_model, num_levels=len(feature_names),
-                                   input_stride=level_input.stride, **node_kwargs(opts.NECK)),
-            "head": RefDETRHead(n_levels=len(feature_names), **node_kwargs(opts.HEAD)),
             "criterion": SetCriterion(matcher=HungarianMatcher(**node_kwargs(opts.MATCHER)), **node_kwargs(opts.LOSS)),
-            "feature_names": feature_names,
             "class_names": dataset_classes(cfg, key="thing_classes", splits=["TEST"]),
         }
 

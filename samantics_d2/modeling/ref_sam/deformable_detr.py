@@ -316,41 +316,23 @@ class RefDETRHead(nn.Module):
     One sigmoid logit per query says whether the query's box is an instance of the reference's
     class. The prompt is added to the content part of every learned query (the positional part,
     which places the initial reference points, stays class-agnostic).
+
+    Args:
+        transformer: the Deformable DETR encoder-decoder; its ``d_model`` and ``n_levels`` are the
+            head's (its width is the neck's ``out_channels``, its levels the neck's).
+        num_queries: learned queries (detections per class prompt).
+        prior_prob: initial probability of every query's logit (focal-loss prior).
     """
 
-    def __init__(
-        self,
-        *,
-        d_model: int = 256,
-        num_queries: int = 300,
-        num_encoder_layers: int = 1,
-        num_decoder_layers: int = 6,
-        n_levels: int = 4,
-        n_heads: int = 8,
-        n_points: int = 4,
-        d_ffn: int = 1024,
-        dropout: float = 0.1,
-        prior_prob: float = 0.01,
-    ):
+    def __init__(self, *, transformer: DeformableTransformer, num_queries: int = 300, prior_prob: float = 0.01):
         super().__init__()
         if not 0.0 < prior_prob < 1.0:
             raise ValueError(f"prior_prob must be in (0, 1), got {prior_prob}.")
-        self.d_model = d_model
+        self.transformer = transformer
+        self.d_model, self.n_levels = transformer.d_model, transformer.n_levels
         self.num_queries = num_queries
-        self.n_levels = n_levels
-        self.transformer = DeformableTransformer(
-            d_model=d_model,
-            n_heads=n_heads,
-            num_encoder_layers=num_encoder_layers,
-            num_decoder_layers=num_decoder_layers,
-            d_ffn=d_ffn,
-            dropout=dropout,
-            n_levels=n_levels,
-            enc_n_points=n_points,
-            dec_n_points=n_points,
-        )
-        self.query_embed = nn.Embedding(num_queries, 2 * d_model)  # (positional, content) halves
-        self.class_embed = nn.ModuleList(nn.Linear(d_model, 1) for _ in range(num_decoder_layers))
+        self.query_embed = nn.Embedding(num_queries, 2 * self.d_model)  # (positional, content) halves
+        self.class_embed = nn.ModuleList(nn.Linear(self.d_model, 1) for _ in transformer.decoder_layers)
         bias = -math.log((1.0 - prior_prob) / prior_prob)
         for linear in self.class_embed:
             nn.init.constant_(linear.bias, bias)
@@ -374,7 +356,7 @@ class RefDETRHead(nn.Module):
         if len(features) != self.n_levels:
             raise ValueError(
                 f"RefDETRHead expects {self.n_levels} feature levels, received {len(features)}; "
-                "build it with n_levels equal to the neck's number of levels."
+                "build its transformer with n_levels equal to the neck's number of levels."
             )
         batch = features[0].shape[0]
         for level, feature in enumerate(features):
