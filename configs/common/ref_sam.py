@@ -15,17 +15,10 @@
 # Experiment files pick the SAM with `use_sam(model, tag, feature_names=...)` and the classes with
 # `base_only(...)`.
 from fvcore.common.param_scheduler import MultiStepParamScheduler
-from omegaconf import OmegaConf
 
-from samantics_d2.d2 import COCOEvaluator
 from samantics_d2.d2 import LazyCall as L
-from samantics_d2.d2 import (
-    build_detection_test_loader,
-    build_detection_train_loader,
-    get_detection_dataset_dicts,
-    get_default_optimizer_params,
-)
-from samantics_d2.data.mapper import DetectionMapper, random_flip
+from samantics_d2.d2 import get_default_optimizer_params
+from samantics_d2.data.mapper import random_flip
 from samantics_d2.data.ref_sam_mapper import RefSAMMapper
 from samantics_d2.data.reference_sets import COCO_BASE_CLASSES
 from samantics_d2.modeling.backbone import build_encoder
@@ -37,6 +30,7 @@ from samantics_d2.modeling.meta_arch.ref_sam import (
 from samantics_d2.modeling.meta_arch.training_free import build_sam_proposer
 from samantics_d2.modeling.ref_sam import HungarianMatcher, SetCriterion
 
+from .data.coco import dataloader
 from .train import train
 
 # The fuser, neck and head are sized from the built SAM (build_ref_sam, as ViTDet's feature pyramid
@@ -95,29 +89,13 @@ def use_tiny_sam(model, *, input_size: int = 128) -> None:
     model.head.num_queries = 20
 
 
-dataloader = OmegaConf.create()
-dataloader.train = L(build_detection_train_loader)(
-    dataset=L(get_detection_dataset_dicts)(names="coco_2017_train"),
-    mapper=L(RefSAMMapper)(
-        dataset_names="${..dataset.names}",
-        augmentations=[L(random_flip)(horizontal=True)],
-        max_categories=3,
-        num_negatives=1,
-        categories=None,  # all classes; base_only() restricts to the COCO-FSOD base classes
-        min_area=32 * 32,
-    ),
-    total_batch_size=16,
-    num_workers=4,
-)
-dataloader.test = L(build_detection_test_loader)(
-    dataset=L(get_detection_dataset_dicts)(names="coco_2017_val", filter_empty=False),
-    mapper=L(DetectionMapper)(is_train=False, augmentations=[]),
-    num_workers=4,
-)
-dataloader.evaluator = L(COCOEvaluator)(
-    dataset_name="${..test.dataset.names}",
-    output_dir="${...train.output_dir}/inference",
-    max_dets_per_image=100,
+dataloader.train.mapper = L(RefSAMMapper)(
+    dataset_names="${..dataset.names}",
+    augmentations=[L(random_flip)(horizontal=True)],
+    max_categories=3,
+    num_negatives=1,
+    categories=None,  # all classes; base_only() restricts to the COCO-FSOD base classes
+    min_area=32 * 32,
 )
 
 

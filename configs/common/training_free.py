@@ -3,16 +3,12 @@
 # The first run computes the memory bank of the references (saved under
 # $SAMANTICS_CACHE/memory_banks with its provenance); later runs reuse it while the references,
 # encoder and weights are unchanged. Defaults: the "No Time to Train" recipe (DESIGN.md).
-from omegaconf import OmegaConf
-
-from samantics_d2.d2 import COCOEvaluator
 from samantics_d2.d2 import LazyCall as L
-from samantics_d2.d2 import build_detection_test_loader, get_detection_dataset_dicts
-from samantics_d2.data.mapper import DetectionMapper
 from samantics_d2.modeling.backbone import build_encoder
 from samantics_d2.modeling.meta_arch import TrainingFreeSegmenter, build_sam_proposer
 from samantics_d2.modeling.semantic import MemoryBankConfig, PrototypeClassifier
 
+from .data.coco import dataloader
 from .train import train
 
 model = L(TrainingFreeSegmenter)(
@@ -34,16 +30,7 @@ model = L(TrainingFreeSegmenter)(
     prompt_mode="points",
 )
 
-dataloader = OmegaConf.create()
-dataloader.test = L(build_detection_test_loader)(
-    dataset=L(get_detection_dataset_dicts)(names="coco_2017_val_novel", filter_empty=False),
-    mapper=L(DetectionMapper)(is_train=False, augmentations=[]),
-    num_workers=4,
-)
-dataloader.evaluator = L(COCOEvaluator)(
-    dataset_name="${..test.dataset.names}",
-    output_dir="${...train.output_dir}/inference",
-    max_dets_per_image=100,
-)
+dataloader.test.dataset.names = "coco_2017_val_novel"
+del dataloader.train  # training-free: evaluation only
 
 train.output_dir = "./output/training_free"
