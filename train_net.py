@@ -38,6 +38,7 @@ from samantics_d2.d2 import (
     setup_logger,
 )
 from samantics_d2.engine import build_trainer, wrap_ddp, write_run_files
+from samantics_d2.references import prepare_references
 
 logger = logging.getLogger("samantics_d2.train_net")
 
@@ -47,6 +48,7 @@ def do_test(cfg, model):
     if "evaluator" not in cfg.dataloader:
         logger.warning("The config has no dataloader.evaluator: nothing to evaluate.")
         return {}
+    prepare_references(model)  # reference features with the loaded weights, before the first image
     results = inference_on_dataset(model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator))
     if comm.is_main_process() and results:
         print_csv_format(results)

@@ -28,17 +28,20 @@ the constructors' docstrings document the keys.
         one of our backbones (architecture only: weights then come from ``MODEL.WEIGHTS``).
     SEMANTIC_ENCODER: ``build_encoder`` options of TrainingFreeSegmenter's semantic encoder (DINOv2).
     PROPOSALS: ``PointGridProposals`` options (the SAM point grid).
-    TRAINING_FREE: ``TrainingFreeSegmenter`` options (REFERENCES: a registered reference set), with
-        CLASSIFIER (``PrototypeClassifier``) and MEMORY_BANK (``MemoryBankConfig``).
-    REF_SAM: ``RefSAM`` options and D_MODEL, with FUSER, NECK, TRANSFORMER, HEAD, MATCHER and LOSS
-        (``TokenFuser``, ``MultiLevelNeck``, ``DeformableTransformer``, ``RefDETRHead``,
+    TRAINING_FREE: ``TrainingFreeSegmenter`` options, the reference set (REFERENCES: a registered
+        reference set; SHOTS; MEMORY_BANK_PATH: where its memory bank is stored, default the
+        references store's cache), with CLASSIFIER (``PrototypeClassifier``) and MEMORY_BANK
+        (``MemoryBankConfig``).
+    REF_SAM: ``RefSAM`` options, its references (REFERENCES or EMBEDS_PATH, SHOTS) and D_MODEL, with
+        FUSER, NECK, TRANSFORMER, HEAD, MATCHER and LOSS (``TokenFuser``, ``MultiLevelNeck``, ``DeformableTransformer``, ``RefDETRHead``,
         ``HungarianMatcher``, ``SetCriterion``); the sizes that must agree with the SAM (tokens,
         widths, levels) are taken from the built SAM (``ref_sam_heads``).
     LINEAR_PROBE: ``LinearProbe`` options. SAM_TRAINER: ``PromptableSamTrainer`` options.
     TINY_SEGMENTER: ``TinySegmenter`` options (pixel statistics: ``MODEL.PIXEL_MEAN/STD``).
 
 Label spaces: TrainingFreeSegmenter and RefSAM output the ``thing_classes`` of
-``DATASETS.TEST[0]`` (default: their reference classes); TinySegmenter (``thing_classes``) and
+``DATASETS.TEST[0]`` (default: their reference classes), resolved with the reference set in
+``from_config`` (:func:`yacs_reference_bank`); TinySegmenter (``thing_classes``) and
 LinearProbe (``classes``) learn the classes of ``DATASETS.TRAIN[0]``, else ``DATASETS.TEST[0]``.
 Every model takes RGB images: set ``INPUT.FORMAT: RGB``.
 """
@@ -47,7 +50,8 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, Iterable, Optional
 
-from .d2 import CfgNode, DatasetCatalog, MetadataCatalog
+from .d2 import CfgNode, DatasetCatalog
+from .references import ReferenceBank, build_reference_bank, dataset_class_names
 
 __all__ = [
     "add_samantics_config",
@@ -56,6 +60,7 @@ __all__ = [
     "node_kwargs",
     "options_node",
     "registered_dataset",
+    "yacs_reference_bank",
 ]
 
 _YACS_TYPES = (tuple, list, str, int, float, bool, type(None))
@@ -112,17 +117,7 @@ def dataset_classes(cfg: CfgNode, *, key: str, splits: Iterable[str]) -> Optiona
         names = cfg.DATASETS[split]
         if not len(names):
             continue
-        name = names[0]
-        if name not in DatasetCatalog.list():
-            raise KeyError(f"cfg.DATASETS.{split}[0] = {name!r} is not a registered dataset; register it first.")
-        if MetadataCatalog.get(name).get(key) is None:
-            DatasetCatalog.get(name)
-        classes = MetadataCatalog.get(name).get(key)
-        if classes is None:
-            raise ValueError(
-                f"cfg.DATASETS.{split}[0] = {name!r} has no {key!r} metadata; expected its class names there."
-            )
-        return list(classes)
+        return dataset_class_names(names[0], key=key, where=f"cfg.DATASETS.{split}[0]")
     return None
 
 
@@ -133,6 +128,28 @@ def registered_dataset(name: Optional[str], key: str) -> Optional[str]:
     if name not in DatasetCatalog.list():
         raise KeyError(f"cfg.{key} = {name!r} is not a registered dataset; register it first (DatasetCatalog).")
     return name
+
+
+def yacs_reference_bank(
+    cfg: CfgNode,
+    key: str,
+    *,
+    references: Optional[str],
+    shots: Optional[int],
+    cache_path: Optional[str] = None,
+    features_path: Optional[str] = None,
+) -> ReferenceBank:
+    """The :class:`~samantics_d2.references.ReferenceBank` of a yacs config, resolved at build time:
+    the reference set ``references`` (a registered dataset, named at ``cfg.<key>.REFERENCES``) or
+    ``features_path``, and the label space of ``DATASETS.TEST[0]`` (none: the reference classes)."""
+    test = list(cfg.DATASETS.TEST)
+    return build_reference_bank(
+        references=registered_dataset(references, f"{key}.REFERENCES"),
+        features_path=features_path or None,
+        dataset_name=test[0] if test else None,
+        shots=shots,
+        cache_path=cache_path or None,
+    )
 
 
 def add_samantics_config(cfg: CfgNode) -> None:
@@ -160,13 +177,18 @@ def add_samantics_config(cfg: CfgNode) -> None:
     # The "No Time to Train" semantic encoder: DINOv2 ViT-L/14 on a 37 x 37 patch grid.
     opts.SEMANTIC_ENCODER = options_node(build_encoder, TAG="dinov2_vitl14", INPUT_SIZE=518)
     opts.PROPOSALS = options_node(PointGridProposals, exclude=["decoder"])
-    built = ["proposer", "reference_classes", "class_names", "dataset_name"]
+    # The reference set (yacs_reference_bank): REFERENCES, SHOTS, and where its features are stored.
+    built = ["proposer", "reference_bank"]
     opts.TRAINING_FREE = options_node(
-        TrainingFreeSegmenter, exclude=built + ["semantic_encoder", "classifier", "memory_bank"], REFERENCES=""
+        TrainingFreeSegmenter, exclude=built + ["semantic_encoder", "classifier", "memory_bank"], REFERENCES="",
+        SHOTS=None, MEMORY_BANK_PATH=None,
     )
     opts.TRAINING_FREE.CLASSIFIER = options_node(PrototypeClassifier)
     opts.TRAINING_FREE.MEMORY_BANK = options_node(MemoryBankConfig)
-    opts.REF_SAM = options_node(RefSAM, exclude=built + ["fuser", "neck", "head", "criterion"], D_MODEL=256)
+    opts.REF_SAM = options_node(
+        RefSAM, exclude=built + ["fuser", "neck", "head", "criterion"], D_MODEL=256, REFERENCES=None, EMBEDS_PATH=None,
+        SHOTS=None,
+    )
     opts.REF_SAM.FUSER = options_node(TokenFuser, exclude=["num_tokens", "token_dim", "out_dim"])
     opts.REF_SAM.NECK = options_node(MultiLevelNeck, exclude=["input_shapes", "out_channels"])
     opts.REF_SAM.TRANSFORMER = options_node(DeformableTransformer, exclude=["d_model", "n_levels"])

@@ -10,6 +10,7 @@ from omegaconf import DictConfig, ListConfig
 
 from samantics_d2.d2 import LazyConfig, instantiate
 from samantics_d2.modeling.backbone import build_encoder
+from samantics_d2.references import build_reference_bank
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.py"), recursive=True)
@@ -17,12 +18,15 @@ CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.py"
 
 
 def _tiny(node):
-    """Make every build_encoder node tiny and random, recursively; drop decoder weights."""
+    """Make every build_encoder node tiny and random, recursively; drop decoder weights; COCO / LVIS
+    reference sets and label spaces (resolved when the model is built) become the shapes ones."""
     if isinstance(node, DictConfig):
         if node.get("_target_") is build_encoder:
             node.size, node.pretrained = "tiny", False
             if "input_size" in node:
                 node.input_size = None
+        if node.get("_target_") is build_reference_bank and not str(node.get("references")).startswith("shapes_"):
+            node.references, node.dataset_name = "shapes_train_ref5_seed0", "shapes_val"
         if "decoder_weights" in node:
             node.decoder_weights = None
         for key in list(node.keys()):

@@ -17,7 +17,7 @@ from samantics_d2.checkpoint import load_init_checkpoint
 from samantics_d2.config import check_override_keys, check_weights_available
 from samantics_d2.d2 import LazyConfig
 from samantics_d2.lite.checkpoint import DetectionCheckpointer as LiteCheckpointer
-from samantics_d2.modeling.semantic import load_reference_json
+from samantics_d2.data import load_reference_json
 from samantics_d2.modeling.weights import KeyMismatchError, UnsafeCheckpointError, WeightsError, read_state_dict
 from samantics_d2.utils.io import read_json
 

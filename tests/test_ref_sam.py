@@ -16,6 +16,7 @@ from samantics_d2.modeling.meta_arch.ref_sam import RefSAM, build_optimizer_with
 from samantics_d2.modeling.ref_sam import TokenFuser
 from samantics_d2.modeling.proposals import build_prompt_decoder
 from samantics_d2.modeling.ref_sam.reference_encoder import ReferenceTokens, mask_token_outputs
+from samantics_d2.references import build_reference_bank
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "ref_sam", "tiny_shapes.py")
@@ -101,7 +102,7 @@ def test_reference_tokens_save_load_and_first_n_shots(tmp_path):
     assert (tmp_path / "refs.json").is_file()
     loaded = ReferenceTokens.load(path)
     torch.testing.assert_close(loaded.tokens, tokens)
-    assert loaded.class_names == ["cat", "dog"] and loaded.provenance == {"sam_fingerprint": "x"}
+    assert loaded.class_names == ["cat", "dog"] and loaded.provenance == {"kind": "reference_tokens", "sam_fingerprint": "x"}
     # Output classes in another order, one without references; 2 shots = ranks 0 and 1.
     out, valid = loaded.class_tokens(["dog", "bird", "cat"], shots=2)
     assert valid.tolist() == [True, False, True]
@@ -281,12 +282,11 @@ def test_cached_embeds_give_the_same_results_as_references_on_the_fly(saved, tin
     # Same predictions, 2 shots of the 5 cached, on the fly vs from the file.
     on_the_fly = instantiate(tiny_cfg.model).eval()
     DetectionCheckpointer(on_the_fly).load(checkpoint)
-    on_the_fly.shots = 2
+    on_the_fly.set_reference_bank(build_reference_bank(references="shapes_train_ref5_seed0", dataset_name=val4, shots=2))
     from_file = instantiate(tiny_cfg.model).eval()
     DetectionCheckpointer(from_file).load(checkpoint)
-    from_file.references, from_file.embeds_path, from_file.shots = None, embeds, 2
+    from_file.set_reference_bank(build_reference_bank(features_path=embeds, dataset_name=val4, shots=2))
     inputs = _test_inputs(val4, 2)
-    on_the_fly.dataset_name = from_file.dataset_name = val4
     for a, b in zip(on_the_fly(inputs), from_file(inputs)):
         a, b = a["instances"], b["instances"]
         torch.testing.assert_close(a.scores, b.scores)
@@ -303,7 +303,7 @@ def test_cached_embeds_give_the_same_results_as_references_on_the_fly(saved, tin
 
     # Another SAM: the file is refused.
     other = instantiate(tiny_cfg.model).eval()
-    other.references, other.embeds_path = None, embeds
+    other.set_reference_bank(build_reference_bank(features_path=embeds, dataset_name=val4))
     with pytest.raises(ValueError, match="other SAM weights"):
         other(inputs[:1])
 

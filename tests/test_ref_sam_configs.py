@@ -27,6 +27,9 @@ TINY_SAM_OVERRIDES = [
     "model.proposer.decoder_weights=null",
     "model.proposer.backbone.out_features=[neck,block0,block1]",
     "model.feature_names=[block0,block1,block1,block1]",
+    # no COCO here: the reference set and label space (resolved when the model is built) of the shapes
+    "model.reference_bank.references=shapes_train_ref5_seed0",
+    "model.reference_bank.dataset_name=shapes_val",
 ]
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_util
 
+from samantics_d2.data import load_reference_json
 from samantics_d2.data.io import read_image
 from samantics_d2.data.mapper import segmentation_to_mask
 from samantics_d2.data.shapes import generate_shapes
@@ -26,7 +27,6 @@ from samantics_d2.modeling.semantic import (
     connected_component_areas,
     identity_fit,
     kmeans,
-    load_reference_json,
     mask_iou_matrix,
     mask_overlap_over_area,
     mask_pooling,
@@ -426,9 +426,12 @@ def test_memory_bank_reuse_and_rebuilds(shapes, tmp_path, caplog):
     built_calls = backbone.calls
     assert built_calls > 0 and path.exists() and path.with_suffix(".json").exists()
     sidecar = json.loads(path.with_suffix(".json").read_text())
-    assert sidecar == first.provenance and sidecar["weights"] == "random-init:0"
-    assert sidecar["references"]["annotation_ids"] == first.annotation_ids
-    assert sidecar["backbone"]["class"] == "DINOv2Backbone" and sidecar["config"]["context"] == 0.2
+    provenance = sidecar["provenance"]  # the references store's sidecar (docs/references.md)
+    assert provenance == first.provenance and provenance["encoder"]["weights"] == "random-init:0"
+    assert provenance["kind"] == "memory_bank" and provenance["ordering"] == "category_id, shot_rank, annotation_id"
+    assert provenance["reference_set"]["annotation_ids"] == first.annotation_ids
+    assert [r["annotation_id"] for r in sidecar["records"]] == first.annotation_ids
+    assert provenance["encoder"]["class"] == "DINOv2Backbone" and provenance["options"]["context"] == 0.2
 
     again = MemoryBank.load_or_build(path, references=dicts, **kwargs)
     assert backbone.calls == built_calls  # loaded: no encoder call
@@ -441,29 +444,29 @@ def test_memory_bank_reuse_and_rebuilds(shapes, tmp_path, caplog):
         path.write_bytes(saved)  # start from the bank of the original inputs
         model = changes.get("backbone", backbone)
         before = model.calls
-        with caplog.at_level("INFO", logger="samantics_d2.modeling.semantic.memory_bank"):
+        with caplog.at_level("INFO", logger="samantics_d2.references.store"):
             caplog.clear()
             MemoryBank.load_or_build(path, **{**kwargs, "references": dicts, **changes})
         assert model.calls > before, why
-        messages = [r.message for r in caplog.records if "Rebuilding memory bank" in r.message]
+        messages = [r.message for r in caplog.records if "Recomputing memory bank" in r.message]
         assert len(messages) == 1 and messages[0].endswith(f"changed {why}."), (why, messages)
 
     fewer = [{**dicts[0], "annotations": dicts[0]["annotations"][1:]}] + dicts[1:]
-    rebuilt("references", references=fewer)
+    rebuilt("reference_set", references=fewer)
     moved = [{**d, "annotations": [{**a, "bbox": [v + 1 for v in a["bbox"]]} for a in d["annotations"]]} for d in dicts]
-    rebuilt("references", references=moved)  # same ids and files, other boxes
-    rebuilt("config", config=MemoryBankConfig(context=0.3))
-    rebuilt("config, preprocess", config=MemoryBankConfig(crop="full"))  # full images: the encoder's own fit
-    rebuilt("weights", weights_id="random-init:1")
-    rebuilt("backbone, preprocess", backbone=_tiny_dinov2("dinov2_vits14_reg"))  # the spec names its tag
-    rebuilt("preprocess", backbone=_tiny_dinov2(input_size=70))
+    rebuilt("reference_set", references=moved)  # same ids and files, other boxes
+    rebuilt("options", config=MemoryBankConfig(context=0.3))
+    rebuilt("options", config=MemoryBankConfig(crop="full"))  # full images: the encoder's own fit
+    rebuilt("encoder", weights_id="random-init:1")
+    rebuilt("encoder, options", backbone=_tiny_dinov2("dinov2_vits14_reg"))  # the spec names its tag
+    rebuilt("options", backbone=_tiny_dinov2(input_size=70))  # preprocessing
     # a file cut short (or not a bank) is rebuilt, with a warning
     path.write_bytes(saved[: len(saved) // 2])
-    with caplog.at_level("WARNING", logger="samantics_d2.modeling.semantic.memory_bank"):
+    with caplog.at_level("WARNING", logger="samantics_d2.references.store"):
         caplog.clear()
         calls = backbone.calls
         repaired = MemoryBank.load_or_build(path, references=dicts, **kwargs)
-    assert backbone.calls > calls and any("not a memory bank" in r.message for r in caplog.records)
+    assert backbone.calls > calls and any("not a reference-features file" in r.message for r in caplog.records)
     torch.testing.assert_close(repaired.features, first.features)
     path.write_bytes(saved)
     # the batch size is not part of the provenance

@@ -8,6 +8,7 @@ from samantics_d2.data.shapes import generate_shapes
 from samantics_d2.modeling.backbone import build_encoder
 from samantics_d2.modeling.meta_arch.training_free import TrainingFreeSegmenter, build_sam_proposer
 from samantics_d2.modeling.semantic import PrototypeClassifier
+from samantics_d2.references import build_reference_bank
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +27,7 @@ def _segmenter(references, classes, bank_path):
                                     points_per_side=4, pred_iou_thresh=None),
         semantic_encoder=build_encoder("dinov2_vits14", size="tiny"),
         classifier=PrototypeClassifier(),
-        references=references,
-        reference_classes=classes,
-        memory_bank_path=str(bank_path),
+        reference_bank=build_reference_bank(references=references, reference_classes=classes, cache_path=str(bank_path)),
     ).eval()
 
 

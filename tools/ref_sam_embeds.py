@@ -26,8 +26,9 @@ and the SAM weights' fingerprint as JSON in its header) plus the same metadata a
         --seeds 0 1 2 --shots 1 3 5 --output ap_vs_shots      # -> ap_vs_shots.csv, ap_vs_shots.png
 
 The same evaluation runs
-in ``train_net.py --eval-only model.embeds_path=embeds.safetensors model.references=null
-model.shots=3`` (also on several GPUs); this tool runs in one process.
+in ``train_net.py --eval-only model.reference_bank.features_path=embeds.safetensors
+model.reference_bank.references=null model.reference_bank.shots=3`` (also on several GPUs); this
+tool runs in one process.
 Trailing ``key=value`` arguments override the config, as in ``train_net.py``.
 """
 from __future__ import annotations
@@ -45,13 +46,13 @@ from samantics_d2.config import check_override_keys
 from samantics_d2.d2 import (
     DatasetCatalog,
     LazyConfig,
-    MetadataCatalog,
     inference_on_dataset,
     instantiate,
     log_backend,
     print_csv_format,
     setup_logger,
 )
+from samantics_d2.references import build_reference_bank, provenance_source
 from samantics_d2.utils.io import atomic_path
 
 logger = logging.getLogger("samantics_d2.tools.ref_sam_embeds")
@@ -121,19 +122,15 @@ def compute(args: argparse.Namespace) -> str:
     if args.reference_json:
         if not args.image_root:
             raise SystemExit("--reference-json needs --image-root (the folder of its images).")
-        from samantics_d2.modeling.semantic import load_reference_json
-
-        dicts, classes = load_reference_json(args.reference_json, args.image_root)
-        source = os.path.abspath(args.reference_json)
+        bank = build_reference_bank(references=args.reference_json, image_root=args.image_root)
     else:
         if args.references not in DatasetCatalog.list():
             raise SystemExit(
                 f"--references {args.references!r} is not a registered dataset; register it or use --reference-json."
             )
-        dicts, classes = DatasetCatalog.get(args.references), list(MetadataCatalog.get(args.references).thing_classes)
-        source = args.references
+        bank = build_reference_bank(references=args.references)
     model = _build_model(cfg)
-    tokens = model.encode_reference_set(dicts, classes, source=source)
+    tokens = model.encode_reference_set(bank.dataset_dicts, bank.reference_classes, source=bank.source)
     tokens.provenance["checkpoint"] = str(cfg.train.init_checkpoint or "")
     tokens.save(args.output)
     print(f"{len(tokens)} reference tokens ({tokens.shots_per_class()}) -> {args.output}")
@@ -143,9 +140,9 @@ def compute(args: argparse.Namespace) -> str:
 def evaluate(args: argparse.Namespace) -> dict:
     """Run the config's test set with the cached tokens; returns the evaluator's results."""
     cfg = _load_config(args.config_file, args.opts)
-    cfg.model.embeds_path = args.embeds
-    cfg.model.references = None
-    cfg.model.shots = args.shots
+    cfg.model.reference_bank.features_path = args.embeds
+    cfg.model.reference_bank.references = None
+    cfg.model.reference_bank.shots = args.shots
     if args.oracle:
         cfg.model.query_classes = "present"
     if args.gt_boxes:
@@ -209,19 +206,19 @@ def tsne(args: argparse.Namespace) -> dict[str, Any]:
             "SAM mask tokens (before fuser)": tokens.tokens.flatten(1).numpy(),
             "class prompts (after fuser)": model.fuser(tokens.tokens.to(model.device)).float().cpu().numpy(),
         }
-    source = tokens.provenance.get("source", "")
+    source = provenance_source(tokens.provenance) or ""
     if args.encoders:
         if source not in DatasetCatalog.list():
             raise SystemExit(
                 f"{args.embeds} was computed from {source!r}, not a registered dataset; --encoders needs the reference "
                 "set's masks: pass --encoders with no tag, or compute the tokens from a registered reference set."
             )
-        dicts = DatasetCatalog.get(source)
+        references = build_reference_bank(references=source)
         annotation_ids = [ref["annotation_id"] for ref in tokens.references]
         for tag in args.encoders:
             encoder = build_encoder(tag, size=args.encoder_size, pretrained=args.encoder_size == "full").eval()
             weights_id = weights_identity(seed=0) if args.encoder_size == "tiny" else tag
-            bank = MemoryBank.build(references=dicts, backbone=encoder, config=MemoryBankConfig(),
+            bank = MemoryBank.build(references=references.dataset_dicts, backbone=encoder, config=MemoryBankConfig(),
                                     weights_id=weights_id, num_classes=len(tokens.class_names))
             row_of = {a: i for i, a in enumerate(bank.annotation_ids)}
             missing = [a for a in annotation_ids if a not in row_of]
@@ -273,7 +270,9 @@ def shots(args: argparse.Namespace) -> list[dict]:
     rows = []
     for seed in args.seeds:
         for n in args.shots:
-            model.set_references(embeds_path=args.embeds_template.format(seed=seed), shots=n)
+            model.set_reference_bank(build_reference_bank(
+                features_path=args.embeds_template.format(seed=seed), class_names=model.class_names(), shots=n
+            ))
             loader, evaluator = instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
             results = inference_on_dataset(model, loader, evaluator)
             rows.append({"seed": seed, "shots": n, "bbox_AP": results.get("bbox", {}).get("AP", float("nan")),

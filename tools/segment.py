@@ -47,11 +47,11 @@ from tqdm import tqdm
 
 from samantics_d2.checkpoint import load_init_checkpoint
 from samantics_d2.config import check_override_keys, check_weights_available
-from samantics_d2.d2 import BoxMode, DatasetCatalog, LazyConfig, MetadataCatalog, instantiate, setup_logger
+from samantics_d2.d2 import BoxMode, DatasetCatalog, LazyConfig, LazyCall, MetadataCatalog, instantiate, setup_logger
 from samantics_d2.data.io import read_image
 from samantics_d2.data.classification import IMAGE_EXTENSIONS
-from samantics_d2.modeling.semantic import load_reference_json
 from samantics_d2.modeling.weights import module_fingerprint
+from samantics_d2.references import ReferenceBank, build_reference_bank
 from samantics_d2.utils.io import atomic_path, read_json
 from samantics_d2.utils.visualization import draw_instances
 
@@ -116,29 +116,32 @@ def _registered(name: str) -> bool:
     return not os.path.exists(name) and name in DatasetCatalog.list()
 
 
-def load_references(references: str, image_root: str | None, output_dir: str) -> tuple[list[dict], list[str]]:
-    """Reference dataset dicts (contiguous class ids) and class names, from a COCO json, a folder, or a
-    registered dataset (e.g. the shapes reference set ``shapes_train_ref5_seed0``)."""
+def reference_source(references: str, image_root: str | None, output_dir: str) -> dict:
+    """The :func:`build_reference_bank` arguments of ``--references``: a registered dataset (e.g. the
+    shapes reference set ``shapes_train_ref5_seed0``), a COCO json, or a folder (converted to a json)."""
     if _registered(references):
-        dicts, classes = DatasetCatalog.get(references), list(MetadataCatalog.get(references).thing_classes)
         logger.info("References: the registered dataset %s (%s).", references,
                     MetadataCatalog.get(references).get("json_file", "no json file"))
-    else:
-        if os.path.isdir(references):
-            json_file = folder_to_coco(references, os.path.join(output_dir, "references.json"))
-            image_root = references
-        elif os.path.isfile(references):
-            json_file = references
-            if image_root is None:
-                image_root = os.path.dirname(os.path.abspath(references))
-                logger.info("No --image-root: reference file names are taken relative to %s.", image_root)
-        else:
-            raise FileNotFoundError(f"--references {references} is neither a COCO json file, a folder, nor a "
-                                    "registered dataset (e.g. shapes_train_ref5_seed0).")
-        dicts, classes = load_reference_json(json_file, image_root)
-    if not any(d["annotations"] for d in dicts):
+        return {"references": references}
+    if os.path.isdir(references):
+        return {"references": folder_to_coco(references, os.path.join(output_dir, "references.json")),
+                "image_root": references}
+    if os.path.isfile(references):
+        if image_root is None:
+            image_root = os.path.dirname(os.path.abspath(references))
+            logger.info("No --image-root: reference file names are taken relative to %s.", image_root)
+        return {"references": references, "image_root": image_root}
+    raise FileNotFoundError(f"--references {references} is neither a COCO json file, a folder, nor a "
+                            "registered dataset (e.g. shapes_train_ref5_seed0).")
+
+
+def load_references(source: dict, references: str) -> ReferenceBank:
+    """The references of ``--references`` (``source``: :func:`reference_source`) resolved, with at least
+    one instance."""
+    bank = build_reference_bank(**source)
+    if not any(d["annotations"] for d in bank.dataset_dicts):
         raise ValueError(f"--references {references} holds no annotated instance: nothing to build prototypes from.")
-    return dicts, classes
+    return bank
 
 
 def resolve_config_file(path: str) -> str:
@@ -245,13 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     check_override_keys(cfg, args.opts)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     check_weights_available(cfg, config_file)
-    references, classes = load_references(args.references, args.image_root, args.output)
-    refs_key = references_key(references, classes)
-    cfg.model.references = "given-by-tools/segment.py"  # replaced below: dataset dicts stay out of the config
-    cfg.model.dataset_name = None
-    cfg.model.class_names = None
-    cfg.model.shots = args.shots
-    cfg.model.memory_bank_path = os.path.join(args.output, f"memory_bank-{refs_key[:12]}.safetensors")
+    source = reference_source(args.references, args.image_root, args.output)
+    bank = load_references(source, args.references)
+    classes = bank.reference_classes  # the label space: the reference classes
+    refs_key = references_key(bank.dataset_dicts, classes)
+    cfg.model.reference_bank = LazyCall(build_reference_bank)(
+        **source, shots=args.shots,
+        cache_path=os.path.join(args.output, f"memory_bank-{refs_key[:12]}.safetensors"),
+    )
     seed = cfg.train.get("seed", -1)
     torch.manual_seed(seed if seed >= 0 else 0)  # randomly initialised (tiny) encoders are the same in every run
     model = instantiate(cfg.model)
@@ -259,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         load_init_checkpoint(model, cfg.train.init_checkpoint, training=False)
     run_key = _digest([OmegaConf.to_container(cfg.model, resolve=False), module_fingerprint(model), refs_key,
                        args.shots, args.score_threshold])
-    model.set_references(references, classes)
     model.to(cfg.train.device).eval()
+    model.prepare_references()  # the memory bank with the loaded weights, before the first image
 
     pred_dir, overlay_dir = os.path.join(args.output, "predictions"), os.path.join(args.output, "overlays")
     for folder in (pred_dir, overlay_dir):  # temporary files of a run that was killed while writing

@@ -29,6 +29,7 @@ from samantics_d2.modeling.meta_arch.ref_sam import (
 )
 from samantics_d2.modeling.meta_arch.training_free import build_sam_proposer
 from samantics_d2.modeling.ref_sam import HungarianMatcher, SetCriterion
+from samantics_d2.references import build_reference_bank
 
 from .data.coco import dataloader
 from .train import train
@@ -56,9 +57,11 @@ model = L(build_ref_sam)(
         weight_bbox=5.0,
         weight_giou=2.0,
     ),
-    references="coco_2017_train_ref10_seed0",  # eval: encoded at the first forward
-    shots=10,
-    dataset_name="${dataloader.test.dataset.names}",
+    # eval: the label space (the test set's classes) and the references of the class prompts, resolved
+    # when the config is built; their tokens are encoded once the weights are loaded (references store).
+    reference_bank=L(build_reference_bank)(
+        references="coco_2017_train_ref10_seed0", shots=10, dataset_name="${dataloader.test.dataset.names}"
+    ),
     query_classes="all",  # "present" is the published (oracle) evaluation
     box_source="predicted",
     classes_per_batch=16,
@@ -103,7 +106,7 @@ def base_only(model, dataloader) -> None:
     """Train on the COCO-FSOD base classes only; evaluate on the novel classes (unseen)."""
     dataloader.train.mapper.categories = list(COCO_BASE_CLASSES)
     dataloader.test.dataset.names = "coco_2017_val_novel"
-    model.references = "coco_2017_train_novel_ref10_seed0"
+    model.reference_bank.references = "coco_2017_train_novel_ref10_seed0"
 
 
 optimizer = L(build_optimizer_with_grad_clip)(

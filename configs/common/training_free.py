@@ -1,12 +1,14 @@
 # Training-free instance segmentation (SAM proposals + DINOv2 prototypes), evaluated with --eval-only:
 #   python train_net.py --config-file configs/training_free/<x>.py --eval-only
-# The first run computes the memory bank of the references (saved under
-# $SAMANTICS_CACHE/memory_banks with its provenance); later runs reuse it while the references,
-# encoder and weights are unchanged. Defaults: the "No Time to Train" recipe (DESIGN.md).
+# The label space (the test set's classes) and the reference set are resolved when the config is
+# built (build_reference_bank). The first run computes the memory bank of the references (stored
+# under $SAMANTICS_CACHE/references/memory_bank with its provenance: docs/references.md); later runs
+# reuse it while the references, encoder and weights are unchanged. Defaults: the "No Time to Train" recipe (DESIGN.md).
 from samantics_d2.d2 import LazyCall as L
 from samantics_d2.modeling.backbone import build_encoder
 from samantics_d2.modeling.meta_arch import TrainingFreeSegmenter, build_sam_proposer
 from samantics_d2.modeling.semantic import MemoryBankConfig, PrototypeClassifier
+from samantics_d2.references import build_reference_bank
 
 from .data.coco import dataloader
 from .train import train
@@ -22,9 +24,9 @@ model = L(TrainingFreeSegmenter)(
     ),
     semantic_encoder=L(build_encoder)(tag="dinov2_vitl14", pretrained=True, input_size=518),  # 37 x 37 patches
     classifier=L(PrototypeClassifier)(score_floor=0.0, nms_thresh=0.5, merge="soft", topk=100),
-    references="coco_2017_train_novel_ref30_seed0",
-    dataset_name="${dataloader.test.dataset.names}",
-    shots=30,
+    reference_bank=L(build_reference_bank)(
+        references="coco_2017_train_novel_ref30_seed0", shots=30, dataset_name="${dataloader.test.dataset.names}"
+    ),
     aggregation="mean",
     memory_bank=L(MemoryBankConfig)(crop="square_context", context=0.2),
     prompt_mode="points",

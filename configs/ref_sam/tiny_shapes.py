@@ -16,8 +16,8 @@ from samantics_d2.data import shapes as _shapes
 from ..common.ref_sam import dataloader, model, optimizer, train, use_tiny_sam
 
 use_tiny_sam(model, input_size=128)  # 128 px images: an 8x8 embedding, levels 16x16, 8x8, 4x4
-model.references = "shapes_train_ref5_seed0"  # all 8 classes; matched to the evaluated classes by name
-model.shots = 5
+model.reference_bank.references = "shapes_train_ref5_seed0"  # all 8 classes; matched to the evaluated classes by name
+model.reference_bank.shots = 5
 model.reference_batch_size = 16
 
 dataloader.train.dataset.names = "shapes_train_base"  # the 5 base classes: the novel ones stay unseen

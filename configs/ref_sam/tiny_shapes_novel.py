@@ -5,4 +5,4 @@
 from .tiny_shapes import dataloader, lr_multiplier, model, optimizer, train
 
 dataloader.test.dataset.names = "shapes_val_novel"
-model.references = "shapes_train_novel_ref5_seed0"
+model.reference_bank.references = "shapes_train_novel_ref5_seed0"

@@ -5,8 +5,8 @@ from samantics_d2.data.mapper import DetectionMapper
 
 from ..common.training_free import dataloader, model, train
 
-model.references = "coco_2017_train_novel_ref30_seed0"
-model.shots = 10
+model.reference_bank.references = "coco_2017_train_novel_ref30_seed0"
+model.reference_bank.shots = 10
 model.prompt_mode = "gt_boxes"
 # is_train=True keeps the ground-truth instances in the inputs; no augmentation, so they stay in
 # image coordinates.

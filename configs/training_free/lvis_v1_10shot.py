@@ -4,8 +4,8 @@
 from ..common.data.lvis import dataloader
 from ..common.training_free import model, train
 
-model.references = "lvis_v1_train_ref10_seed0"
-model.shots = 10
+model.reference_bank.references = "lvis_v1_train_ref10_seed0"
+model.reference_bank.shots = 10
 model.classifier.topk = 300
 del dataloader.train  # training-free: evaluation only
 train.output_dir = "./output/training_free/lvis_v1_10shot"

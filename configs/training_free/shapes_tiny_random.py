@@ -9,8 +9,8 @@ model.proposer.decoder_weights = None
 model.proposer.points_per_side = 16
 model.proposer.points_per_batch = 64
 model.semantic_encoder = dict(model.semantic_encoder, size="tiny", pretrained=False, input_size=None)
-model.references = "shapes_train_ref5_seed0"
-model.shots = 5
+model.reference_bank.references = "shapes_train_ref5_seed0"
+model.reference_bank.shots = 5
 dataloader.test.dataset.names = "shapes_val"
 dataloader.test.num_workers = 0
 dataloader.evaluator.use_fast_impl = False

@@ -7,6 +7,7 @@ from . import builtin, classification, reference_sets, shapes  # noqa: F401  (re
 from .classification import ClassificationMapper, register_detection_crops, register_image_folder
 from .io import read_image, to_rgb_uint8
 from .mapper import DetectionMapper, large_scale_jitter, random_flip, resize_shortest_edge
+from .reference_json import load_reference_json
 
 __all__ = [
     "ClassificationMapper",
@@ -14,6 +15,7 @@ __all__ = [
     "register_image_folder",
     "DetectionMapper",
     "large_scale_jitter",
+    "load_reference_json",
     "random_flip",
     "read_image",
     "resize_shortest_edge",

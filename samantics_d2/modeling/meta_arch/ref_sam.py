@@ -21,8 +21,10 @@ focal / L1 / GIoU on every decoder layer (:class:`SetCriterion`).
 Evaluation asks about every class of the output label space (``query_classes="all"``; one head
 pass per class and image, classes batched) or, as the published evaluation did, only about the
 classes present in the image (``"present"``, an oracle). Class prompts come from cached reference
-tokens (``embeds_path``, written by ``tools/ref_sam_embeds.py compute``) or from a reference set
-encoded at the first forward (``references``); both average the first ``shots`` references of a
+tokens (a features file written by ``tools/ref_sam_embeds.py compute``) or from a reference set
+encoded once the weights are loaded (:meth:`RefSAM.prepare_references`, through the references
+store); both come as a :class:`~samantics_d2.references.ReferenceBank` resolved with the config
+(label space, reference set, shots), and both average the first ``shots`` references of a
 class (:meth:`ReferenceTokens.class_tokens`) and give the same results. ``box_source="gt"``
 prompts SAM with the GT boxes instead (the mask-quality upper bound).
 
@@ -41,8 +43,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...d2 import META_ARCH_REGISTRY, Boxes, DatasetCatalog, Instances, MetadataCatalog, configurable
-from ...yacs_config import check_yacs_config, dataset_classes, node_kwargs, registered_dataset
+from ...d2 import META_ARCH_REGISTRY, Boxes, Instances, configurable
+from ...references import ReferenceBank, ReferenceInstance, order_references, reference_provenance
+from ...yacs_config import check_yacs_config, node_kwargs, yacs_reference_bank
 from ..ref_sam import (
     DeformableTransformer,
     HungarianMatcher,
@@ -193,12 +196,11 @@ class RefSAM(nn.Module):
         criterion: matcher + losses.
         feature_names: backbone outputs fed to the neck, one per level (names may repeat; default:
             the backbone's global-attention blocks).
-        references: eval: a registered reference-set dataset (or dataset dicts with
-            ``reference_classes``) encoded at the first forward.
-        reference_classes: class names of ``references`` given as dicts.
-        embeds_path: eval: cached reference tokens (``tools/ref_sam_embeds.py compute``) instead.
-        shots: eval: average the first ``shots`` references per class (None: all).
-        class_names / dataset_name: the output label space (default: the reference classes).
+        reference_bank: eval: the output label space and the class prompts' references, resolved
+            (:func:`~samantics_d2.references.build_reference_bank`): a reference set encoded by
+            :meth:`prepare_references` (stored by the references store), or cached tokens
+            (``features_path``, ``tools/ref_sam_embeds.py compute``); ``shots``: average the first
+            ``shots`` references per class (None: all). None: a model for training only.
         query_classes: ``"all"`` (every class with references) or ``"present"`` (the oracle: only
             the GT classes of each image; needs ``instances`` in the inputs).
         box_source: ``"predicted"`` or ``"gt"`` (prompt SAM with the GT boxes, score 1).
@@ -217,12 +219,7 @@ class RefSAM(nn.Module):
         head: RefDETRHead,
         criterion: SetCriterion,
         feature_names: Optional[Sequence[str]] = None,
-        references: Union[str, Sequence[dict], None] = None,
-        reference_classes: Optional[Sequence[str]] = None,
-        embeds_path: Optional[str] = None,
-        shots: Optional[int] = None,
-        class_names: Optional[Sequence[str]] = None,
-        dataset_name: Optional[str] = None,
+        reference_bank: Optional[ReferenceBank] = None,
         query_classes: str = "all",
         box_source: str = "predicted",
         classes_per_batch: int = 16,
@@ -259,12 +256,6 @@ class RefSAM(nn.Module):
         missing = [n for n in dict.fromkeys(["neck", *decoder.required_features, *feature_names]) if n not in outputs]
         if missing:
             problems.append(f"the backbone does not output {missing} (out_features {list(outputs)}); add them")
-        if embeds_path is not None and references is not None:
-            problems.append("give embeds_path or references, not both")
-        if class_names is not None and dataset_name is not None:
-            problems.append("give class_names or dataset_name, not both")
-        if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 1):
-            problems.append(f"shots={shots!r} must be a positive int or None")
         if classes_per_batch < 1 or topk < 1:
             problems.append(f"classes_per_batch={classes_per_batch} and topk={topk} must be >= 1")
         if problems:
@@ -275,18 +266,12 @@ class RefSAM(nn.Module):
         self.head = head
         self.criterion = criterion
         self.feature_names = feature_names
-        self.references = references
-        self._reference_classes = list(reference_classes) if reference_classes is not None else None
-        self.embeds_path = embeds_path
-        self.shots = shots
-        self._class_names = list(class_names) if class_names is not None else None
-        self.dataset_name = dataset_name
         self.query_classes = query_classes
         self.box_source = box_source
         self.classes_per_batch = classes_per_batch
         self.topk = topk
         self.reference_batch_size = reference_batch_size
-        self._reference_tokens: Optional[ReferenceTokens] = None
+        self.set_reference_bank(reference_bank)
         for p in self.proposer.parameters():
             p.requires_grad_(False)
         self.proposer.eval()
@@ -299,7 +284,10 @@ class RefSAM(nn.Module):
         check_yacs_config(cfg, cls.__name__)
         opts = cfg.MODEL.SAMANTICS.REF_SAM
         options = node_kwargs(opts)
-        registered_dataset(options["references"], "MODEL.SAMANTICS.REF_SAM.REFERENCES")
+        reference_bank = yacs_reference_bank(
+            cfg, "MODEL.SAMANTICS.REF_SAM", references=options.pop("references"), shots=options.pop("shots"),
+            features_path=options.pop("embeds_path"),
+        )
         proposer = sam_proposer_from_config(cfg)
         parts = ref_sam_heads(
             proposer,
@@ -312,7 +300,7 @@ class RefSAM(nn.Module):
             **parts,
             "proposer": proposer,
             "criterion": SetCriterion(matcher=HungarianMatcher(**node_kwargs(opts.MATCHER)), **node_kwargs(opts.LOSS)),
-            "class_names": dataset_classes(cfg, key="thing_classes", splits=["TEST"]),
+            "reference_bank": reference_bank,
         }
 
     # ------------------------------------------------------------------ plumbing
@@ -394,84 +382,92 @@ class RefSAM(nn.Module):
 
     # ------------------------------------------------------------------ class prompts
 
-    def _reference_dicts(self) -> tuple[list[dict], list[str]]:
-        if isinstance(self.references, str):
-            return DatasetCatalog.get(self.references), list(MetadataCatalog.get(self.references).thing_classes)
-        if self._reference_classes is None:
-            raise ValueError("RefSAM: references given as dataset dicts need reference_classes (their class names).")
-        return list(self.references), self._reference_classes
-
     def sam_fingerprint(self) -> str:
         """SHA-256 of the frozen SAM's weights (encoder + prompt decoder): ties cached tokens to them."""
         return module_fingerprint(self.proposer)
+
+    def _tokens_provenance(
+        self, items: Sequence[ReferenceInstance], class_names: Sequence[str], *, source: str
+    ) -> dict[str, Any]:
+        """The provenance of the tokens of ``items`` (keys: :mod:`samantics_d2.references.store`)."""
+        backbone = self.backbone
+        encoder = {
+            "model": f"{type(backbone).__name__}:{backbone.variant}:{backbone.size}",
+            "input_size": int(self.decoder.image_size),
+            "sam_fingerprint": self.sam_fingerprint(),
+        }
+        return reference_provenance(kind="reference_tokens", source=source, num_classes=len(class_names),
+                                    class_names=class_names, items=items, encoder=encoder,
+                                    options={"num_tokens": num_mask_tokens(self.decoder)})
 
     def encode_reference_set(
         self, dataset_dicts: Sequence[dict], class_names: Sequence[str], *, source: str
     ) -> ReferenceTokens:
         """Tokens of every reference of ``dataset_dicts`` (what ``compute_embeds`` saves)."""
-        backbone = self.backbone
-        provenance = {
-            "source": source,
-            "model": f"{type(backbone).__name__}:{backbone.variant}:{backbone.size}",
-            "input_size": int(self.decoder.image_size),
-            "sam_fingerprint": self.sam_fingerprint(),
-        }
         return encode_references(
-            backbone=backbone,
+            backbone=self.backbone,
             decoder=self.decoder,
             dataset_dicts=dataset_dicts,
             class_names=class_names,
             batch_size=self.reference_batch_size,
-            provenance=provenance,
+            provenance=self._tokens_provenance(
+                order_references(dataset_dicts, len(class_names), class_names=class_names), class_names, source=source
+            ),
         )
 
-    def set_references(
-        self, *, embeds_path: Optional[str] = None, references: Union[str, Sequence[dict], None] = None,
-        shots: Optional[int] = None,
-    ) -> None:
-        """Switch the eval-time class prompts (cached tokens or a reference set, and the shots);
-        the tokens are read or encoded again at the next forward."""
-        if (embeds_path is None) == (references is None):
-            raise ValueError("RefSAM.set_references: give exactly one of embeds_path and references.")
-        self.embeds_path, self.references, self.shots = embeds_path, references, shots
-        self._reference_tokens = None
+    def set_reference_bank(self, reference_bank: Optional[ReferenceBank]) -> None:
+        """Switch the eval-time label space and class prompts (a reference set or cached tokens, and
+        the shots: :func:`~samantics_d2.references.build_reference_bank`); the tokens are read or
+        encoded again by :meth:`prepare_references`."""
+        self.reference_bank = reference_bank
+        self._reference_tokens: Optional[ReferenceTokens] = None
+
+    def prepare_references(self) -> None:
+        """Read the cached tokens, or encode the reference set with the current SAM weights through
+        the references store (the main process first). Call it after loading the weights."""
+        bank = self.reference_bank
+        if self.box_source == "gt":  # SAM prompted with the GT boxes: no class prompt is used
+            return
+        if bank is None:
+            raise ValueError(
+                "RefSAM in eval mode needs class prompts: set model.reference_bank (build_reference_bank with a "
+                "reference set, or features_path: cached tokens)."
+            )
+        if bank.features_path is not None:
+            tokens = ReferenceTokens.load(bank.features_path)
+            expected, found = self.sam_fingerprint(), _sam_fingerprint(tokens.provenance)
+            if found != expected:
+                raise ValueError(
+                    f"{bank.features_path!r} was computed with other SAM weights (fingerprint {found!r}, this model "
+                    f"{expected!r}); compute the embeddings with the same config and checkpoint "
+                    "(`tools/ref_sam_embeds.py compute`)."
+                )
+        else:
+            classes = bank.reference_classes
+            stored = bank.load_or_build(
+                name="reference_tokens",
+                provenance=self._tokens_provenance(bank.instances(), classes, source=bank.source),
+                build=lambda: self.encode_reference_set(bank.dataset_dicts, classes, source=bank.source).to_stored(),
+                what="reference tokens",
+            )
+            tokens = ReferenceTokens.from_stored(stored)
+        self._reference_tokens = tokens
 
     def reference_tokens(self) -> ReferenceTokens:
-        """The cached tokens (``embeds_path``) or those of ``references``, computed once."""
-        if self._reference_tokens is not None:
-            return self._reference_tokens
-        if self.embeds_path is not None:
-            tokens = ReferenceTokens.load(self.embeds_path)
-            expected = self.sam_fingerprint()
-            if tokens.provenance.get("sam_fingerprint") != expected:
-                raise ValueError(
-                    f"{self.embeds_path!r} was computed with other SAM weights (fingerprint "
-                    f"{tokens.provenance.get('sam_fingerprint')!r}, this model {expected!r}); compute the embeddings "
-                    "with the same config and checkpoint (`tools/ref_sam_embeds.py compute`)."
-                )
-        elif self.references is not None:
-            dicts, classes = self._reference_dicts()
-            source = self.references if isinstance(self.references, str) else "<dataset dicts>"
-            tokens = self.encode_reference_set(dicts, classes, source=source)
-        else:
-            raise ValueError(
-                "RefSAM in eval mode needs class prompts: set model.embeds_path (cached tokens) or model.references "
-                "(a reference-set dataset)."
-            )
-        self._reference_tokens = tokens
-        return tokens
+        """The tokens of the reference bank (prepared by :meth:`prepare_references` when not yet)."""
+        if self._reference_tokens is None:
+            self.prepare_references()
+        return self._reference_tokens
 
     def class_names(self) -> list[str]:
         """The output label space."""
-        if self._class_names is not None:
-            return self._class_names
-        if self.dataset_name is not None:
-            return list(MetadataCatalog.get(self.dataset_name).thing_classes)
-        return list(self.reference_tokens().class_names)
+        if self.reference_bank is None:
+            raise ValueError("RefSAM has no label space: set model.reference_bank (build_reference_bank).")
+        return list(self.reference_bank.class_names)
 
     def class_prompts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``prompts [K, d_model]`` of the output classes (fused from the averaged tokens) and ``valid [K]``."""
-        tokens, valid = self.reference_tokens().class_tokens(self.class_names(), shots=self.shots)
+        tokens, valid = self.reference_tokens().class_tokens(self.class_names(), shots=self.reference_bank.shots)
         return self.fuser(tokens.to(self.device)), valid.to(self.device)
 
     # ------------------------------------------------------------------ inference
@@ -483,6 +479,9 @@ class RefSAM(nn.Module):
         if self.box_source == "gt":
             return [{"instances": self._gt_box_instances(x, {k: v[i] for k, v in features.items()}, fits[i])}
                     for i, x in enumerate(batched_inputs)]
+        if self._reference_tokens is None:  # a caller without the preparation step (Detectron2's DefaultPredictor)
+            logger.info("RefSAM: preparing the references before the first image (call prepare_references() after "
+                        "loading the weights to do it ahead).")
         prompts, valid = self.class_prompts()
         levels = self._levels(features)
         results = []
@@ -556,3 +555,12 @@ class RefSAM(nn.Module):
         result.pred_classes = labels.long()
         result.pred_masks = masks
         return result
+
+
+def _sam_fingerprint(provenance: Mapping[str, Any]) -> Optional[str]:
+    """The SAM weights fingerprint of a tokens provenance (store files: under ``encoder``; files
+    written before the store: at the top)."""
+    encoder = provenance.get("encoder")
+    if isinstance(encoder, Mapping) and "sam_fingerprint" in encoder:
+        return encoder["sam_fingerprint"]
+    return provenance.get("sam_fingerprint")

@@ -6,27 +6,29 @@ one SAM / SAM 2 encoder forward -> point-grid prompts through the prompt decoder
 forward -> every mask pooled on the patch grid at low resolution -> cosine similarity to class
 prototypes -> per-class NMS and soft merge -> top-K masks upsampled to the original image.
 
-The prototypes come from a reference set (a registered COCO-format dataset) through a
-:class:`~samantics_d2.modeling.semantic.MemoryBank` ("compute_embeds"), built at the first forward
-and saved with its provenance, then reused while the references, encoder and weights are the same.
+The label space and the reference set come resolved, as a
+:class:`~samantics_d2.references.ReferenceBank` built with the config
+(:func:`~samantics_d2.references.build_reference_bank`). The prototypes come from its references through a
+:class:`~samantics_d2.modeling.semantic.MemoryBank` ("compute_embeds"), computed by
+:meth:`TrainingFreeSegmenter.prepare_references` once the weights are loaded (train_net and the tools
+call it before the first image) and stored with their provenance by the references store, then
+reused while the references, encoder and weights are the same.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-from typing import Optional, Sequence, Union
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from ...d2 import META_ARCH_REGISTRY, BitMasks, Boxes, DatasetCatalog, Instances, MetadataCatalog, comm, configurable
-from ...yacs_config import check_yacs_config, dataset_classes, node_kwargs, registered_dataset
+from ...d2 import META_ARCH_REGISTRY, BitMasks, Boxes, Instances, configurable
+from ...references import ReferenceBank
+from ...yacs_config import check_yacs_config, node_kwargs, yacs_reference_bank
 from ..backbone import EncoderBackbone, build_encoder
 from ..proposals import MaskProposals, PointGridProposals, build_prompt_decoder
 from ..semantic import MemoryBank, MemoryBankConfig, PrototypeClassifier, masks_to_original, resample_masks
 from ..weights import module_fingerprint
-from ...utils.io import cache_root
 
 __all__ = ["SamProposer", "TrainingFreeSegmenter", "build_sam_proposer", "module_fingerprint", "sam_proposer_from_config"]
 
@@ -75,10 +77,6 @@ def sam_proposer_from_config(cfg) -> SamProposer:
     )
 
 
-def _default_bank_dir() -> str:
-    return os.path.join(cache_root(), "memory_banks")
-
-
 @META_ARCH_REGISTRY.register()
 class TrainingFreeSegmenter(nn.Module):
     """Segment and label every instance of the reference classes, with no training.
@@ -93,20 +91,15 @@ class TrainingFreeSegmenter(nn.Module):
         proposer: the SAM encoder + point-grid proposals (:func:`build_sam_proposer`).
         semantic_encoder: the encoder of the prototypes and of the target's dense features (DINOv2).
         classifier: cosine matching, per-class NMS, soft merge, top-K.
-        references: name of a registered COCO-format reference dataset (e.g. from
-            ``tools/create_reference_json.py`` or ``coco_2017_train_novel_ref10_seed0``), or a list of
-            dataset dicts (then ``reference_classes`` names their contiguous ids).
-        reference_classes: class names of the reference ids; default: the reference dataset's
-            ``thing_classes``.
-        class_names: the output label space (e.g. the evaluation dataset's ``thing_classes``); each
-            reference class is matched to it by name. Default: the reference classes.
-        dataset_name: alternatively, take ``class_names`` from this registered dataset's metadata.
-        shots: use the first ``shots`` references of every class (None: all); the bank is computed
-            once for all of them.
+        reference_bank: the output label space and the reference set, resolved
+            (:func:`~samantics_d2.references.build_reference_bank`: a registered reference set such
+            as ``coco_2017_train_novel_ref10_seed0``, a COCO json or dataset dicts; the evaluated
+            dataset's classes; ``shots``: the first ``shots`` references of every class, None: all;
+            the bank is computed once for all of them; ``cache_path``: where it is stored, default
+            the store's cache folder). Each reference class is matched to the output classes by name.
         aggregation: ``"mean"``, ``"kmeans"`` or ``"all"`` (:meth:`MemoryBank.prototypes`).
         num_centres: centres per class with ``"kmeans"``.
         memory_bank: how references are cropped and pooled.
-        memory_bank_path: where the bank is saved; default ``$SAMANTICS_CACHE/memory_banks/<name>.safetensors``.
         prompt_mode: ``"points"`` (the point grid) or ``"gt_boxes"`` (prompt SAM with the
             ground-truth boxes: the mask-quality oracle).
     """
@@ -118,59 +111,46 @@ class TrainingFreeSegmenter(nn.Module):
         proposer: SamProposer,
         semantic_encoder: EncoderBackbone,
         classifier: PrototypeClassifier,
-        references: Union[str, Sequence[dict]],
-        reference_classes: Optional[Sequence[str]] = None,
-        class_names: Optional[Sequence[str]] = None,
-        dataset_name: Optional[str] = None,
-        shots: Optional[int] = None,
+        reference_bank: ReferenceBank,
         aggregation: str = "mean",
         num_centres: int = 4,
         memory_bank: Optional[MemoryBankConfig] = None,
-        memory_bank_path: Optional[str] = None,
         prompt_mode: str = "points",
     ):
         super().__init__()
         if prompt_mode not in PROMPT_MODES:
             raise ValueError(f"prompt_mode={prompt_mode!r}; expected one of {PROMPT_MODES}.")
-        if shots is not None and shots < 1:
-            raise ValueError(f"shots={shots}; expected a positive number of references per class, or None for all.")
-        if class_names is not None and dataset_name is not None:
-            raise ValueError("Give class_names or dataset_name, not both.")
         self.proposer = proposer
         self.semantic_encoder = semantic_encoder
         self.classifier = classifier
-        self.references = references
-        self._reference_classes = list(reference_classes) if reference_classes is not None else None
-        self._class_names = list(class_names) if class_names is not None else None
-        self.dataset_name = dataset_name
-        self.shots = shots
         self.aggregation = aggregation
         self.num_centres = num_centres
         self.memory_bank_config = memory_bank if memory_bank is not None else MemoryBankConfig()
-        self.memory_bank_path = memory_bank_path
         self.prompt_mode = prompt_mode
-        self.bank: Optional[MemoryBank] = None
-        self._prototypes: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self.set_reference_bank(reference_bank)
         for p in self.parameters():
             p.requires_grad_(False)
 
     @classmethod
     def from_config(cls, cfg) -> dict:
         """Yacs path (:mod:`samantics_d2.yacs_config`): ``MODEL.SAMANTICS.BACKBONE``, ``.PROPOSALS``,
-        ``.SEMANTIC_ENCODER`` and ``.TRAINING_FREE``; output classes: ``DATASETS.TEST[0]``'s."""
+        ``.SEMANTIC_ENCODER`` and ``.TRAINING_FREE``; the reference set (``REFERENCES``, ``SHOTS``,
+        ``MEMORY_BANK_PATH``) and the output classes (``DATASETS.TEST[0]``'s) are resolved here."""
         check_yacs_config(cfg, cls.__name__)
         opts = cfg.MODEL.SAMANTICS
         options = node_kwargs(opts.TRAINING_FREE)
-        if registered_dataset(options["references"], "MODEL.SAMANTICS.TRAINING_FREE.REFERENCES") is None:
+        if not options["references"]:
             raise ValueError("TrainingFreeSegmenter needs a reference set: set MODEL.SAMANTICS.TRAINING_FREE.REFERENCES "
                              "to a registered reference dataset (e.g. shapes_train_ref5_seed0).")
+        bank = yacs_reference_bank(cfg, "MODEL.SAMANTICS.TRAINING_FREE", references=options.pop("references"),
+                                   shots=options.pop("shots"), cache_path=options.pop("memory_bank_path"))
         return {
             **options,
             "proposer": sam_proposer_from_config(cfg),
             "semantic_encoder": build_encoder(**node_kwargs(opts.SEMANTIC_ENCODER)),
             "classifier": PrototypeClassifier(**node_kwargs(opts.TRAINING_FREE.CLASSIFIER)),
             "memory_bank": MemoryBankConfig(**node_kwargs(opts.TRAINING_FREE.MEMORY_BANK)),
-            "class_names": dataset_classes(cfg, key="thing_classes", splits=["TEST"]),
+            "reference_bank": bank,
         }
 
     @property
@@ -179,69 +159,43 @@ class TrainingFreeSegmenter(nn.Module):
 
     # ------------------------------------------------------------------ references
 
-    def set_references(self, references: Union[str, Sequence[dict]], reference_classes: Optional[Sequence[str]] = None):
-        """Use another reference set (a registered name, or dataset dicts with their class names);
-        the prototypes are recomputed (or loaded from the memory bank file) at the next forward."""
-        self.references = references if isinstance(references, str) else list(references)
-        self._reference_classes = list(reference_classes) if reference_classes is not None else None
-        self.bank, self._prototypes = None, None
-
-    def _reference_dicts(self) -> tuple[list[dict], list[str]]:
-        if isinstance(self.references, str):
-            dicts = DatasetCatalog.get(self.references)
-            classes = self._reference_classes or list(MetadataCatalog.get(self.references).thing_classes)
-            return dicts, classes
-        if self._reference_classes is None:
-            raise ValueError("references given as dataset dicts need reference_classes (their class names).")
-        return list(self.references), self._reference_classes
+    def set_reference_bank(self, reference_bank: ReferenceBank) -> None:
+        """Use another label space / reference set (:func:`~samantics_d2.references.build_reference_bank`);
+        the prototypes are computed again (or loaded from the store) by :meth:`prepare_references`."""
+        self._output_index = reference_bank.output_index(require_all=True)  # checked now, at build time
+        self.reference_bank = reference_bank
+        self.bank: Optional[MemoryBank] = None
+        self._prototypes: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     def class_names(self) -> list[str]:
-        if self._class_names is not None:
-            return self._class_names
-        if self.dataset_name is not None:
-            return list(MetadataCatalog.get(self.dataset_name).thing_classes)
-        return self._reference_dicts()[1]
+        """The output label space."""
+        return list(self.reference_bank.class_names)
 
-    def _bank_path(self, reference_classes: Sequence[str]) -> str:
-        if self.memory_bank_path:
-            return self.memory_bank_path
-        name = self.references if isinstance(self.references, str) else "references-" + hashlib.sha256(
-            repr(sorted(reference_classes)).encode()).hexdigest()[:12]
-        enc = self.semantic_encoder
-        return os.path.join(_default_bank_dir(), f"{name}-{type(enc).__name__}-{enc.variant}-{enc.size}.safetensors")
-
-    def prepare_prototypes(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Build or load the memory bank (rank 0 first, the others then load it) and the prototypes,
-        in the order of :meth:`class_names`; ``[K, M, D]`` and validity ``[K, M]``."""
-        if self._prototypes is not None:
-            return self._prototypes
-        dicts, reference_classes = self._reference_dicts()
-        path = self._bank_path(reference_classes)
-        kwargs = dict(
-            references=dicts,
+    def prepare_references(self) -> None:
+        """Build or load the memory bank of the references with the current encoder weights (the
+        main process first, the others then load it) and the prototypes in the order of
+        :meth:`class_names`. Call it after loading the weights and before the first image."""
+        references = self.reference_bank
+        inputs = dict(
+            references=references.dataset_dicts,
             backbone=self.semantic_encoder,
             config=self.memory_bank_config,
             weights_id=module_fingerprint(self.semantic_encoder),
-            num_classes=len(reference_classes),
+            num_classes=len(references.reference_classes),
+            source=references.source,
+            class_names=references.reference_classes,
         )
-        if comm.is_main_process():
-            self.bank = MemoryBank.load_or_build(path, **kwargs)
-        comm.synchronize()
-        if not comm.is_main_process():
-            self.bank = MemoryBank.load_or_build(path, **kwargs)
+        stored = references.load_or_build(
+            name="memory_bank", provenance=MemoryBank.describe(**inputs),
+            build=lambda: MemoryBank.build(**inputs).to_stored(), what="memory bank",
+        )
+        self.bank = MemoryBank.from_stored(stored)
         prototypes, valid = self.bank.prototypes(
-            shots=self.shots, aggregation=self.aggregation, num_centres=self.num_centres, device=self.device
+            shots=references.shots, aggregation=self.aggregation, num_centres=self.num_centres, device=self.device
         )
         # Reference class i -> output class j by name; output classes without references stay invalid.
         names = self.class_names()
-        index = {name: j for j, name in enumerate(names)}
-        unknown = [name for name in reference_classes if name not in index]
-        if unknown:
-            raise ValueError(
-                f"Reference classes {unknown} are not among the output classes {names}; "
-                "use references of the evaluated classes (or set class_names)."
-            )
-        order = torch.tensor([index[name] for name in reference_classes], device=self.device)
+        order = torch.tensor(self._output_index, device=self.device)
         out = prototypes.new_zeros((len(names), *prototypes.shape[1:]))
         out_valid = valid.new_zeros((len(names), valid.shape[1]))
         out[order], out_valid[order] = prototypes, valid
@@ -250,6 +204,12 @@ class TrainingFreeSegmenter(nn.Module):
             logger.warning("No usable reference for %d of %d classes (never predicted): %s", len(missing), len(names),
                            ", ".join(missing))
         self._prototypes = (out, out_valid)
+
+    def prepare_prototypes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prototypes ``[K, M, D]`` and validity ``[K, M]`` in the order of :meth:`class_names`
+        (prepared by :meth:`prepare_references` when not yet)."""
+        if self._prototypes is None:
+            self.prepare_references()
         return self._prototypes
 
     # ------------------------------------------------------------------ inference
@@ -257,6 +217,9 @@ class TrainingFreeSegmenter(nn.Module):
     def forward(self, batched_inputs: list[dict]) -> list[dict]:
         if self.training:
             raise RuntimeError("TrainingFreeSegmenter has nothing to train: use it in eval mode (--eval-only).")
+        if self._prototypes is None:  # a caller without the preparation step (Detectron2's DefaultPredictor)
+            logger.info("TrainingFreeSegmenter: preparing the references before the first image (call "
+                        "prepare_references() after loading the weights to do it ahead).")
         prototypes, valid = self.prepare_prototypes()
         return [{"instances": self._segment(x, prototypes, valid)} for x in batched_inputs]
 

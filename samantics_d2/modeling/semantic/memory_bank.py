@@ -8,36 +8,29 @@ preprocessing). The instance mask goes to the patch grid by area interpolation (
 the mask-weighted mean of the dense features is the shot's feature. References are processed in
 batches: one encoder forward per batch.
 
-A :class:`MemoryBank` keeps the per-shot features ``[S, D]`` grouped by class in reference-set
-order (``reference_rank`` when the annotations carry it, else their order), so prototypes for the
-first k shots per class come without recomputing (:meth:`MemoryBank.prototypes`). It is saved as
-safetensors (tensors, with the provenance in its header) plus a readable JSON copy of the
-provenance; :meth:`MemoryBank.load_or_build` reuses a saved bank only when its provenance matches.
+A :class:`MemoryBank` keeps the per-shot features ``[S, D]`` in the one reference order of
+:mod:`samantics_d2.references` (category id, then shot rank, then annotation id), so prototypes for
+the first k shots per class come without recomputing (:meth:`MemoryBank.prototypes`). It is stored
+by the references store (safetensors + JSON provenance, :mod:`samantics_d2.references.store`);
+:meth:`MemoryBank.load_or_build` reuses a stored bank only when its provenance matches exactly.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import math
-import numbers
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as safetensors_bytes
 
-from ...d2 import BoxMode, load_coco_json
-from ...utils.io import atomic_path, read_json
-from ...data.io import read_image
-from ...data.mapper import segmentation_to_mask
+from ...d2 import BoxMode
+from ...references.ordering import ReferenceInstance, order_references
+from ...references.store import StoredFeatures, load_features, load_or_build_features, reference_provenance, save_features
 from ..backbone.base import EncoderBackbone
 from ..preprocess import ImageFit, PreprocessSpec, prepare_batch
 from .mask_ops import mask_pooling
@@ -51,7 +44,6 @@ __all__ = [
     "crop_mask_weights",
     "crop_padded",
     "kmeans",
-    "load_reference_json",
     "reference_preprocess",
     "square_context_window",
     "weights_identity",
@@ -108,100 +100,8 @@ def weights_identity(weights: Optional[Union[str, os.PathLike]] = None, *, seed:
     return f"random-init:{seed}"
 
 
-def load_reference_json(json_file: str, image_root: str) -> tuple[list[dict], list[str]]:
-    """Read a COCO-format reference json (bring your own references) as dataset dicts.
-
-    Category ids become contiguous ``0..K-1`` in id order (Detectron2's convention); annotations
-    keep ``"id"`` and ``"reference_rank"`` (when present). No metadata is registered.
-
-    Returns:
-        ``(dataset_dicts, class_names)``; ``K = len(class_names)`` (categories without references
-        included).
-    """
-    content = read_json(json_file, what="a COCO instances json of reference instances")
-    categories = content.get("categories") if isinstance(content, dict) else None
-    if not isinstance(categories, list) or not categories:
-        raise ValueError(f"{json_file!r} has no 'categories' list; a COCO instances json needs one.")
-    ordered = sorted(categories, key=lambda c: c["id"])
-    id_map = {c["id"]: i for i, c in enumerate(ordered)}
-    dicts = load_coco_json(json_file, image_root, extra_annotation_keys=["id", "reference_rank"])
-    for record in dicts:
-        for ann in record["annotations"]:
-            if ann["category_id"] not in id_map:
-                raise ValueError(
-                    f"Annotation {ann.get('id')} in {json_file!r} has category_id {ann['category_id']}, not among "
-                    f"the file's categories {sorted(id_map)}."
-                )
-            ann["category_id"] = id_map[ann["category_id"]]
-    return dicts, [str(c["name"]) for c in ordered]
-
-
 # ------------------------------------------------------------------------------------------------
 # Reference instances
-
-
-@dataclass(frozen=True)
-class _Reference:
-    file_name: str
-    height: int
-    width: int
-    annotation: dict
-    class_id: int
-    annotation_id: Union[int, str]
-
-
-def _reference_list(references: Sequence[dict], num_classes: int) -> tuple[list[_Reference], list[int]]:
-    """The non-crowd reference instances in dataset order, and the permutation to bank order
-    (by class, then ``reference_rank``, then dataset order)."""
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"MemoryBank got num_classes={num_classes!r}; expected an int >= 1.")
-    items: list[_Reference] = []
-    keys: list[tuple[int, float, int]] = []
-    crowd = 0
-    for record in references:
-        for index, ann in enumerate(record.get("annotations", [])):
-            if ann.get("iscrowd", 0):
-                crowd += 1
-                continue
-            class_id = ann.get("category_id")
-            if isinstance(class_id, bool) or not isinstance(class_id, numbers.Integral) or not 0 <= class_id < num_classes:
-                raise ValueError(
-                    f"Reference annotation {ann.get('id', index)} of {record.get('file_name')!r} has category_id "
-                    f"{class_id!r}; expected a contiguous id in [0, {num_classes}). Load COCO jsons with "
-                    "load_reference_json or load_coco_json(..., dataset_name)."
-                )
-            class_id = int(class_id)
-            annotation_id = ann["id"] if "id" in ann else f"{record.get('image_id', record['file_name'])}:{index}"
-            height, width = int(record["height"]), int(record["width"])
-            items.append(_Reference(record["file_name"], height, width, ann, class_id, annotation_id))
-            keys.append((class_id, float(ann.get("reference_rank", 0)), len(keys)))
-    if crowd:
-        logger.info("Memory bank: skipped %d crowd annotation(s) among the references.", crowd)
-    order = sorted(range(len(items)), key=lambda i: keys[i])
-    return items, order
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, bytes):
-        return obj.decode("ascii")
-    if isinstance(obj, (np.integer, np.floating)):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    raise TypeError(f"Cannot describe a {type(obj).__name__} in a memory bank provenance.")
-
-
-def _references_digest(items: Sequence[_Reference]) -> str:
-    """SHA-256 over what defines each reference (image, size, class, box, segmentation)."""
-    digest = hashlib.sha256()
-    for r in items:
-        ann = r.annotation
-        key = [
-            r.file_name, r.height, r.width, r.class_id,
-            ann.get("bbox"), int(ann.get("bbox_mode", BoxMode.XYWH_ABS)), ann.get("segmentation"),
-        ]
-        digest.update(json.dumps(key, default=_json_default).encode("utf-8") + b"\n")
-    return digest.hexdigest()
 
 
 def _xywh_box(ann: dict, mask: np.ndarray) -> tuple[float, float, float, float]:
@@ -266,12 +166,6 @@ def _backbone_description(backbone: EncoderBackbone) -> dict[str, Any]:
         "dense_feature": backbone.dense_feature,
         "channels": backbone.output_shape()[backbone.dense_feature].channels,
     }
-
-
-def _code_version() -> str:
-    import samantics_d2  # the package's __init__ has finished when a bank is built
-
-    return f"samantics_d2-{getattr(samantics_d2, '__version__', 'unknown')}/memory_bank-{MEMORY_BANK_FORMAT}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -439,28 +333,15 @@ class MemoryBank:
         config: MemoryBankConfig,
         weights_id: str,
         num_classes: int,
+        source: str = "<dataset dicts>",
+        class_names: Optional[Sequence[str]] = None,
     ) -> dict[str, Any]:
-        """The provenance a bank built from these inputs has (computes no feature)."""
-        items, order = _reference_list(references, num_classes)
-        items = [items[i] for i in order]
-        spec = reference_preprocess(backbone, config)
-        provenance = {
-            "format_version": MEMORY_BANK_FORMAT,
-            "code_version": _code_version(),
-            "num_classes": num_classes,
-            "references": {
-                "count": len(items),
-                "annotation_ids": [r.annotation_id for r in items],
-                "file_names": [r.file_name for r in items],
-                "class_ids": [r.class_id for r in items],
-                "sha256": _references_digest(items),
-            },
-            "backbone": _backbone_description(backbone),
-            "weights": weights_id,
-            "preprocess": dataclasses.asdict(spec),
-            "config": config.describe(),
-        }
-        return json.loads(json.dumps(provenance, default=_json_default))  # as it reads back from a file
+        """The provenance a bank built from these inputs has (computes no feature; keys:
+        :mod:`samantics_d2.references.store`)."""
+        return _provenance(
+            order_references(references, num_classes, class_names=class_names), backbone=backbone, config=config,
+            weights_id=weights_id, num_classes=num_classes, source=source, class_names=class_names,
+        )
 
     @classmethod
     def build(
@@ -471,29 +352,33 @@ class MemoryBank:
         config: MemoryBankConfig,
         weights_id: str,
         num_classes: int,
+        source: str = "<dataset dicts>",
+        class_names: Optional[Sequence[str]] = None,
     ) -> "MemoryBank":
         """Compute the per-shot features of every reference instance.
 
         Args:
             references: Detectron2 dataset dicts (``file_name``, ``height``, ``width``,
                 ``annotations`` with ``segmentation``, ``bbox``/``bbox_mode``, contiguous
-                ``category_id``; ``id`` and ``reference_rank`` used when present), e.g.
-                ``DatasetCatalog.get(reference_set_name)`` or :func:`load_reference_json`.
+                ``category_id``; ``id`` and ``reference_rank`` used when present), e.g. a
+                :class:`~samantics_d2.references.ReferenceBank`'s ``dataset_dicts``.
             backbone: the semantic encoder (its ``dense_feature`` is pooled).
             config: crop mode and batching.
             weights_id: identity of the encoder weights (:func:`weights_identity`).
             num_classes: ``K``, the number of contiguous class ids.
+            source, class_names: the reference set's name and class names (provenance only).
         """
-        provenance = cls.describe(
-            references=references, backbone=backbone, config=config, weights_id=weights_id, num_classes=num_classes
-        )
-        items, order = _reference_list(references, num_classes)
+        items = order_references(references, num_classes, class_names=class_names)
+        provenance = _provenance(items, backbone=backbone, config=config, weights_id=weights_id,
+                                 num_classes=num_classes, source=source, class_names=class_names)
         start = time.perf_counter()
         was_training = backbone.training
         backbone.eval()
         try:
             with torch.inference_mode():
-                features = _shot_features(items, backbone, config)
+                # Encoded in dataset order (consecutive shots of one image share its read), stored in bank order.
+                by_index = sorted(range(len(items)), key=lambda i: items[i].index)
+                features = _shot_features([items[i] for i in by_index], backbone, config)
         finally:
             backbone.train(was_training)
         if features is None:
@@ -501,9 +386,9 @@ class MemoryBank:
             valid = torch.zeros(0, dtype=torch.bool)
         else:
             features, valid = features
-        order_t = torch.as_tensor(order, dtype=torch.long)
-        features, valid = features[order_t], valid[order_t]
-        items = [items[i] for i in order]
+            position = torch.empty(len(items), dtype=torch.long)
+            position[torch.as_tensor(by_index, dtype=torch.long)] = torch.arange(len(items))
+            features, valid = features[position], valid[position]
         invalid = [items[i].annotation_id for i in torch.nonzero(~valid).squeeze(1).tolist()]
         if invalid:
             logger.warning(
@@ -525,97 +410,74 @@ class MemoryBank:
         )
         return bank
 
-    # ------------------------------------------------------------------ files
+    # ------------------------------------------------------------------ files (the references store)
+
+    def to_stored(self) -> StoredFeatures:
+        """The bank as the references store holds it."""
+        return StoredFeatures(
+            tensors={"features": self.features, "class_ids": self.class_ids, "valid": self.valid},
+            provenance=self.provenance,
+            records=[{"annotation_id": a} for a in self.annotation_ids],
+        )
+
+    @classmethod
+    def from_stored(cls, stored: StoredFeatures) -> "MemoryBank":
+        """The bank of a store file (:meth:`to_stored`)."""
+        try:
+            tensors = stored.tensors
+            return cls(
+                features=tensors["features"],
+                class_ids=tensors["class_ids"],
+                valid=tensors["valid"],
+                num_classes=int(stored.provenance["reference_set"]["num_classes"]),
+                annotation_ids=[record["annotation_id"] for record in stored.records],
+                provenance=stored.provenance,
+            )
+        except (KeyError, TypeError) as e:
+            raise ValueError(
+                f"the stored features are not a memory bank (no {e}); kind {stored.provenance.get('kind')!r}."
+            ) from e
 
     def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write ``path`` (safetensors; the provenance in its header) and ``path.with_suffix(".json")``
-        (the provenance, readable), each atomically."""
-        path = Path(path)
-        sidecar = _sidecar(path)
-        provenance_text = json.dumps(self.provenance, sort_keys=True)
-        tensors = {"features": self.features, "class_ids": self.class_ids, "valid": self.valid}
-        data = safetensors_bytes(
-            {name: t.detach().cpu().contiguous() for name, t in tensors.items()},
-            metadata={"provenance": provenance_text, "annotation_ids": json.dumps(self.annotation_ids)},
-        )
-        with atomic_path(str(path)) as tmp:
-            with open(tmp, "wb") as f:
-                f.write(data)
-        with atomic_path(str(sidecar)) as tmp:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(json.dumps(self.provenance, indent=1, sort_keys=True) + "\n")
+        """Write ``path`` (safetensors) and its ``.json`` provenance sidecar, atomically."""
+        save_features(path, self.to_stored())
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "MemoryBank":
         """Read a bank written by :meth:`save` (tensors on the CPU)."""
-        path = Path(path)
         try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-            provenance = json.loads(metadata["provenance"])
-            annotation_ids = json.loads(metadata["annotation_ids"])
-            features, class_ids, valid = tensors["features"], tensors["class_ids"], tensors["valid"]
-            num_classes = int(provenance["num_classes"])
-        except (SafetensorError, KeyError, TypeError, ValueError) as e:  # not our file, or cut short
-            raise ValueError(
-                f"{str(path)!r} is not a memory bank written by MemoryBank.save ({type(e).__name__}: {e}). "
-                "Delete it to rebuild the bank."
-            ) from e
-        return cls(
-            features=features,
-            class_ids=class_ids,
-            valid=valid,
-            num_classes=num_classes,
-            annotation_ids=annotation_ids,
-            provenance=provenance,
-        )
+            return cls.from_stored(load_features(path))
+        except ValueError as e:
+            raise ValueError(f"{str(path)!r} is not a memory bank written by MemoryBank.save: {e}") from e
 
     @classmethod
-    def load_or_build(
-        cls,
-        path: Union[str, os.PathLike],
-        *,
-        references: Sequence[dict],
-        backbone: EncoderBackbone,
-        config: MemoryBankConfig,
-        weights_id: str,
-        num_classes: int,
-    ) -> "MemoryBank":
-        """The bank saved at ``path`` when its provenance equals these inputs'; otherwise build it
-        (logging what changed) and save it there."""
-        path = Path(path)
-        expected = cls.describe(
-            references=references, backbone=backbone, config=config, weights_id=weights_id, num_classes=num_classes
+    def load_or_build(cls, path: Union[str, os.PathLike], **inputs: Any) -> "MemoryBank":
+        """The bank stored at ``path`` when its provenance equals that of ``inputs`` (the keyword
+        arguments of :meth:`build`); otherwise build it (logging what changed) and store it there."""
+        stored = load_or_build_features(
+            path, provenance=cls.describe(**inputs), build=lambda: cls.build(**inputs).to_stored(), what="memory bank"
         )
-        if path.exists():
-            try:
-                bank = cls.load(path)
-            except ValueError as e:
-                logger.warning("Rebuilding memory bank %s: %s", path, e)
-            else:
-                if bank.provenance == expected:
-                    logger.info("Loaded memory bank %s (%d references).", path, len(bank))
-                    return bank
-                keys = set(expected) | set(bank.provenance)
-                changed = sorted(k for k in keys if expected.get(k) != bank.provenance.get(k))
-                logger.info("Rebuilding memory bank %s: changed %s.", path, ", ".join(changed))
-        else:
-            logger.info("No memory bank at %s yet: building it.", path)
-        bank = cls.build(
-            references=references, backbone=backbone, config=config, weights_id=weights_id, num_classes=num_classes
-        )
-        bank.save(path)
-        return bank
+        return cls.from_stored(stored)
 
 
-def _sidecar(path: Path) -> Path:
-    if path.suffix == ".json":
-        raise ValueError(
-            f"Memory bank path {str(path)!r} ends in .json; use a .safetensors name (the .json beside it holds the "
-            "provenance)."
-        )
-    return path.with_suffix(".json")
+def _provenance(
+    items: Sequence[ReferenceInstance],
+    *,
+    backbone: EncoderBackbone,
+    config: MemoryBankConfig,
+    weights_id: str,
+    num_classes: int,
+    source: str,
+    class_names: Optional[Sequence[str]],
+) -> dict[str, Any]:
+    encoder = {**_backbone_description(backbone), "weights": weights_id}
+    options = {
+        "format_version": MEMORY_BANK_FORMAT,
+        "preprocess": dataclasses.asdict(reference_preprocess(backbone, config)),
+        **config.describe(),
+    }
+    return reference_provenance(kind="memory_bank", source=source, num_classes=num_classes, class_names=class_names,
+                                items=items, encoder=encoder, options=options)
 
 
 def reference_preprocess(backbone: EncoderBackbone, config: MemoryBankConfig) -> PreprocessSpec:
@@ -625,7 +487,7 @@ def reference_preprocess(backbone: EncoderBackbone, config: MemoryBankConfig) ->
 
 
 def _shot_features(
-    items: Sequence[_Reference], backbone: EncoderBackbone, config: MemoryBankConfig
+    items: Sequence[ReferenceInstance], backbone: EncoderBackbone, config: MemoryBankConfig
 ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """``([S, D] float32 CPU features, [S] bool valid)`` in ``items`` order; None without items."""
     if not items:
@@ -646,15 +508,9 @@ def _shot_features(
         windows: list[Optional[tuple[int, int, int, int]]] = []
         for r in batch:
             if cached[0] != r.file_name:
-                image = read_image(r.file_name, format="RGB")
-                if image.shape[:2] != (r.height, r.width):
-                    raise ValueError(
-                        f"Reference image {r.file_name!r} is {image.shape[0]}x{image.shape[1]} but its dataset dict "
-                        f"says {r.height}x{r.width}; fix the annotation file."
-                    )
-                cached = (r.file_name, image)
+                cached = (r.file_name, r.read_image())
             image = cached[1]
-            mask = segmentation_to_mask(r.annotation.get("segmentation", []), r.height, r.width)
+            mask = r.mask()
             masks.append(mask)
             if config.crop == "square_context":
                 window = square_context_window(_xywh_box(r.annotation, mask), config.context)
