@@ -10,36 +10,30 @@ for a batch of box prompts, each on its own image embedding.
 
 :func:`encode_references` does it for every instance of a reference set (one encoder forward per
 batch of reference images) and returns :class:`ReferenceTokens`: the tokens of every reference
-with its class, its shot rank and where it came from. :meth:`ReferenceTokens.save` writes them as
-safetensors (tensors; the metadata as JSON in its header) plus a readable JSON copy of the
-metadata, atomically; no pickles. :meth:`ReferenceTokens.class_tokens` averages the first ``n``
-shots of each class (any ``n`` up to the cached count), which the token fuser turns into class
-prompts.
+with its class, its shot rank and where it came from, in the one reference order of
+:mod:`samantics_d2.references` (category, shot rank, annotation id). They are stored by the
+references store (:mod:`samantics_d2.references.store`: safetensors + JSON provenance, atomic; no
+pickles). :meth:`ReferenceTokens.class_tokens` averages the first ``n`` shots of each class (any
+``n`` up to the cached count), which the token fuser turns into class prompts.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as safetensors_bytes
 
-from ...d2 import BoxMode
-from ...data.io import read_image
-from ...utils.io import atomic_path
+from ...references.ordering import order_references
+from ...references.store import StoredFeatures, load_features, save_features
 
-__all__ = ["REFERENCE_TOKENS_FORMAT", "ReferenceTokens", "encode_references", "mask_token_outputs", "num_mask_tokens"]
+__all__ = ["ReferenceTokens", "encode_references", "mask_token_outputs", "num_mask_tokens"]
 
 logger = logging.getLogger(__name__)
 
-REFERENCE_TOKENS_FORMAT = 1
 _FAMILIES = ("sam", "hq_sam")
 
 
@@ -184,103 +178,57 @@ class ReferenceTokens:
                            ", ".join(missing))
         return out, valid
 
-    # ------------------------------------------------------------------ files
+    # ------------------------------------------------------------------ files (the references store)
+
+    def to_stored(self) -> StoredFeatures:
+        """The tokens as the references store holds them."""
+        return StoredFeatures(
+            tensors={
+                "tokens": self.tokens.detach().float().cpu(),
+                "labels": self.labels.detach().long().cpu(),
+                "ranks": self.ranks.detach().long().cpu(),
+            },
+            provenance={"kind": "reference_tokens", **self.provenance},
+            class_names=list(self.class_names),
+            records=self.references,
+        )
+
+    @classmethod
+    def from_stored(cls, stored: StoredFeatures) -> "ReferenceTokens":
+        """The tokens of a store file (:meth:`to_stored`)."""
+        try:
+            return cls(
+                tokens=stored.tensors["tokens"],
+                labels=stored.tensors["labels"],
+                ranks=stored.tensors["ranks"],
+                class_names=list(stored.class_names),
+                references=list(stored.records),
+                provenance=dict(stored.provenance),
+            )
+        except (KeyError, TypeError) as e:
+            raise ValueError(
+                f"the stored features are not reference tokens (no {e}); kind {stored.provenance.get('kind')!r}."
+            ) from e
 
     def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write ``path`` (safetensors, the metadata as JSON in its header) and ``path`` with a
-        ``.json`` suffix (the same metadata, readable), each atomically."""
-        path = Path(path)
-        if path.suffix == ".json":
-            raise ValueError(f"Reference tokens path {str(path)!r} ends in .json; use a .safetensors name.")
-        metadata = {
-            "format": REFERENCE_TOKENS_FORMAT,
-            "class_names": list(self.class_names),
-            "references": self.references,
-            "provenance": self.provenance,
-        }
-        data = safetensors_bytes(
-            {
-                "tokens": self.tokens.detach().float().cpu().contiguous(),
-                "labels": self.labels.detach().long().cpu().contiguous(),
-                "ranks": self.ranks.detach().long().cpu().contiguous(),
-            },
-            metadata={"samantics_d2.reference_tokens": json.dumps(metadata, sort_keys=True)},
-        )
-        with atomic_path(str(path)) as tmp:
-            with open(tmp, "wb") as f:
-                f.write(data)
-        with atomic_path(str(path.with_suffix(".json"))) as tmp:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(json.dumps(metadata, indent=1, sort_keys=True) + "\n")
+        """Write ``path`` (safetensors) and its ``.json`` metadata sidecar, each atomically."""
+        save_features(path, self.to_stored())
         logger.info("Saved the tokens of %d reference(s) to %s.", len(self), path)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "ReferenceTokens":
         """Read a file written by :meth:`save` (tensors on the CPU)."""
-        path = Path(path)
-        if not path.is_file():
+        try:
+            return cls.from_stored(load_features(path))
+        except FileNotFoundError:
             raise FileNotFoundError(
                 f"No reference tokens at {str(path)!r}; compute them with `tools/ref_sam_embeds.py compute`."
-            )
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                header = (f.metadata() or {})["samantics_d2.reference_tokens"]
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-            metadata = json.loads(header)
-            if metadata.get("format") != REFERENCE_TOKENS_FORMAT:
-                raise ValueError(f"format {metadata.get('format')!r}, expected {REFERENCE_TOKENS_FORMAT}")
-            return cls(
-                tokens=tensors["tokens"],
-                labels=tensors["labels"],
-                ranks=tensors["ranks"],
-                class_names=list(metadata["class_names"]),
-                references=list(metadata["references"]),
-                provenance=dict(metadata["provenance"]),
-            )
-        except (SafetensorError, KeyError, TypeError, ValueError) as e:
+            ) from None
+        except ValueError as e:
             raise ValueError(
-                f"{str(path)!r} is not a reference-tokens file written by ReferenceTokens.save ({type(e).__name__}: "
-                f"{e}); compute it again with `tools/ref_sam_embeds.py compute`."
+                f"{str(path)!r} is not a reference-tokens file written by ReferenceTokens.save ({e}); compute it "
+                "again with `tools/ref_sam_embeds.py compute`."
             ) from e
-
-
-def _reference_items(dataset_dicts: Sequence[dict], class_names: Sequence[str]) -> list[dict]:
-    """One record per non-crowd annotation, sorted by (class, rank, annotation id)."""
-    items = []
-    order_in_class: dict[int, int] = {}
-    for record in dataset_dicts:
-        for ann in record.get("annotations", []):
-            if ann.get("iscrowd", 0):
-                continue
-            label = int(ann["category_id"])
-            if not 0 <= label < len(class_names):
-                raise ValueError(
-                    f"Reference annotation {ann.get('id')!r} of {record.get('file_name')!r} has category_id {label}; "
-                    f"expected a contiguous id below {len(class_names)} (the reference classes {list(class_names)})."
-                )
-            appearance = order_in_class.get(label, 0)
-            order_in_class[label] = appearance + 1
-            box = BoxMode.convert(list(ann["bbox"]), ann["bbox_mode"], BoxMode.XYXY_ABS)
-            items.append({
-                "file_name": record["file_name"],
-                "image_id": record.get("image_id"),
-                "annotation_id": ann.get("id"),
-                "label": label,
-                "class_name": class_names[label],
-                "rank": int(ann.get("reference_rank", appearance)),
-                "bbox": [float(v) for v in box],
-            })
-    items.sort(key=lambda r: (r["label"], r["rank"], str(r["annotation_id"])))
-    ranks: dict[int, list[int]] = {}
-    for item in items:
-        ranks.setdefault(item["label"], []).append(item["rank"])
-    for label, values in ranks.items():
-        if len(set(values)) != len(values):
-            raise ValueError(
-                f"Class {class_names[label]!r} has references with the same rank ({sorted(values)}); "
-                "a reference set gives each shot of a class its own 'reference_rank'."
-            )
-    return items
 
 
 @torch.no_grad()
@@ -309,17 +257,18 @@ def encode_references(
     """
     if batch_size < 1:
         raise ValueError(f"encode_references: batch_size={batch_size} must be >= 1.")
-    items = _reference_items(dataset_dicts, class_names)
-    files = list(dict.fromkeys(item["file_name"] for item in items))
+    items = order_references(dataset_dicts, len(class_names), class_names=class_names)
+    files = list(dict.fromkeys(item.file_name for item in items))
+    reader = {item.file_name: item for item in items}
     start = time.perf_counter()
     tokens_of_file: dict[str, torch.Tensor] = {}
     for b in range(math.ceil(len(files) / batch_size)):
         batch_files = files[b * batch_size : (b + 1) * batch_size]
-        x, fits = backbone.prepare_with_fits([read_image(name, format="RGB") for name in batch_files])
+        x, fits = backbone.prepare_with_fits([reader[name].read_image() for name in batch_files])
         embeddings = backbone(x)["neck"]
         embedding_list, box_list, owners = [], [], []
         for i, (name, fit) in enumerate(zip(batch_files, fits)):
-            boxes = torch.tensor([item["bbox"] for item in items if item["file_name"] == name], dtype=torch.float32)
+            boxes = torch.tensor([item.box_xyxy() for item in items if item.file_name == name], dtype=torch.float32)
             box_list.append(fit.boxes_to_input(boxes))
             embedding_list.append(embeddings[i : i + 1].expand(len(boxes), -1, -1, -1))
             owners.extend([name] * len(boxes))
@@ -331,9 +280,9 @@ def encode_references(
     position: dict[str, int] = {}
     rows = []
     for item in items:
-        j = position.get(item["file_name"], 0)
-        position[item["file_name"]] = j + 1
-        rows.append(tokens_of_file[item["file_name"]][j])
+        j = position.get(item.file_name, 0)
+        position[item.file_name] = j + 1
+        rows.append(tokens_of_file[item.file_name][j])
     num_tokens = num_mask_tokens(decoder)
     tokens = torch.stack(rows) if rows else torch.zeros((0, num_tokens, decoder.embed_dim))
     logger.info(
@@ -341,9 +290,13 @@ def encode_references(
     )
     return ReferenceTokens(
         tokens=tokens,
-        labels=torch.tensor([item["label"] for item in items], dtype=torch.int64),
-        ranks=torch.tensor([item["rank"] for item in items], dtype=torch.int64),
+        labels=torch.tensor([item.class_id for item in items], dtype=torch.int64),
+        ranks=torch.tensor([item.shot_rank for item in items], dtype=torch.int64),
         class_names=list(class_names),
-        references=[{k: v for k, v in item.items() if k != "label"} for item in items],
+        references=[
+            {"file_name": item.file_name, "image_id": item.image_id, "annotation_id": item.annotation_id,
+             "class_name": class_names[item.class_id], "rank": item.shot_rank, "bbox": item.box_xyxy()}
+            for item in items
+        ],
         provenance={"num_tokens": num_tokens, **dict(provenance or {})},
     )
