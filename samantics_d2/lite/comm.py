@@ -19,7 +19,6 @@ __all__ = [
     "get_rank",
     "get_world_size",
     "is_main_process",
-    "reduce_dict",
     "shared_random_seed",
     "synchronize",
 ]
@@ -103,15 +102,3 @@ def shared_random_seed() -> int:
     return int(all_gather(ints)[0])
 
 
-def reduce_dict(input_dict: dict[str, torch.Tensor], average: bool = True) -> dict[str, torch.Tensor]:
-    """Reduce scalar tensors to rank 0 (averaged by default); other ranks get their own inputs back."""
-    world_size = get_world_size()
-    if world_size < 2:
-        return input_dict
-    with torch.no_grad():
-        names = sorted(input_dict.keys())
-        values = torch.stack([input_dict[k] for k in names], dim=0)
-        dist.reduce(values, dst=0)
-        if dist.get_rank() == 0 and average:
-            values /= world_size
-        return dict(zip(names, values))
