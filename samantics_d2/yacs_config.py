@@ -33,9 +33,10 @@ the constructors' docstrings document the keys.
         references store's cache), with CLASSIFIER (``PrototypeClassifier``) and MEMORY_BANK
         (``MemoryBankConfig``).
     REF_SAM: ``RefSAM`` options, its references (REFERENCES or EMBEDS_PATH, SHOTS) and D_MODEL, with
-        FUSER, NECK, TRANSFORMER, HEAD, MATCHER and LOSS (``TokenFuser``, ``MultiLevelNeck``, ``DeformableTransformer``, ``RefDETRHead``,
-        ``HungarianMatcher``, ``SetCriterion``); the sizes that must agree with the SAM (tokens,
-        widths, levels) are taken from the built SAM (``ref_sam_heads``).
+        FUSER, NECK, TRANSFORMER, HEAD, MATCHER and LOSS (``TokenFuser``, ``MultiLevelNeck``,
+        ``DeformableTransformer``, ``RefDETRHead``, ``HungarianMatcher``, ``SetCriterion``); the sizes
+        that must agree with the SAM (tokens, widths, levels) are taken from the built SAM
+        (``ref_sam_heads``).
     LINEAR_PROBE: ``LinearProbe`` options. SAM_TRAINER: ``PromptableSamTrainer`` options.
     TINY_SEGMENTER: ``TinySegmenter`` options (pixel statistics: ``MODEL.PIXEL_MEAN/STD``).
 

@@ -326,22 +326,12 @@ class MemoryBank:
     # ------------------------------------------------------------------ building
 
     @staticmethod
-    def describe(
-        *,
-        references: Sequence[dict],
-        backbone: EncoderBackbone,
-        config: MemoryBankConfig,
-        weights_id: str,
-        num_classes: int,
-        source: str = "<dataset dicts>",
-        class_names: Optional[Sequence[str]] = None,
-    ) -> dict[str, Any]:
-        """The provenance a bank built from these inputs has (computes no feature; keys:
-        :mod:`samantics_d2.references.store`)."""
-        return _provenance(
-            order_references(references, num_classes, class_names=class_names), backbone=backbone, config=config,
-            weights_id=weights_id, num_classes=num_classes, source=source, class_names=class_names,
-        )
+    def describe(**inputs: Any) -> dict[str, Any]:
+        """The provenance a bank built from ``inputs`` (the keyword arguments of :meth:`build`) has;
+        computes no feature (keys: :mod:`samantics_d2.references.store`)."""
+        references, num_classes = inputs.pop("references"), inputs["num_classes"]
+        items = order_references(references, num_classes, class_names=inputs.get("class_names"))
+        return _provenance(items, **inputs)
 
     @classmethod
     def build(
@@ -460,16 +450,10 @@ class MemoryBank:
         return cls.from_stored(stored)
 
 
-def _provenance(
-    items: Sequence[ReferenceInstance],
-    *,
-    backbone: EncoderBackbone,
-    config: MemoryBankConfig,
-    weights_id: str,
-    num_classes: int,
-    source: str,
-    class_names: Optional[Sequence[str]],
-) -> dict[str, Any]:
+def _provenance(items: Sequence[ReferenceInstance], *, backbone: EncoderBackbone, config: MemoryBankConfig,
+                weights_id: str, num_classes: int, source: str = "<dataset dicts>",
+                class_names: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """The provenance of a bank of ``items`` (the arguments of :meth:`MemoryBank.build`)."""
     encoder = {**_backbone_description(backbone), "weights": weights_id}
     options = {
         "format_version": MEMORY_BANK_FORMAT,
