@@ -114,8 +114,8 @@ def test_build_reference_bank_resolves_sets_jsons_and_label_spaces(tmp_path):
         bank.output_index(require_all=True)
     assert len(bank.instances()) == 40 and bank.replace(shots=1).shots == 1
 
-    json_file = MetadataCatalog.get("shapes_train_ref5_seed0").json_file
-    from_json = build_reference_bank(references=json_file, image_root=MetadataCatalog.get("shapes_train_ref5_seed0").image_root)
+    metadata = MetadataCatalog.get("shapes_train_ref5_seed0")
+    from_json = build_reference_bank(references=metadata.json_file, image_root=metadata.image_root)
     assert from_json.reference_classes == bank.reference_classes and from_json.class_names == bank.reference_classes
     assert [r.annotation_id for r in from_json.instances()] == [r.annotation_id for r in bank.instances()]
 

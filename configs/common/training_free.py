@@ -3,7 +3,8 @@
 # The label space (the test set's classes) and the reference set are resolved when the config is
 # built (build_reference_bank). The first run computes the memory bank of the references (stored
 # under $SAMANTICS_CACHE/references/memory_bank with its provenance: docs/references.md); later runs
-# reuse it while the references, encoder and weights are unchanged. Defaults: the "No Time to Train" recipe (DESIGN.md).
+# reuse it while the references, encoder and weights are unchanged.
+# Defaults: the "No Time to Train" recipe (DESIGN.md).
 from samantics_d2.d2 import LazyCall as L
 from samantics_d2.modeling.backbone import build_encoder
 from samantics_d2.modeling.meta_arch import TrainingFreeSegmenter, build_sam_proposer

@@ -73,7 +73,8 @@ class ReferenceBank:
     cache_path: Optional[str] = None
 
     def __post_init__(self) -> None:
-        if self.shots is not None and (isinstance(self.shots, bool) or not isinstance(self.shots, int) or self.shots < 1):
+        shots = self.shots
+        if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 1):
             raise ValueError(f"ReferenceBank got shots={self.shots!r}; expected a positive int, or None for all.")
         if not self.class_names:
             raise ValueError("ReferenceBank got an empty label space (class_names); expected at least one class.")

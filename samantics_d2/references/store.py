@@ -134,7 +134,8 @@ def default_store_path(provenance: dict[str, Any], *, name: str) -> str:
     """``cache_root()/references/<kind>/<name>-<hash of provenance>.safetensors``."""
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "references"
     kind = provenance.get("kind", "features")
-    return os.path.join(cache_root(), "references", kind, f"{safe[:80]}-{_provenance_hash(provenance)[:16]}.safetensors")
+    name = f"{safe[:80]}-{_provenance_hash(provenance)[:16]}.safetensors"
+    return os.path.join(cache_root(), "references", kind, name)
 
 
 def _sidecar(path: Path) -> Path:

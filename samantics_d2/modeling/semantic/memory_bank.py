@@ -30,7 +30,13 @@ import torch.nn.functional as F
 
 from ...d2 import BoxMode
 from ...references.ordering import ReferenceInstance, order_references
-from ...references.store import StoredFeatures, load_features, load_or_build_features, reference_provenance, save_features
+from ...references.store import (
+    StoredFeatures,
+    load_features,
+    load_or_build_features,
+    reference_provenance,
+    save_features,
+)
 from ..backbone.base import EncoderBackbone
 from ..preprocess import ImageFit, PreprocessSpec, prepare_batch
 from .mask_ops import mask_pooling
