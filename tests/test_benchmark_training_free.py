@@ -27,18 +27,17 @@ def tool():
     return module
 
 
-def _segmenter(tool, tmp_path, *, points_per_side=4, pred_iou_thresh=None):
-    torch.manual_seed(0)
-    return tool.build_training_free_segmenter(
-        size="tiny",
-        references="shapes_train_ref5_seed0",
-        dataset_name="shapes_val",
-        points_per_side=points_per_side,
-        points_per_batch=8,
-        pred_iou_thresh=pred_iou_thresh,
-        shots=5,
-        memory_bank_path=str(tmp_path / "bank.safetensors"),
-    )
+TINY = str(ROOT / "configs" / "training_free" / "shapes_tiny_random.py")
+
+
+def _segmenter(tool, tmp_path, *, points_per_side=4, pred_iou_thresh=None, overrides=()):
+    """The tiny random segmenter of the config the CLI benchmarks, built by the tool's own path."""
+    cfg = tool.load_config(TINY, [
+        f"model.proposer.points_per_side={points_per_side}", "model.proposer.points_per_batch=8",
+        f"model.proposer.pred_iou_thresh={'null' if pred_iou_thresh is None else pred_iou_thresh}",
+        f"model.reference_bank.cache_path={tmp_path / 'bank.safetensors'}", "train.device=cpu", *overrides,
+    ])
+    return tool.build_segmenter(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -46,42 +45,65 @@ def image_input():
     return DetectionMapper(is_train=False, augmentations=[])(DatasetCatalog.get("shapes_val")[0])
 
 
-def test_cli_prints_both_rows_and_writes_its_section(tool, tmp_path, capsys):
+def _table_rows(printed: str) -> list[list[str]]:
+    rows = [line for line in printed.splitlines() if line.startswith("| ours") or line.startswith("| naive")]
+    assert len(rows) == 2, printed
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
+
+
+def test_cli_with_config_file_prints_both_rows_and_writes_its_section(tool, tmp_path, capsys):
+    """--config-file + overrides, 2 images: both rows, the settings the config and overrides gave, the
+    doc section named after the config, written once even when run twice."""
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# Benchmarks\n\nintro\n")
     argv = [
-        "training_free", "--images", "2", "--points-per-side", "2", "--pred-iou-thresh", "none", "--warmup", "0",
-        "--runs", "1", "--output-dir", str(tmp_path / "out"), "--markdown", str(doc),
+        "training_free", "--config-file", TINY, "--images", "2", "--warmup", "0", "--runs", "1",
+        "--output-dir", str(tmp_path / "out"), "--markdown", str(doc),
+        "model.proposer.points_per_side=2", "model.proposer.pred_iou_thresh=null", "train.device=cpu",
+        f"model.reference_bank.cache_path={tmp_path / 'bank.safetensors'}",
     ]
     assert tool.main(argv) == 0
     printed = capsys.readouterr().out
-    rows = [line for line in printed.splitlines() if line.startswith("| ours") or line.startswith("| naive")]
-    assert len(rows) == 2, printed
-    ours, naive = ([cell.strip() for cell in row.strip("|").split("|")] for row in rows)
+    ours, naive = _table_rows(printed)
     assert float(ours[1]) > 0 and float(naive[1]) > 0  # images/s
+    assert float(ours[3]) > 0 and float(naive[3]) > 0  # peak memory
+    assert 0 <= float(ours[4]) <= 100 and 0 <= float(naive[5]) <= 100  # AP in percent
     assert naive[-1] == "1.0x"  # speed-ups are relative to the baseline
     assert float(ours[-1][:-1]) == pytest.approx(float(ours[1]) / float(naive[1]), rel=0.06, abs=0.06)
+    for field in ("2x2 points", "pred_iou_thresh None", "2 image(s) of shapes_val", "references shapes_train_ref5_seed0 (shots 5)",
+                  "seed 0", "SAMBackbone vit_b (tiny, 64 px", "DINOv2Backbone"):
+        assert field in printed, field
     text = doc.read_text()
     assert text.startswith("# Benchmarks\n\nintro\n")
-    assert text.count("<!-- training-free-cpu-fp32-tiny-64px-pps2-semantic-tiny-56px-random:begin -->") == 1
-    assert rows[0] in text and rows[1] in text and "Machine: CPU" in text
-    with pytest.raises(SystemExit):
-        tool.main(["training_free", "--size", "tiny", "--pretrained"])
-    with pytest.raises(SystemExit):  # official weights exist for full-size models only
-        tool.main(["training_free", "--size", "full", "--semantic-size", "tiny", "--pretrained"])
+    section = "training-free-cpu-fp32-shapes_tiny_random-tiny-64px-pps2-semantic-tiny-56px"
+    assert text.count(f"<!-- {section}:begin -->") == 1 and text.count(f"<!-- {section}:end -->") == 1
+    assert "Machine: " in text and f"`python tools/benchmark.py {' '.join(argv)}`" in text
 
 
-def test_semantic_encoder_size_is_chosen_apart_from_sam(tool, tmp_path):
-    torch.manual_seed(0)
-    segmenter = tool.build_training_free_segmenter(
-        size="tiny", semantic_size="full", semantic_tag="dinov2_vits14", semantic_input_size=112,
-        references="shapes_train_ref5_seed0", dataset_name="shapes_val", points_per_side=2, points_per_batch=4,
-        pred_iou_thresh=None, shots=1, memory_bank_path=str(tmp_path / "bank.safetensors"),
-    )
+def test_cli_rejects_bad_overrides_and_configs_the_baseline_cannot_match(tool, tmp_path):
+    with pytest.raises(KeyError, match="train.device"):  # misspelt: fails before anything is built, naming the key
+        tool.main(["training_free", "--config-file", TINY, "train.devise=cpu"])
+    with pytest.raises(TypeError, match="model.proposer.points_per_side"):  # wrong type
+        tool.main(["training_free", "--config-file", TINY, "model.proposer.points_per_side=many"])
+    with pytest.raises(SystemExit, match="before them"):  # a tool option after the overrides
+        tool.main(["training_free", "--config-file", TINY, "train.device=cpu", "--images", "2"])
+    # the demo config keeps SAM's box NMS at 0.7: the generator's NMS runs on all 3 masks of a point
+    with pytest.raises(SystemExit, match="model.proposer.box_nms_thresh=null"):
+        tool.main(["training_free", "--config-file", str(ROOT / "configs" / "training_free" / "shapes_tiny.py"),
+                   "train.device=cpu", "model.proposer.points_per_side=2"])
+    with pytest.raises(SystemExit, match="TrainingFreeSegmenter"):
+        tool.main(["training_free", "--config-file", str(ROOT / "configs" / "linear_probe" / "tiny_shapes.py")])
+
+
+def test_overrides_size_the_semantic_encoder_apart_from_sam(tool, tmp_path):
+    """The old --semantic-size full --semantic-tag dinov2_vits14: a tiny SAM with a full-size DINOv2."""
+    segmenter = _segmenter(tool, tmp_path, points_per_side=2, overrides=[
+        "model.semantic_encoder.size=full", "model.semantic_encoder.tag=dinov2_vits14", "model.semantic_encoder.input_size=112"])
     sam, semantic = segmenter.proposer.backbone, segmenter.semantic_encoder
     assert sam.preprocess.input_size == 64 and sam.encoder.patch_embed.proj.out_channels == 32  # tiny SAM
     assert semantic.preprocess.input_size == 112
     assert semantic.output_shape()[semantic.dense_feature].channels == 384  # full-size ViT-S/14
+    assert not segmenter.training and segmenter.semantic_encoder.size == "full"
 
 
 def test_same_proposals_as_the_upstream_generator(tool, tmp_path, image_input):

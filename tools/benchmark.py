@@ -4,6 +4,9 @@
     python tools/benchmark.py encoders                      # default set for the device
     python tools/benchmark.py encoders --encoders sam_vit_b dinov2_vitl14@518 clip_vit_b32_openai/tiny \\
         --dtype bf16 --channels-last --compile --batch-size 8 --markdown docs/benchmarks.md
+    python tools/benchmark.py training_free --config-file configs/training_free/shapes_tiny.py --images 8 \\
+        train.init_checkpoint=output/demo/tiny_sam/model_final.pth
+    python tools/benchmark.py linear_probe --config-file configs/linear_probe/tiny_shapes.py --markdown docs/benchmarks.md
 
 ``encoders``: images/s, peak memory and GFLOPs per image of each encoder backbone, with random
 weights (speed does not depend on the weights). An entry is ``TAG[/tiny][@SIZE]``: a weight tag,
@@ -16,26 +19,29 @@ the peak of live tensor storages during one pass (:class:`PeakTensorMemory`; the
 useless here because freed memory stays mapped). The Markdown table is printed; ``--markdown FILE`` also writes it, with the machine, into
 that file's section for the device and setting (``encoders-cpu-fp32``...), atomically.
 
-``training_free``: images/s, peak memory and COCO box/mask AP of the training-free pipeline
-(:class:`TrainingFreeSegmenter`) against a naive baseline built in the same run over the same SAM
-modules, memory bank and images: upstream ``segment_anything.SamAutomaticMaskGenerator``, then one
-DINOv2 forward per mask crop (see :class:`NaiveBaseline`)::
+``training_free`` and ``linear_probe`` build everything from a LazyConfig file, as Detectron2's
+``tools/benchmark.py`` and ``train_net.py`` do: ``--config-file`` plus ``KEY=VALUE`` overrides (checked
+by :func:`samantics_d2.config.check_override_keys` before anything runs), ``train.device``, and
+``train.seed`` (>= 0: torch is seeded with it; < 0: not seeded, so a fresh process starts from torch's
+fixed default state and the run stays repeatable).
 
-    python tools/benchmark.py training_free --images 8 --points-per-side 16
-    python tools/benchmark.py training_free --weights output/quick_tiny_sam/model_final.pth --markdown docs/benchmarks.md
-    python tools/benchmark.py training_free --size full --pretrained --device cuda --dtype bf16   # official weights
+``training_free``: images/s, peak memory and COCO box/mask AP of the config's
+:class:`TrainingFreeSegmenter` (``model``, its weights from ``train.init_checkpoint``, the first
+``--images`` images of ``dataloader.test``, ``dataloader.evaluator``) against a naive baseline over the
+same SAM modules, memory bank and images: upstream ``segment_anything.SamAutomaticMaskGenerator``,
+then one DINOv2 forward per mask crop (see :class:`NaiveBaseline`).
 
-``linear_probe``: wall time of the cached linear probe (extract features once, then a grid of probes
-trained together on the cache) against re-running the frozen encoder every epoch, both measured in
-the same run, in units of one encoder pass over the data (target: the cached grid of 8 probes
-below 1.2x one pass)::
-
-    python tools/benchmark.py linear_probe --markdown docs/benchmarks.md
+``linear_probe``: wall time of the cached linear probe of the config's ``job`` (extract features
+once, then the grid of probes of ``job.config`` trained together on the cache) against re-running
+the frozen encoder every epoch, both measured in the same run, in units of one encoder pass over the
+data (target: the cached grid of 8 probes below 1.2x one pass).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
+import itertools
 import logging
 import os
 import platform
@@ -45,7 +51,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -321,120 +327,72 @@ def run_encoders(args: argparse.Namespace) -> int:
         )
         logger.info("%s: %.2f img/s", entry.label(), rows[-1]["images_per_s"])
     table = markdown_table(rows, dtype=args.dtype, channels_last=args.channels_last, compiled=args.compile)
-    machine = machine_description(device)
-    command = "python tools/benchmark.py " + " ".join(sys.argv[1:])
-    stamp = datetime.date.today().isoformat()
-    body = f"Machine: {machine}. Date: {stamp}.\n\nCommand: `{command}`\n\n{table}"
-    print(body)  # the table is this command's output
-    if args.markdown:
-        section = f"encoders-{device.type}-{args.dtype}" + ("-channels-last" if args.channels_last else "")
-        write_section(args.markdown, section + ("-compile" if args.compile else ""), body)
-        logger.info("Wrote the table into %s", args.markdown)
+    section = f"encoders-{device.type}-{args.dtype}" + ("-channels-last" if args.channels_last else "")
+    publish(args, device, section + ("-compile" if args.compile else ""), table)
     return 0
 
 
+# ----------------------------------------------------------------------------- configs
+
+
+def load_config(config_file: str, opts: Sequence[str] = ()):
+    """``config_file`` with the ``opts`` (``KEY=VALUE``) overrides, loaded as train_net loads it: the
+    overrides are checked first (a misspelt key or a wrong type fails here, naming it), the weight
+    files the config needs must exist, and torch is seeded with ``train.seed`` when it is >= 0."""
+    import samantics_d2  # noqa: F401  (registers datasets and components)
+    from samantics_d2.config import check_override_keys, check_weights_available
+    from samantics_d2.d2 import LazyConfig
+
+    flags = [o for o in opts if o.startswith("--")]
+    if flags:
+        raise SystemExit(f"{flags} came after the KEY=VALUE overrides; give the tool's options before them.")
+    cfg = LazyConfig.load(config_file)
+    check_override_keys(cfg, opts)
+    cfg = LazyConfig.apply_overrides(cfg, list(opts))
+    check_weights_available(cfg, config_file)
+    if cfg.train.seed >= 0:
+        torch.manual_seed(cfg.train.seed)
+    return cfg
+
+
+def build_segmenter(cfg, config_file: str = "the config"):
+    """The config's :class:`TrainingFreeSegmenter` with ``train.init_checkpoint`` loaded (as train_net
+    --eval-only loads it), in eval mode on ``train.device``."""
+    from samantics_d2.checkpoint import load_init_checkpoint
+    from samantics_d2.d2 import instantiate
+    from samantics_d2.modeling.meta_arch import TrainingFreeSegmenter
+
+    segmenter = instantiate(cfg.model)
+    if not isinstance(segmenter, TrainingFreeSegmenter):
+        raise SystemExit(f"{config_file} builds a {type(segmenter).__name__}; the training_free benchmark measures a "
+                         "TrainingFreeSegmenter (configs/training_free/*.py).")
+    if cfg.train.init_checkpoint:
+        load_init_checkpoint(segmenter, cfg.train.init_checkpoint, training=False)
+    return segmenter.to(cfg.train.device).eval()
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, *, example: str) -> None:
+    """``--config-file``, ``--runs``, the output options and the ``KEY=VALUE`` overrides (last)."""
+    parser.add_argument("--config-file", required=True, metavar="FILE", help=f"LazyConfig file, e.g. {example}")
+    parser.add_argument("--runs", type=int, default=3, help="timed passes; the median is reported")
+    parser.add_argument("--output-dir", default=None, help="evaluation / cache files (default: a new temporary folder)")
+    parser.add_argument("--markdown", default=None, metavar="FILE", help="also write the table into FILE (e.g. docs/benchmarks.md)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
+                        help="KEY=VALUE config overrides, last, as for train_net.py (e.g. train.device=cpu)")
+
+
+def publish(args: argparse.Namespace, device: torch.device, section: str, body: str) -> None:
+    """Print the report (machine, date, command, ``body``) and, with ``--markdown``, write it into
+    that file's ``section``."""
+    report = (f"Machine: {machine_description(device)}. Date: {datetime.date.today().isoformat()}.\n\n"
+              f"Command: `python tools/benchmark.py {' '.join(args.argv)}`\n\n{body}")
+    print(report)  # the table is this command's output
+    if args.markdown:
+        write_section(args.markdown, section, report)
+        logger.info("Wrote the table into %s", args.markdown)
+
+
 # ----------------------------------------------------------------------------- training_free
-
-TRAINING_FREE_DEFAULTS = {  # --size -> (SAM tag, semantic tag, semantic input size)
-    "tiny": ("sam_vit_b", "dinov2_vits14", None),
-    "full": ("sam_vit_b", "dinov2_vitl14", 518),  # "No Time to Train": DINOv2 ViT-L/14 at 518 px
-}
-
-
-def _checkpoint_proposer_state(path: str) -> dict[str, torch.Tensor]:
-    """The ``proposer.*`` weights of a ``train.init_checkpoint``-style file (keys without the prefix).
-
-    Raises ValueError naming the file when it holds no ``proposer.*`` keys."""
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
-    state = loaded.get("model", loaded) if isinstance(loaded, dict) else None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path!r} holds a {type(loaded).__name__}; expected a checkpoint dict with a 'model' state dict.")
-    proposer = {k[len("proposer."):]: v for k, v in state.items() if k.startswith("proposer.")}
-    if not proposer:
-        raise ValueError(
-            f"{path!r} has no 'proposer.*' keys (first keys: {list(state)[:5]}); expected a checkpoint of a "
-            "SamProposer holder such as configs/quick/tiny_sam_shapes.py (proposer.backbone.*, "
-            "proposer.proposals.decoder.*)."
-        )
-    return proposer
-
-
-def build_training_free_segmenter(
-    *,
-    size: str,
-    references: str,
-    dataset_name: str,
-    points_per_side: int,
-    points_per_batch: int,
-    pred_iou_thresh: Optional[float],
-    shots: Optional[int],
-    min_region_area: float = 0.0,
-    weights: Optional[str] = None,
-    pretrained: bool = False,
-    sam_tag: Optional[str] = None,
-    semantic_tag: Optional[str] = None,
-    sam_input_size: Optional[int] = None,
-    semantic_input_size: Optional[int] = None,
-    semantic_size: Optional[str] = None,
-    memory_bank_path: Optional[str] = None,
-    device: torch.device = torch.device("cpu"),
-):
-    """The :class:`TrainingFreeSegmenter` the benchmark measures, in eval mode on ``device``.
-
-    SAM ViT proposals (best of 3 masks per point by predicted IoU, no stability filter, no box NMS),
-    DINOv2 prototypes from square crops with 20 % context, "No Time to Train" classifier settings.
-    ``weights``: a checkpoint whose ``proposer.*`` keys are loaded strictly into the proposer (its
-    SAM input size is read from it unless ``sam_input_size`` is given); ``pretrained``: official
-    weights of both tags (``--size full`` only, files under ``$SAMANTICS_WEIGHTS``).
-    """
-    from samantics_d2.modeling.backbone import build_encoder
-    from samantics_d2.modeling.meta_arch import TrainingFreeSegmenter, build_sam_proposer
-    from samantics_d2.modeling.semantic import MemoryBankConfig, PrototypeClassifier
-
-    semantic_size = semantic_size or size
-    default_sam = TRAINING_FREE_DEFAULTS[size][0]
-    _, default_semantic, default_semantic_input = TRAINING_FREE_DEFAULTS[semantic_size]
-    sam_tag, semantic_tag = sam_tag or default_sam, semantic_tag or default_semantic
-    semantic_input_size = semantic_input_size or default_semantic_input
-    proposer_state = _checkpoint_proposer_state(weights) if weights else None
-    if proposer_state is not None and sam_input_size is None:
-        pos_embed = proposer_state.get("backbone.encoder.pos_embed")
-        if pos_embed is not None:  # [1, S/16, S/16, C]
-            sam_input_size = int(pos_embed.shape[1]) * 16
-    backbone = build_encoder(sam_tag, size=size, pretrained=pretrained, input_size=sam_input_size)
-    if getattr(backbone, "weight_family", None) != "sam":
-        raise SystemExit(
-            f"--sam-tag {sam_tag!r} is a {getattr(backbone, 'weight_family', '?')!r} model; the baseline is "
-            "segment_anything's SamAutomaticMaskGenerator, so use a SAM ViT tag (sam_vit_b, sam_vit_l, sam_vit_h)."
-        )
-    proposer = build_sam_proposer(
-        backbone=backbone,
-        decoder_weights=sam_tag if pretrained else None,
-        points_per_side=points_per_side,
-        points_per_batch=points_per_batch,
-        multimask_output=True,
-        pred_iou_thresh=pred_iou_thresh,
-        stability_score_thresh=None,
-        box_nms_thresh=None,
-        min_region_area=min_region_area,
-    )
-    if proposer_state is not None:
-        proposer.load_state_dict(proposer_state, strict=True)
-        logger.info("Loaded %d proposer tensors from %s", len(proposer_state), weights)
-    semantic = build_encoder(semantic_tag, size=semantic_size, pretrained=pretrained, input_size=semantic_input_size)
-    segmenter = TrainingFreeSegmenter(
-        proposer=proposer,
-        semantic_encoder=semantic,
-        classifier=PrototypeClassifier(score_floor=0.0, nms_thresh=0.5, merge="soft", topk=100),
-        references=references,
-        dataset_name=dataset_name,
-        shots=shots,
-        aggregation="mean",
-        memory_bank=MemoryBankConfig(crop="square_context", context=0.2),
-        memory_bank_path=memory_bank_path,
-        prompt_mode="points",
-    )
-    return segmenter.to(device).eval()
 
 
 def upstream_sam(proposer) -> torch.nn.Module:
@@ -517,8 +475,24 @@ class NaiveBaseline:
 
     def __init__(self, segmenter) -> None:
         from segment_anything import SamAutomaticMaskGenerator
+        from segment_anything.modeling import ImageEncoderViT
 
         proposals = segmenter.proposer.proposals
+        encoder = getattr(segmenter.proposer.backbone, "encoder", None)
+        if not isinstance(encoder, ImageEncoderViT):
+            raise SystemExit(
+                f"The baseline is segment_anything's SamAutomaticMaskGenerator, which needs a SAM ViT image encoder; "
+                f"the config's proposer has a {type(encoder).__name__}: set model.proposer.backbone.tag=sam_vit_b (or l, h)."
+            )
+        unmatched = {k: getattr(proposals, k) for k in ("stability_score_thresh", "box_nms_thresh", "max_proposals")
+                     if getattr(proposals, k) is not None}
+        if unmatched or not proposals.multimask_output:
+            raise SystemExit(
+                f"The baseline keeps the generator's best of 3 masks per point with no stability filter, box NMS or "
+                f"proposal cap, so both pipelines classify the same proposals; the config sets {unmatched} and "
+                f"multimask_output={proposals.multimask_output}: override them, e.g. "
+                + " ".join(f"model.proposer.{k}=null" for k in unmatched) + " model.proposer.multimask_output=true."
+            )
         self.segmenter = segmenter
         self.generator = SamAutomaticMaskGenerator(
             upstream_sam(segmenter.proposer),
@@ -616,13 +590,23 @@ def measure_pipeline(
     runs: int,
     existing: Sequence[torch.Tensor],
     weight_bytes: int,
-    dataset_name: str,
+    evaluator: Any,
     output_dir: str,
 ) -> dict:
     """Time ``pipeline`` image by image over ``inputs`` (median over ``runs`` passes after ``warmup``
-    single-image passes), measure its peak memory and evaluate the last pass's outputs (COCO AP)."""
-    from samantics_d2.d2 import COCOEvaluator
+    single-image passes), measure its peak memory and evaluate the last pass's outputs with the
+    config's ``evaluator`` (a COCOEvaluator node, instantiated here with its output in
+    ``output_dir/name``), on these images only."""
+    import contextlib
+    import io
 
+    from samantics_d2.d2 import instantiate
+
+    evaluator.output_dir = os.path.join(output_dir, name)
+    evaluator = instantiate(evaluator)
+    if "img_ids" not in inspect.signature(evaluator.evaluate).parameters:
+        raise SystemExit(f"{type(evaluator).__name__} cannot evaluate a subset of the images (no img_ids); the "
+                         "benchmark needs a COCOEvaluator in dataloader.evaluator.")
     times, outputs = [], []
     with torch.no_grad(), _autocast(device, dtype):
         for i in range(warmup):
@@ -644,13 +628,9 @@ def measure_pipeline(
             with PeakTensorMemory(existing=existing) as tracker:
                 pipeline([inputs[0]])
             peak_mib = (weight_bytes + tracker.peak) / 2**20
-    evaluator = COCOEvaluator(dataset_name, output_dir=os.path.join(output_dir, name), use_fast_impl=False, distributed=False)
     evaluator.reset()
     for x, y in zip(inputs, outputs):
         evaluator.process([x], [{"instances": y["instances"].to("cpu")}])
-    import contextlib
-    import io
-
     with contextlib.redirect_stdout(io.StringIO()) as printed:  # COCOeval prints its summary
         results = evaluator.evaluate(img_ids=[x["image_id"] for x in inputs]) or {}
     logger.debug("COCOeval output of %s:\n%s", name, printed.getvalue())
@@ -664,15 +644,6 @@ def measure_pipeline(
         "mask_ap": results.get("segm", {}).get("AP", float("nan")),
         "detections": sum(len(y["instances"]) for y in outputs) / len(inputs),
     }
-
-
-def _optional_float(text: str) -> Optional[float]:
-    if text.lower() == "none":
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor 'none'.") from None
 
 
 PIPELINE_NAMES = {
@@ -697,79 +668,49 @@ def training_free_table(rows: Sequence[dict]) -> str:
 
 
 def run_training_free(args: argparse.Namespace) -> int:
-    import samantics_d2  # noqa: F401  (registers datasets and reference sets)
-    from samantics_d2.d2 import DatasetCatalog
-    from samantics_d2.data.mapper import DetectionMapper
+    from samantics_d2.d2 import instantiate
 
-    device = resolve_device(args.device)
-    dtype = DTYPES[args.dtype]
-    if args.pretrained and "tiny" in (args.size, args.semantic_size):
-        raise SystemExit("--pretrained loads official weights, which exist for --size full (and --semantic-size full) only.")
-    if args.images < 1 or args.points_per_side < 1:
-        raise SystemExit(f"--images {args.images} and --points-per-side {args.points_per_side} must be >= 1.")
-    output_dir = args.output_dir or tempfile.mkdtemp(prefix="benchmark_training_free.")
-    segmenter = build_training_free_segmenter(
-        size=args.size,
-        references=args.references,
-        dataset_name=args.dataset,
-        points_per_side=args.points_per_side,
-        points_per_batch=args.points_per_batch,
-        pred_iou_thresh=args.pred_iou_thresh,
-        shots=args.shots,
-        min_region_area=args.min_region_area,
-        weights=args.weights,
-        pretrained=args.pretrained,
-        sam_tag=args.sam_tag,
-        semantic_tag=args.semantic_tag,
-        sam_input_size=args.sam_input_size,
-        semantic_input_size=args.semantic_input_size,
-        semantic_size=args.semantic_size,
-        memory_bank_path=os.path.join(output_dir, "memory_bank.safetensors"),
-        device=device,
-    )
+    if args.images < 1:
+        raise SystemExit(f"--images {args.images} must be >= 1.")
+    cfg = load_config(args.config_file, args.opts)
+    device, dtype = torch.device(cfg.train.device), DTYPES[args.dtype]
+    segmenter = build_segmenter(cfg, args.config_file)
+    baseline = NaiveBaseline(segmenter)  # checks that the proposals are ones the upstream generator makes
     with torch.no_grad():
-        prototypes, prototype_valid = segmenter.prepare_prototypes()  # built once, shared by both pipelines
-    baseline = NaiveBaseline(segmenter)
-    dicts = DatasetCatalog.get(args.dataset)[: args.images]
-    mapper = DetectionMapper(is_train=False, augmentations=[])
-    inputs = [mapper(d) for d in dicts]
+        segmenter.prepare_references()  # the memory bank and prototypes, built once, shared by both pipelines
+        prototypes, prototype_valid = segmenter.prepare_prototypes()
+    inputs = list(itertools.islice((x for batch in instantiate(cfg.dataloader.test) for x in batch), args.images))
+    output_dir = args.output_dir or tempfile.mkdtemp(prefix="benchmark_training_free.")
     tensors = list(segmenter.parameters()) + list(segmenter.buffers()) + [prototypes, prototype_valid]
     tensors += list(baseline.generator.predictor.model.buffers()) + [x["image"] for x in inputs]
-    weight_bytes = sum(t.numel() * t.element_size() for t in segmenter.parameters())
     common = dict(
         inputs=inputs, device=device, dtype=dtype, warmup=args.warmup, runs=args.runs, existing=tensors,
-        weight_bytes=weight_bytes, dataset_name=args.dataset, output_dir=output_dir,
+        weight_bytes=sum(t.numel() * t.element_size() for t in segmenter.parameters()),
+        evaluator=cfg.dataloader.evaluator, output_dir=output_dir,
     )
     rows = []
     for name, pipeline in (("ours", segmenter), ("baseline", baseline)):
         logger.info("Measuring %s (%s) on %d image(s) ...", PIPELINE_NAMES[name], name, len(inputs))
         rows.append(measure_pipeline(name, pipeline, **common))
         logger.info("%s: %.3f img/s", name, rows[-1]["images_per_s"])
-    backbone, semantic = segmenter.proposer.backbone, segmenter.semantic_encoder
-    weights = args.weights or ("official weights" if args.pretrained else "random initialisation (AP near 0 is expected)")
-    settings = (
-        f"SAM {backbone.variant} ({args.size}, {backbone.preprocess.input_size} px, weights: {weights}); "
-        f"{type(semantic).__name__} {semantic.variant} ({args.semantic_size or args.size}, {semantic.preprocess.input_size} px, "
-        f"{'official' if args.pretrained else 'random'} weights); "
-        f"{args.points_per_side}x{args.points_per_side} points, points_per_batch {args.points_per_batch}, "
-        f"pred_iou_thresh {args.pred_iou_thresh}, min_region_area {args.min_region_area:g}; {len(inputs)} image(s) of {args.dataset}; references "
-        f"{args.references} (shots {args.shots}); dtype {args.dtype}; {args.warmup} warm-up image(s), median of "
-        f"{args.runs} pass(es)"
-    )
+    sam, semantic, proposals = segmenter.proposer.backbone, segmenter.semantic_encoder, segmenter.proposer.proposals
+    encoders = [f"{type(e).__name__} {e.variant} ({e.size}, {e.preprocess.input_size} px, "
+                f"{sum(p.numel() for p in e.parameters()) / 1e6:.2f} M parameters)" for e in (sam, semantic)]
+    dataset, bank = cfg.dataloader.test.dataset.names, segmenter.reference_bank
     memory = ("torch.cuda.max_memory_allocated over one image" if device.type == "cuda" else
               "weights + peak of live torch tensor storages over one image (numpy arrays not counted)")
-    command = "python tools/benchmark.py " + " ".join(sys.argv[1:])
-    body = (
-        f"Machine: {machine_description(device)}. Date: {datetime.date.today().isoformat()}.\n\n"
-        f"Command: `{command}`\n\nSettings: {settings}. Peak memory: {memory}. AP: COCOEvaluator on the same "
-        f"images (percent).\n\n{training_free_table(rows)}"
+    settings = (
+        f"{encoders[0]} with the weights of train.init_checkpoint ({cfg.train.init_checkpoint or 'empty: as built'}); "
+        f"{encoders[1]}; {proposals.points_per_side}x{proposals.points_per_side} points, points_per_batch "
+        f"{proposals.points_per_batch}, pred_iou_thresh {proposals.pred_iou_thresh}, min_region_area "
+        f"{proposals.min_region_area:g}; {len(inputs)} image(s) of {dataset}; references {bank.source} (shots {bank.shots}); "
+        f"seed {cfg.train.seed}; dtype {args.dtype}; {args.warmup} warm-up image(s), median of {args.runs} pass(es). "
+        f"Peak memory: {memory}. AP: dataloader.evaluator on the same images (percent)."
     )
-    print(body)  # the table is this command's output
-    if args.markdown:
-        section = (f"training-free-{device.type}-{args.dtype}-{args.size}-{backbone.preprocess.input_size}px-pps{args.points_per_side}"
-                   f"-semantic-{args.semantic_size or args.size}-{semantic.preprocess.input_size}px")
-        write_section(args.markdown, section + ("-weights" if args.weights or args.pretrained else "-random"), body)
-        logger.info("Wrote the table into %s", args.markdown)
+    section = (f"training-free-{device.type}-{args.dtype}-{os.path.splitext(os.path.basename(args.config_file))[0]}-"
+               f"{sam.size}-{sam.preprocess.input_size}px-pps{proposals.points_per_side}-"
+               f"semantic-{semantic.size}-{semantic.preprocess.input_size}px")
+    publish(args, device, section, f"Settings: {settings}\n\n{training_free_table(rows)}")
     return 0
 
 
@@ -784,80 +725,77 @@ def _timed(fn: Callable[[], object]) -> tuple[float, object]:
 
 
 def run_linear_probe(args: argparse.Namespace) -> int:
-    import samantics_d2  # noqa: F401  (registers the datasets)
-    from samantics_d2.d2 import DatasetCatalog, MetadataCatalog
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from samantics_d2.d2 import DatasetCatalog, MetadataCatalog, instantiate
     from samantics_d2.data.io import read_image
-    from samantics_d2.modeling.backbone import build_encoder
     from samantics_d2.modeling.linear_probe import PooledEncoder, build_feature_cache, train_probe_grid
     from samantics_d2.modeling.linear_probe.feature_cache import module_fingerprint
     from samantics_d2.modeling.linear_probe.probe import CachedFeatures, EncoderFeatures, ProbeTrainingConfig
 
-    device = resolve_device(args.device)
-    torch.manual_seed(0)
-    encoder = build_encoder(args.tag, size=args.size).to(device).eval()
-    pooled = PooledEncoder(encoder=encoder, poolings=args.poolings, normalization="encoder")
-    if args.train == args.val:
-        raise SystemExit("--train and --val must differ: the cached run would reuse the train cache for val.")
-    train_dicts, val_dicts = DatasetCatalog.get(args.train), DatasetCatalog.get(args.val)
+    cfg = load_config(args.config_file, args.opts)
+    if "job" not in cfg or "encoder" not in cfg:
+        raise SystemExit(f"{args.config_file} has no 'encoder' and 'job' nodes; the linear_probe benchmark runs a linear-probe "
+                         "config (configs/linear_probe/*.py).")
+    job, device = cfg.job, torch.device(cfg.train.device)
+    if job.train_dataset == job.val_dataset:
+        raise SystemExit("job.train_dataset and job.val_dataset must differ: the cached run would reuse the train cache for val.")
+    encoder = instantiate(cfg.encoder).to(device).eval()
+    poolings, tag, batch = list(job.poolings), job.encoder_tag, job.batch_size
+    pooled = PooledEncoder(encoder=encoder, poolings=poolings, normalization=job.normalization)
+    train_dicts, val_dicts = DatasetCatalog.get(job.train_dataset), DatasetCatalog.get(job.val_dataset)
     if args.max_images:
         train_dicts, val_dicts = train_dicts[: args.max_images], val_dicts[: args.max_images]
-    classes = MetadataCatalog.get(args.train).get("classes")
-    lrs = [float(v) for v in args.learning_rates]
-    grid = ProbeTrainingConfig(learning_rates=lrs, epochs=args.epochs, batch_size=args.batch_size,
-                               holdout_fraction=args.holdout)
-    single = ProbeTrainingConfig(learning_rates=lrs[:1], epochs=args.epochs, batch_size=args.batch_size)
+    classes = MetadataCatalog.get(job.train_dataset).get("classes")
+    grid = ProbeTrainingConfig(**OmegaConf.to_container(job.config, resolve=True))
+    single = dataclasses.replace(grid, learning_rates=grid.learning_rates[:1], holdout_fraction=0.0)
     work = args.output_dir or tempfile.mkdtemp(prefix="benchmark_linear_probe.")
 
     def encoder_pass() -> None:  # read, preprocess and encode every image once (train + val)
         with torch.no_grad():
             for dicts in (train_dicts, val_dicts):
-                for i in range(0, len(dicts), args.encoder_batch_size):
-                    images = [read_image(d["file_name"]) for d in dicts[i: i + args.encoder_batch_size]]
-                    pooled(pooled.prepare(images).to(device))
+                for i in range(0, len(dicts), batch):
+                    pooled(pooled.prepare([read_image(d["file_name"]) for d in dicts[i: i + batch]]).to(device))
 
     encoder_pass()  # warm-up
     t_pass = statistics.median(_timed(encoder_pass)[0] for _ in range(args.runs))
 
-    def cached() -> None:
+    def cached() -> None:  # the config's job (run_linear_probe) on these images, in a fresh cache
         root = tempfile.mkdtemp(dir=work, prefix="cache.")
-        weights_hash = module_fingerprint(encoder)  # once for both splits, as the train_net job does
-        caches = [build_feature_cache(d, encoder=pooled, encoder_tag=args.tag, dataset_name=n, cache_root=root,
-                                      weights_hash=weights_hash, batch_size=args.encoder_batch_size, device=device)
-                  for d, n in ((train_dicts, args.train), (val_dicts, args.val))]
-        train_probe_grid(train=CachedFeatures(caches[0], poolings=args.poolings, device=device),
-                         val=CachedFeatures(caches[1], poolings=args.poolings, device=device),
-                         poolings=args.poolings, num_classes=len(classes), config=grid, device=device)
+        weights_hash = module_fingerprint(encoder)  # once for both splits, as the job does
+        caches = [build_feature_cache(d, encoder=pooled, encoder_tag=tag, dataset_name=n, cache_root=root,
+                                      weights_hash=weights_hash, batch_size=batch, num_workers=job.num_workers, device=device)
+                  for d, n in ((train_dicts, job.train_dataset), (val_dicts, job.val_dataset))]
+        train_probe_grid(train=CachedFeatures(caches[0], poolings=poolings, device=device),
+                         val=CachedFeatures(caches[1], poolings=poolings, device=device),
+                         poolings=poolings, num_classes=len(classes), config=grid, device=device)
 
     def encoder_in_the_loop() -> None:  # one probe, the encoder re-run on every batch of every epoch
         train_probe_grid(train=EncoderFeatures(train_dicts, encoder=pooled, device=device),
                          val=EncoderFeatures(val_dicts, encoder=pooled, device=device),
-                         poolings=args.poolings[:1], num_classes=len(classes), config=single, device=device)
+                         poolings=poolings[:1], num_classes=len(classes), config=single, device=device)
 
     t_cached = statistics.median(_timed(cached)[0] for _ in range(args.runs))
     t_loop = _timed(encoder_in_the_loop)[0]
-    n_probes = len(lrs) * len(args.poolings)
-    ratio = t_cached / t_pass
+    n_probes, ratio = len(grid.learning_rates) * len(poolings), t_cached / t_pass
     rows = [
         ("one encoder pass over train + val", t_pass, "1.00"),
-        (f"cached: extract once + {n_probes} probes x {args.epochs} epochs", t_cached, f"{ratio:.2f}"),
-        (f"encoder in the loop: 1 probe x {args.epochs} epochs", t_loop, f"{t_loop / t_pass:.2f}"),
+        (f"cached: extract once + {n_probes} probes x {grid.epochs} epochs", t_cached, f"{ratio:.2f}"),
+        (f"encoder in the loop: 1 probe x {grid.epochs} epochs", t_loop, f"{t_loop / t_pass:.2f}"),
     ]
     table = "| run | wall time (s) | x one encoder pass |\n|---|---:|---:|\n" + "".join(
         f"| {name} | {sec:.2f} | {x} |\n" for name, sec, x in rows)
-    verdict = "met" if ratio < 1.2 else "NOT met"
-    command = "python tools/benchmark.py " + " ".join(sys.argv[1:])
     body = (
-        f"Machine: {machine_description(device)}. Date: {datetime.date.today().isoformat()}.\n\n"
-        f"Command: `{command}`\n\nSettings: encoder {args.tag} ({args.size}), poolings {args.poolings}, learning "
-        f"rates {lrs}, {args.epochs} epochs, batch {args.batch_size}; {len(train_dicts)} train / {len(val_dicts)} val "
-        f"images ({args.train}, {args.val}); encoder pass and cached run: median of {args.runs}; the loop run once.\n\n"
-        f"{table}\nTarget (cached grid of {n_probes} probes < 1.2x one encoder pass): {verdict} ({ratio:.2f}x). "
+        f"Settings: encoder {tag} ({encoder.size}), poolings {poolings}, learning rates {list(grid.learning_rates)}, "
+        f"{grid.epochs} epochs, batch {grid.batch_size}; {len(train_dicts)} train / {len(val_dicts)} val images "
+        f"({job.train_dataset}, {job.val_dataset}); encoder pass and cached run: median of {args.runs}; the loop run once.\n\n"
+        f"{table}\nTarget (cached grid of {n_probes} probes < 1.2x one encoder pass): "
+        f"{'met' if ratio < 1.2 else 'NOT met'} ({ratio:.2f}x). "
         f"Re-running the encoder every epoch costs {t_loop / t_cached:.1f}x the cached grid for one probe.\n"
     )
-    print(body)
-    if args.markdown:
-        write_section(args.markdown, f"linear-probe-{device.type}-{args.tag}-{args.size}", body)
-        logger.info("Wrote the table into %s", args.markdown)
+    publish(args, device, f"linear-probe-{device.type}-{tag}-{encoder.size}", body)
     return 0
 
 
@@ -880,59 +818,24 @@ def build_parser() -> argparse.ArgumentParser:
     enc.set_defaults(func=run_encoders)
 
     tf = sub.add_parser("training_free", help="the training-free pipeline against a naive AMG + per-crop DINOv2 baseline")
-    tf.add_argument("--size", default="tiny", choices=sorted(TRAINING_FREE_DEFAULTS), help="tiny random variants or full-size models")
-    tf.add_argument("--sam-tag", default=None, help="SAM ViT weight tag (default sam_vit_b)")
-    tf.add_argument("--semantic-tag", default=None, help="semantic encoder tag (default dinov2_vits14 tiny, dinov2_vitl14 full)")
-    tf.add_argument("--sam-input-size", type=int, default=None, help="SAM input side (default: the tag's, or the checkpoint's)")
-    tf.add_argument("--semantic-size", default=None, choices=sorted(TRAINING_FREE_DEFAULTS),
-                    help="size of the semantic encoder alone (default: --size); e.g. a trained tiny SAM (--weights) with a "
-                         "full-size DINOv2, whose per-crop cost is the one the baseline pays at full size")
-    tf.add_argument("--semantic-input-size", type=int, default=None, help="semantic encoder input side (default: tiny 56, full 518)")
-    tf.add_argument("--weights", default=None, metavar="CKPT",
-                    help="checkpoint with proposer.backbone.* / proposer.proposals.decoder.* keys (e.g. output/quick_tiny_sam/model_final.pth)")
-    tf.add_argument("--pretrained", action="store_true", help="official weights of both tags from $SAMANTICS_WEIGHTS (--size full)")
-    tf.add_argument("--points-per-side", type=int, default=16)
-    tf.add_argument("--points-per-batch", type=int, default=64)
-    tf.add_argument("--pred-iou-thresh", type=_optional_float, default=0.4,
-                    help="keep masks with predicted IoU above it, both pipelines ('none': no filter; random SAMs predict IoUs near 0.3)")
-    tf.add_argument("--min-region-area", type=float, default=0.0,
-                    help="SAM's min_mask_region_area (original-image pixels) in both pipelines: ours on all masks at once, "
-                         "the baseline with the generator's OpenCV loop (0: off)")
-    tf.add_argument("--images", type=int, default=4, help="first N images of --dataset")
-    tf.add_argument("--dataset", default="shapes_val", help="registered COCO-format dataset to run and evaluate on")
-    tf.add_argument("--references", default="shapes_train_ref5_seed0", help="registered reference set (memory bank)")
-    tf.add_argument("--shots", type=int, default=5)
-    tf.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    tf.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="fp32, or autocast to bf16/fp16 for both pipelines")
+    add_config_arguments(tf, example="configs/training_free/shapes_tiny.py")
+    tf.add_argument("--images", type=int, default=4, help="the first N images of dataloader.test")
     tf.add_argument("--warmup", type=int, default=1, help="untimed images first")
-    tf.add_argument("--runs", type=int, default=3, help="timed passes over the images; the median is reported")
-    tf.add_argument("--output-dir", default=None, help="memory bank and evaluation files (default: a new temporary folder)")
-    tf.add_argument("--markdown", default=None, metavar="FILE", help="also write the table into FILE (e.g. docs/benchmarks.md)")
+    tf.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="fp32, or autocast to bf16/fp16 for both pipelines")
     tf.set_defaults(func=run_training_free)
 
     lp = sub.add_parser("linear_probe", help="cached probe grid against re-running the encoder every epoch")
-    lp.add_argument("--tag", default="dinov2_vits14", help="encoder weight tag (random weights: speed only)")
-    lp.add_argument("--size", default="tiny", choices=["tiny", "full"])
-    lp.add_argument("--train", default="shapes_train_cls", help="registered classification dataset")
-    lp.add_argument("--val", default="shapes_val_cls")
-    lp.add_argument("--poolings", nargs="+", default=["cls", "mean_patch"])
-    lp.add_argument("--learning-rates", nargs="+", default=["1e-4", "1e-3", "1e-2", "1e-1"])
+    add_config_arguments(lp, example="configs/linear_probe/tiny_shapes.py")
     lp.add_argument("--max-images", type=int, default=None, help="first N images of train and of val")
-    lp.add_argument("--epochs", type=int, default=10)
-    lp.add_argument("--batch-size", type=int, default=128, help="probe training batch")
-    lp.add_argument("--encoder-batch-size", type=int, default=64)
-    lp.add_argument("--holdout", type=float, default=0.1, help="share of train held out to choose the best probe")
-    lp.add_argument("--runs", type=int, default=3)
-    lp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    lp.add_argument("--output-dir", default=None)
-    lp.add_argument("--markdown", default=None, metavar="FILE")
     lp.set_defaults(func=run_linear_probe)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the command line the report shows
     if getattr(args, "batch_size", 1) < 1 or getattr(args, "runs", 1) < 1 or getattr(args, "warmup", 0) < 0:
         raise SystemExit("--batch-size and --runs must be >= 1 and --warmup >= 0.")
     return args.func(args)
