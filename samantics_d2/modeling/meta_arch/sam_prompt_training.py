@@ -49,7 +49,9 @@ The cause is not fixed.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -125,6 +127,62 @@ def _instance_masks(inputs: dict, device: torch.device) -> torch.Tensor:
     return masks[masks.flatten(1).any(dim=1)]
 
 
+def _image_to_token_attentions(decoder: nn.Module) -> list[nn.Module]:
+    """The image-to-token cross-attentions of a SAM / HQ-SAM / SAM 2 prompt decoder's two-way transformer."""
+    modules = [m for name, m in decoder.named_modules() if name.endswith("cross_attn_image_to_token")]
+    if not modules:
+        raise ValueError(
+            f"click_attention_weight needs a decoder with a two-way transformer (modules named "
+            f"'*cross_attn_image_to_token'); {type(decoder).__name__} has none. Set click_attention_weight=0."
+        )
+    return modules
+
+
+@contextlib.contextmanager
+def _capture_inputs(modules: Sequence[nn.Module]):
+    """Collects ``(module, q, k)`` of every call of ``modules`` (SAM's ``Attention(q=, k=, v=)``) in the block."""
+    captured: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
+    hooks = [
+        m.register_forward_hook(lambda module, args, kwargs, out: captured.append((module, *_query_key(args, kwargs))), with_kwargs=True)
+        for m in modules
+    ]
+    try:
+        yield captured
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _query_key(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    named = dict(zip(("q", "k"), args)) | kwargs
+    return named["q"], named["k"]
+
+
+def _click_attention_loss(
+    captured: Sequence[tuple[nn.Module, torch.Tensor, torch.Tensor]], targets: torch.Tensor, *, click_token: int
+) -> torch.Tensor:
+    """Per-click loss ``[P]`` of :class:`PromptableSamTrainer`'s ``click_attention_weight`` (its docstring).
+
+    Args:
+        captured: ``(attention, q [P, h*w, C], k [P, T, C])`` of each image-to-token attention call.
+        targets: ``[P, m, m]`` instance masks in the mask frame (``m`` a multiple of the token grid side).
+        click_token: index of the click among the ``T`` tokens (negative: counted from the end).
+    """
+    if not captured:
+        return targets.new_zeros(0)
+    side = math.isqrt(captured[0][1].shape[1])
+    inside = (F.adaptive_avg_pool2d(targets[:, None].float(), side)[:, 0].flatten(1) > 0.5).float()  # [P, h*w]
+    losses = []
+    for attention, q, k in captured:
+        heads = attention.num_heads
+        query = attention.q_proj(q).unflatten(-1, (heads, -1)).transpose(1, 2)  # [P, heads, h*w, c]
+        key = attention.k_proj(k).unflatten(-1, (heads, -1)).transpose(1, 2)  # [P, heads, T, c]
+        weights = (query @ key.transpose(-1, -2) / math.sqrt(query.shape[-1])).softmax(dim=-1)
+        to_click = weights[..., click_token].mean(dim=1).float().clamp(1e-6, 1 - 1e-6)  # [P, h*w]
+        losses.append(F.binary_cross_entropy(to_click, inside, reduction="none").mean(dim=1))
+    return torch.stack(losses).mean(dim=0)
+
+
 @META_ARCH_REGISTRY.register()
 class PromptableSamTrainer(nn.Module):
     """SAM's image encoder and prompt decoder, trained on instance masks from single-point prompts.
@@ -147,6 +205,12 @@ class PromptableSamTrainer(nn.Module):
             first prompts), decoded with one mask (what box prompts use at inference).
         box_noise: std of the noise added to each box coordinate, as a fraction of the box side
             (SAM: 0.1, at most 20 px).
+        click_attention_weight: weight of an auxiliary loss that teaches click locality (not in
+            SAM's recipe; 0 turns it off): in every image-to-token cross-attention of the decoder's
+            two-way transformer, each image token's attention to the click token (mean over heads)
+            is trained by binary cross-entropy towards "the token lies in the clicked instance"
+            (the instance mask pooled to the token grid, > 0.5). From scratch, a tiny decoder
+            otherwise learns to follow the click late and seed-dependently (module docstring).
     """
 
     @configurable
@@ -161,12 +225,15 @@ class PromptableSamTrainer(nn.Module):
         iou_weight: float = 1.0,
         box_fraction: float = 0.0,
         box_noise: float = 0.1,
+        click_attention_weight: float = 0.0,
     ):
         super().__init__()
         if not isinstance(proposer, SamProposer):
             raise TypeError(f"PromptableSamTrainer: proposer must be a SamProposer (build_sam_proposer); got {type(proposer).__name__}.")
         if points_per_image < 1:
             raise ValueError(f"PromptableSamTrainer: points_per_image={points_per_image} must be >= 1.")
+        if click_attention_weight < 0:
+            raise ValueError(f"PromptableSamTrainer: click_attention_weight={click_attention_weight} must be >= 0.")
         if not 0.0 <= box_fraction <= 1.0 or box_noise < 0:
             raise ValueError(
                 f"PromptableSamTrainer: box_fraction={box_fraction} must be in [0, 1] and box_noise={box_noise} >= 0."
@@ -179,6 +246,8 @@ class PromptableSamTrainer(nn.Module):
         self.iou_weight = iou_weight
         self.box_fraction = box_fraction
         self.box_noise = box_noise
+        self.click_attention_weight = click_attention_weight
+        self._click_attentions = _image_to_token_attentions(proposer.proposals.decoder) if click_attention_weight else []
 
     @classmethod
     def from_config(cls, cfg) -> dict:
@@ -209,13 +278,20 @@ class PromptableSamTrainer(nn.Module):
                 terms.append(self._image_losses({k: v[i] for k, v in features.items()}, fit, masks))
         if not terms:  # no instance in the batch: zero losses that still reach every parameter (DDP)
             zero = sum(p.sum() for p in self.parameters()) * 0.0
-            return {"loss_mask_focal": zero, "loss_mask_dice": zero, "loss_iou": zero}
-        focal, dice, iou_pred, iou_actual = (torch.cat(t) for t in zip(*terms))
-        return {
+            names = ["loss_mask_focal", "loss_mask_dice", "loss_iou"] + ["loss_click_attention"] * bool(self.click_attention_weight)
+            return {name: zero for name in names}
+        focal, dice, iou_pred, iou_actual, attention = (torch.cat(t) for t in zip(*terms))
+        losses = {
             "loss_mask_focal": self.focal_weight * focal.mean(),
             "loss_mask_dice": self.dice_weight * dice.mean(),
             "loss_iou": self.iou_weight * F.mse_loss(iou_pred, iou_actual),
         }
+        if self.click_attention_weight:
+            # mean over clicks (boxes have none); a batch of boxes only gives 0 that still reaches the decoder
+            losses["loss_click_attention"] = self.click_attention_weight * (
+                attention.mean() if attention.numel() else iou_pred.sum() * 0.0
+            )
+        return losses
 
     def _image_losses(
         self, features: dict[str, torch.Tensor], fit: ImageFit, masks: torch.Tensor
@@ -229,7 +305,8 @@ class PromptableSamTrainer(nn.Module):
 
         Returns:
             focal and dice losses of the supervised mask of each prompt (``[P]`` each), predicted
-            and actual IoU of every predicted mask (``[P * M]`` each).
+            and actual IoU of every predicted mask (``[P * M]`` each), and the click-attention loss
+            of each click (``[clicks]``; empty without ``click_attention_weight``).
         """
         decoder = self.proposer.proposals.decoder
         size = decoder.mask_size
@@ -242,10 +319,12 @@ class PromptableSamTrainer(nn.Module):
             points, index = sample_points_in_masks(masks, self.points_per_image - num_boxes)
             labels = torch.ones_like(index)[:, None]
             sparse, dense = decoder.embed_prompts(points=fit.points_to_input(points)[:, None], point_labels=labels)
-            logits, iou_pred = decoder.decode_embeddings(
-                image, sparse, dense, multimask_output=self.multimask_output, points_per_batch=len(index)
-            )  # [P, M, m, m], [P, M]
-            outputs.append(self._mask_losses(logits, iou_pred, targets[index], region))
+            with _capture_inputs(self._click_attentions) as captured:
+                logits, iou_pred = decoder.decode_embeddings(
+                    image, sparse, dense, multimask_output=self.multimask_output, points_per_batch=len(index)
+                )  # [P, M, m, m], [P, M]
+            attention = _click_attention_loss(captured, targets[index], click_token=-sparse.shape[1])
+            outputs.append((*self._mask_losses(logits, iou_pred, targets[index], region), attention))
         if num_boxes:  # boxes (SAM: noisy GT boxes, one mask)
             index = torch.randint(len(masks), (num_boxes,), device=masks.device)
             boxes = BitMasks(masks[index]).get_bounding_boxes().tensor  # [B, 4] XYXY image pixels
@@ -255,7 +334,7 @@ class PromptableSamTrainer(nn.Module):
             logits, iou_pred = decoder.decode_embeddings(
                 image, sparse, dense, multimask_output=False, points_per_batch=num_boxes
             )  # [B, 1, m, m], [B, 1]
-            outputs.append(self._mask_losses(logits, iou_pred, targets[index], region))
+            outputs.append((*self._mask_losses(logits, iou_pred, targets[index], region), logits.new_zeros(0)))
         return tuple(torch.cat(t) for t in zip(*outputs))
 
     def _mask_losses(
