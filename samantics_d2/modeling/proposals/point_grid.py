@@ -1,8 +1,16 @@
 """Class-agnostic mask proposals: SAM prompted with a regular point grid (or with boxes).
 
-The grid covers the ORIGINAL image, as ``SamAutomaticMaskGenerator`` builds it (point ``(i, j)`` at
-``((j + 0.5) / n * W, (i + 0.5) / n * H)``), and is mapped into the encoder input with the image's
-:class:`~samantics_d2.modeling.preprocess.ImageFit`. All prompts of the image go through the mask
+Two point layouts (``PointGridProposals(point_layout=...)``):
+
+- ``"input_linspace"`` ("No Time to Train", ``Sam2MatchingBaselineNoAMG._forward_sam``):
+  ``linspace(0, S - 1, n) + 0.5`` on each axis of the part of the encoder input that holds the
+  image (the whole ``S x S`` square when the image is stretched to it, as theirs is: ``0.5 + 33 i``
+  for ``S = 1024, n = 32``), x varying SLOWEST (``torch.meshgrid`` in "ij" order over (x, y));
+- ``"cell_centres"`` (``SamAutomaticMaskGenerator``'s ``build_point_grid``): the centres of an
+  ``n x n`` cell grid over the ORIGINAL image, point ``(i, j)`` at ``((j + 0.5) / n * W,
+  (i + 0.5) / n * H)``, x varying fastest, mapped into the encoder input with the image's
+  :class:`~samantics_d2.modeling.preprocess.ImageFit` (``16 + 32 i`` for a 1024 px image, n = 32).
+ All prompts of the image go through the mask
 decoder in chunks (one call per chunk, see :mod:`.prompt_decoder`); each prompt keeps its best mask
 by predicted IoU; filtering happens once, after the last chunk. Masks stay low-resolution logits
 in the encoder-input frame (``MaskProposals.original_masks`` resamples the ones that survive).
@@ -23,9 +31,19 @@ from ..preprocess import ImageFit
 from ..semantic.mask_ops import remove_small_regions
 from .prompt_decoder import PromptDecoder
 
-__all__ = ["MaskProposals", "PointGridProposals", "mask_logits_to_boxes", "point_grid", "stability_score"]
+__all__ = [
+    "MaskProposals",
+    "POINT_LAYOUTS",
+    "PointGridProposals",
+    "input_linspace_grid",
+    "mask_logits_to_boxes",
+    "point_grid",
+    "stability_score",
+]
 
 logger = logging.getLogger(__name__)
+
+POINT_LAYOUTS = ("input_linspace", "cell_centres")
 
 
 @dataclass
@@ -85,6 +103,28 @@ def point_grid(
     return torch.stack([xs, ys], dim=-1).reshape(-1, 2).float()
 
 
+def input_linspace_grid(
+    points_per_side: int,
+    valid_box: tuple[float, float, float, float],
+    *,
+    device: Optional[torch.device] = None,
+) -> torch.Tensor:
+    """``[n * n, 2]`` float32 (x, y) points in ENCODER-INPUT pixels, "No Time to Train"'s grid.
+
+    On each axis ``x0 + 0.5 + k * (x1 - x0 - 1) / (n - 1)``, ``k = 0 .. n - 1`` (``linspace(0, S - 1,
+    n) + 0.5`` over a box of side ``S``), inside ``valid_box = (x0, y0, x1, y1)``, the part of the
+    input holding the image; point ``i * n + j`` is ``(x_i, y_j)``: x varies slowest.
+    """
+    if points_per_side < 1:
+        raise ValueError(f"points_per_side={points_per_side} must be >= 1.")
+    x0, y0, x1, y1 = (float(v) for v in valid_box)
+    steps = torch.linspace(0.0, 1.0, points_per_side, dtype=torch.float64, device=device)
+    xs = x0 + 0.5 + steps * (x1 - x0 - 1)
+    ys = y0 + 0.5 + steps * (y1 - y0 - 1)
+    gx, gy = torch.meshgrid(xs, ys, indexing="ij")  # [i, j] = (x_i, y_j)
+    return torch.stack([gx, gy], dim=-1).reshape(-1, 2).float()
+
+
 def stability_score(mask_logits: torch.Tensor, *, mask_threshold: float = 0.0, offset: float = 1.0) -> torch.Tensor:
     """SAM's stability score: IoU of the masks ``logits > t + offset`` and ``logits > t - offset``.
 
@@ -141,6 +181,9 @@ class PointGridProposals(nn.Module):
         decoder: a :class:`~.prompt_decoder.PromptDecoder` matching the backbone whose features
             :meth:`forward` receives (``build_prompt_decoder(backbone)``).
         points_per_side: ``n``: ``n x n`` single-point prompts over the original image.
+        point_layout: where the points are and in which order (:data:`POINT_LAYOUTS`, module
+            docstring): ``"input_linspace"`` ("No Time to Train") or ``"cell_centres"`` (SAM's
+            automatic mask generator).
         points_per_batch: prompts per mask-decoder call (memory bound).
         multimask_output: SAM's three masks per point prompt, the best by predicted IoU is kept
             (False: SAM's single-mask output).
@@ -167,6 +210,7 @@ class PointGridProposals(nn.Module):
         *,
         decoder: PromptDecoder,
         points_per_side: int = 32,
+        point_layout: str = "cell_centres",
         points_per_batch: int = 256,
         multimask_output: bool = True,
         box_multimask_output: bool = False,
@@ -183,6 +227,8 @@ class PointGridProposals(nn.Module):
             problems.append(f"decoder must be a PromptDecoder (build_prompt_decoder(backbone)); got {type(decoder).__name__}")
         if points_per_side < 1:
             problems.append(f"points_per_side={points_per_side} must be >= 1")
+        if point_layout not in POINT_LAYOUTS:
+            problems.append(f"point_layout={point_layout!r} must be one of {POINT_LAYOUTS}")
         if points_per_batch < 1:
             problems.append(f"points_per_batch={points_per_batch} must be >= 1")
         if box_nms_thresh is not None and not 0.0 < box_nms_thresh <= 1.0:
@@ -197,6 +243,7 @@ class PointGridProposals(nn.Module):
             raise ValueError("PointGridProposals: " + "; ".join(problems) + ".")
         self.decoder = decoder
         self.points_per_side = points_per_side
+        self.point_layout = point_layout
         self.points_per_batch = points_per_batch
         self.multimask_output = multimask_output
         self.box_multimask_output = box_multimask_output
@@ -246,12 +293,17 @@ class PointGridProposals(nn.Module):
             centres = (boxes[:, :2] + boxes[:, 2:]) / 2
             return MaskProposals(logits, iou, stability, centres, fit, prompt_boxes=boxes)
 
-        points = point_grid(self.points_per_side, fit.original_size, device=device)
+        if self.point_layout == "input_linspace":
+            input_points = input_linspace_grid(self.points_per_side, fit.valid_box, device=device)
+            points = fit.points_to_original(input_points)
+        else:
+            points = point_grid(self.points_per_side, fit.original_size, device=device)
+            input_points = fit.points_to_input(points)
         labels = torch.ones(points.shape[0], 1, dtype=torch.int64, device=device)
         logits, iou, stability, region = self._decode(
             image_features,
             fit,
-            points=fit.points_to_input(points)[:, None],
+            points=input_points[:, None],
             point_labels=labels,
             multimask_output=self.multimask_output,
         )
@@ -293,7 +345,8 @@ class PointGridProposals(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"points_per_side={self.points_per_side}, points_per_batch={self.points_per_batch}, "
+            f"points_per_side={self.points_per_side}, point_layout={self.point_layout!r}, "
+            f"points_per_batch={self.points_per_batch}, "
             f"multimask_output={self.multimask_output}, pred_iou_thresh={self.pred_iou_thresh}, "
             f"stability_score_thresh={self.stability_score_thresh}, box_nms_thresh={self.box_nms_thresh}, "
             f"max_proposals={self.max_proposals}, min_region_area={self.min_region_area}"

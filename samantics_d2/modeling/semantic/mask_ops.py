@@ -20,7 +20,9 @@ from ..preprocess import ImageFit
 
 __all__ = [
     "connected_component_areas",
+    "BOX_CONVENTIONS",
     "identity_fit",
+    "mask_grid_weights",
     "mask_intersections",
     "mask_iou_matrix",
     "mask_overlap_over_area",
@@ -32,6 +34,11 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# "exclusive": x1, y1 are the far pixel edges (Detectron2's BitMasks, a one-pixel mask at (x, y) is
+# [x, y, x+1, y+1]); "inclusive": the last pixel's index (segment_anything / sam2
+# ``batched_mask_to_box``, used by "No Time to Train": [x, y, x, y]).
+BOX_CONVENTIONS = ("inclusive", "exclusive")
 
 
 def identity_fit(height: int, width: int) -> ImageFit:
@@ -130,6 +137,93 @@ def resample_masks(
     return F.avg_pool2d(sampled, kernel_size=s)[:, 0]  # [P, h, w]
 
 
+def _bilinear_axis_matrix(
+    count: int, *, src_size: int, src_scale: float, src_offset: float, size: int,
+    dst_scale: float, dst_offset: float, dst_input: int, grid: int, patch_size: int, device: torch.device,
+) -> torch.Tensor:
+    """``[count, grid]``: row ``u`` holds the bilinear weights (``align_corners=False``, edges
+    clamped) that read the destination patch grid at the centre of source mask pixel ``u``, scaled
+    so that every row sums to the area of one mask pixel in patches along this axis; rows of mask
+    pixels outside the original image or outside the destination input are zero."""
+    centre = (torch.arange(count, dtype=torch.float64, device=device) + 0.5) * (src_size / count)  # source input px
+    original = (centre - src_offset) / src_scale
+    dst = original * dst_scale + dst_offset  # destination input px
+    inside = (original >= 0) & (original < size) & (dst >= 0) & (dst < dst_input)
+    position = (dst / patch_size - 0.5).clamp(0, grid - 1)  # in patch indices
+    low = position.floor().long().clamp(max=grid - 1)
+    high = (low + 1).clamp(max=grid - 1)
+    frac = position - low
+    rows = torch.arange(count, device=device)
+    matrix = torch.zeros(count, grid, dtype=torch.float64, device=device)
+    matrix.index_put_((rows, low), 1 - frac, accumulate=True)
+    matrix.index_put_((rows, high), frac, accumulate=True)
+    pixel_in_patches = (src_size / count) / src_scale * dst_scale / patch_size
+    return (matrix * (inside[:, None] * pixel_in_patches)).float()
+
+
+def mask_grid_weights(
+    mask_logits: torch.Tensor,
+    *,
+    src_fit: ImageFit,
+    dst_fit: ImageFit,
+    grid_size: tuple[int, int],
+    patch_size: int,
+    threshold: float = 0.0,
+) -> torch.Tensor:
+    """Patch-grid weights that pool features as "No Time to Train" does, on the mask grid.
+
+    The authors upsample the ``h x w`` feature map bilinearly (``align_corners=False``) to the
+    ``Hm x Wm`` mask grid and average the features of the mask pixels whose logit is
+    ``> threshold``. Bilinear upsampling is linear and separable, ``F_up = B_y F B_x^T``, so that
+    mean equals ``sum(W * F) / sum(W)`` with ``W = B_y^T M B_x`` on the patch grid: the same
+    numbers (up to float rounding) from two small matrix products instead of a ``[P, Hm * Wm] x
+    [Hm * Wm, C]`` one. :func:`mask_pooling` with these weights gives that mean.
+
+    Each mask pixel is read at its centre through both fits (mask frame -> original image ->
+    destination input -> patch grid, edges clamped as ``F.interpolate`` does); pixels outside the
+    original image (padding) or outside the destination input (cropped away) count as outside
+    the mask. When both encoders stretch the whole image to their input squares (the authors'
+    preprocessing) this is exactly ``F.interpolate(F, (Hm, Wm), mode="bilinear")``.
+
+    Args:
+        mask_logits: ``[P, Hm, Wm]`` logits covering the whole source input square (bool masks
+            are taken as they are).
+        src_fit: the fit of the original image into the source encoder input (SAM's).
+        dst_fit: the fit of the original image into the destination encoder input (DINOv2's).
+        grid_size: ``(h, w)`` of the destination patch grid.
+        patch_size: destination patch size in input pixels.
+        threshold: a mask pixel is in the mask where its logit is ``> threshold``.
+
+    Returns:
+        ``[P, h, w]`` float32 weights >= 0, in patches (their sum is the mask's area on the patch grid).
+    """
+    if mask_logits.ndim != 3:
+        raise ValueError(f"mask_grid_weights expects masks [P, Hm, Wm]; got shape {tuple(mask_logits.shape)}.")
+    if src_fit.original_size != dst_fit.original_size:
+        raise ValueError(
+            f"mask_grid_weights got fits of different images: source original size {src_fit.original_size}, "
+            f"destination {dst_fit.original_size}. Both fits must come from the same image."
+        )
+    if patch_size < 1:
+        raise ValueError(f"mask_grid_weights got patch_size={patch_size}; it must be >= 1.")
+    P, Hm, Wm = mask_logits.shape
+    h, w = grid_size
+    H, W = src_fit.original_size
+    device = mask_logits.device
+    by = _bilinear_axis_matrix(
+        Hm, src_size=src_fit.input_size[0], src_scale=src_fit.scale[0], src_offset=src_fit.offset[0], size=H,
+        dst_scale=dst_fit.scale[0], dst_offset=dst_fit.offset[0], dst_input=dst_fit.input_size[0], grid=h,
+        patch_size=patch_size, device=device,
+    )
+    bx = _bilinear_axis_matrix(
+        Wm, src_size=src_fit.input_size[1], src_scale=src_fit.scale[1], src_offset=src_fit.offset[1], size=W,
+        dst_scale=dst_fit.scale[1], dst_offset=dst_fit.offset[1], dst_input=dst_fit.input_size[1], grid=w,
+        patch_size=patch_size, device=device,
+    )
+    masks = mask_logits if mask_logits.dtype == torch.bool else mask_logits > threshold
+    return by.T @ (masks.float() @ bx)  # [h, Hm] @ [P, Hm, w] -> [P, h, w]
+
+
 def mask_pooling(features: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted mean of a dense feature map under soft masks (one matmul).
 
@@ -169,14 +263,23 @@ def mask_pooling(features: torch.Tensor, weights: torch.Tensor) -> tuple[torch.T
     return pooled, valid
 
 
-def masks_to_original(mask_logits: torch.Tensor, fit: ImageFit, *, threshold: float = 0.0) -> torch.Tensor:
-    """Final masks on the original image grid (call it for the kept top-K only).
+def masks_to_original(
+    mask_logits: torch.Tensor, fit: ImageFit, *, threshold: float = 0.0, antialias: bool = False
+) -> torch.Tensor:
+    """Final masks on the original image grid (call it for the kept masks only).
 
     Args:
         mask_logits: ``[K, Hm, Wm]`` logits covering the input square of ``fit`` (use
             ``threshold=0.5`` for probabilities).
         fit: the fit of the original image into that input.
         threshold: a pixel is in the mask when its bilinear sample exceeds it.
+        antialias: where the original image is smaller than the mask grid (fewer original
+            pixels per mask pixel than 1), first resample the mask grid to the original pixel
+            density with ``F.interpolate(..., mode="bilinear", antialias=True)`` (an average over
+            the mask pixels each original pixel covers), as "No Time to Train" does for its final
+            masks; for an image stretched to the input square that is exactly
+            ``F.interpolate(mask_logits, (H, W), mode="bilinear", antialias=True)``. No effect
+            where the image is at least as large as the mask grid (upsampling).
 
     Returns:
         ``[K, H, W]`` bool, ``(H, W) = fit.original_size``.
@@ -187,31 +290,43 @@ def masks_to_original(mask_logits: torch.Tensor, fit: ImageFit, *, threshold: fl
         return fit.mask_to_original(mask_logits)
     if mask_logits.shape[0] == 0:
         return torch.zeros((0, *fit.original_size), dtype=torch.bool, device=mask_logits.device)
-    return fit.mask_to_original(mask_logits.float()) > threshold
+    values = mask_logits.float()
+    if antialias:
+        # the input square at the original image's pixel density
+        density = tuple(max(1, round(s / scale)) for s, scale in zip(fit.input_size, fit.scale))
+        if density[0] < values.shape[-2] or density[1] < values.shape[-1]:
+            values = F.interpolate(values[:, None], size=density, mode="bilinear", align_corners=False, antialias=True)[:, 0]
+    return fit.mask_to_original(values) > threshold
 
 
-def masks_to_boxes(masks: torch.Tensor, *, fit: Optional[ImageFit] = None) -> torch.Tensor:
-    """Tight XYXY boxes of binary masks (pixel edges: a one-pixel mask at (x, y) is ``[x, y, x+1, y+1]``).
+def masks_to_boxes(masks: torch.Tensor, *, fit: Optional[ImageFit] = None, convention: str = "exclusive") -> torch.Tensor:
+    """Tight XYXY boxes of binary masks.
 
     Args:
         masks: ``[P, Hm, Wm]`` bool (or 0/1).
         fit: when given, the masks cover the input square of ``fit`` and the boxes are returned in
             original image pixels (clipped to the image); otherwise in mask pixels.
+        convention: ``"exclusive"`` (pixel edges: a one-pixel mask at (x, y) is ``[x, y, x+1, y+1]``)
+            or ``"inclusive"`` (pixel indices: ``[x, y, x, y]``, sam2's ``batched_mask_to_box``);
+            see :data:`BOX_CONVENTIONS`.
 
     Returns:
         ``[P, 4]`` float; empty masks get ``[0, 0, 0, 0]``.
     """
     if masks.ndim != 3:
         raise ValueError(f"masks_to_boxes expects masks [P, Hm, Wm]; got shape {tuple(masks.shape)}.")
+    if convention not in BOX_CONVENTIONS:
+        raise ValueError(f"masks_to_boxes got convention={convention!r}; expected one of {BOX_CONVENTIONS}.")
     masks = masks.bool()
     Hm, Wm = masks.shape[-2:]
     rows, cols = masks.any(dim=2), masks.any(dim=1)  # [P, Hm], [P, Wm]
     nonempty = rows.any(dim=1)
+    far_edge = 0 if convention == "exclusive" else 1
     # first True from each end (argmax returns the first maximum)
     y0 = rows.byte().argmax(dim=1)
-    y1 = Hm - rows.flip(1).byte().argmax(dim=1)
+    y1 = Hm - far_edge - rows.flip(1).byte().argmax(dim=1)
     x0 = cols.byte().argmax(dim=1)
-    x1 = Wm - cols.flip(1).byte().argmax(dim=1)
+    x1 = Wm - far_edge - cols.flip(1).byte().argmax(dim=1)
     boxes = torch.stack([x0, y0, x1, y1], dim=1).float() * nonempty[:, None]
     if fit is None:
         return boxes
