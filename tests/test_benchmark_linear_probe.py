@@ -1,22 +1,9 @@
 """tools/benchmark.py linear_probe: the cached probe grid of a linear-probe config against one encoder
 pass and against re-running the encoder every epoch (tiny random DINOv2 on shapes crops)."""
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from test_benchmark_training_free import ROOT, tool  # noqa: F401  (the tool fixture: tools/benchmark.py as a module)
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "linear_probe" / "tiny_shapes.py")
-
-
-@pytest.fixture(scope="module")
-def tool():
-    spec = importlib.util.spec_from_file_location("benchmark_tool", ROOT / "tools" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_cli_with_config_file_reports_the_config_grid(tool, tmp_path, capsys):
