@@ -8,6 +8,7 @@ plain formulas written here.
 """
 from __future__ import annotations
 
+import os
 from functools import partial
 
 import numpy as np
@@ -413,6 +414,31 @@ def test_strict_weight_loading_fails_clearly(sam_files, tmp_path):
         load_prompt_decoder_weights(SAM2PromptDecoder(embed_dim=32, image_size=128), sam_path)
     with pytest.raises(WeightsError, match="sam_vit_b"):  # a tag of another family, refused before any file lookup
         load_prompt_decoder_weights(SAM2PromptDecoder(variant="hiera_t", embed_dim=32, image_size=128), "sam_vit_b")
+
+
+@pytest.mark.parametrize("package", ["segment_anything", "segment_anything_hq", "sam2"])
+def test_encoder_and_decoder_of_one_checkpoint_read_it_once(sam_files, package, monkeypatch, tmp_path):
+    """build: load_encoder_weights + build_prompt_decoder(backbone, weights=same file) read the file
+    once; the decoder gets the same tensors as from a read of its own; a changed file is read again."""
+    import samantics_d2.modeling.weights as weights_module
+
+    reads = []
+    original = weights_module.read_state_dict
+    monkeypatch.setattr(weights_module, "read_state_dict", lambda path, **kw: reads.append(path) or original(path, **kw))
+    path = sam_files[package][1]
+    backbone, decoder = _ours(package, path)
+    assert len(reads) == 1
+    alone = type(decoder)(**type(decoder).options_for_backbone(backbone))
+    load_prompt_decoder_weights(alone, path)  # no backbone: reads the file
+    assert len(reads) == 2
+    for key, value in alone.state_dict().items():
+        assert torch.equal(value, decoder.state_dict()[key]), key
+    copy = tmp_path / path.name
+    copy.write_bytes(path.read_bytes())
+    load_encoder_weights(backbone, copy)
+    os.utime(copy, ns=(0, 0))  # the file changed since the backbone's read (another modification time)
+    build_prompt_decoder(backbone, weights=copy)
+    assert len(reads) == 4  # the part kept with the backbone is not used for a changed file
 
 
 def test_build_prompt_decoder_checks_the_backbone_outputs():

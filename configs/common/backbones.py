@@ -1,7 +1,7 @@
 # Image encoders as Detectron2 backbones: one entry per architecture and weight tag.
 #
 #   <tag>          the published architecture with its official weights, read strictly from
-#                  $SAMANTICS_WEIGHTS/<official file name> (file names: samantics_d2/modeling/weights.py);
+#                  $SAMANTICS_WEIGHTS/<official file name> (file names: samantics_d2/modeling/catalog.py);
 #                  pretrained=False gives the same architecture with random weights.
 #   <family>_tiny  the same structure at depth 2 / width 32 with random weights (tests, CPU demos).
 #

@@ -1,7 +1,7 @@
 """Preprocessing constants per weight tag, and the image fitting that each encoder expects.
 
-One table (:data:`PREPROCESS`) gives, for every weight tag of :mod:`samantics_d2.modeling.weights`,
-the input size, the RGB pixel mean/std (0-255 scale), the patch size and how an image is fitted to
+One table (:data:`PREPROCESS`, read from :mod:`samantics_d2.modeling.catalog`) gives, for every
+weight tag, the input size, the RGB pixel mean/std (0-255 scale), the patch size and how an image is fitted to
 the input square. :func:`fit_image` implements the fitting modes and returns an :class:`ImageFit`
 that maps points, boxes and masks between the original image and the encoder input.
 
@@ -26,12 +26,16 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass
-from types import MappingProxyType
-from typing import Mapping, Optional, Sequence, Union
+from typing import Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ..utils.image import to_rgb_uint8
+
+# (pixel statistics on the 0-255 scale live with the family records; named here too)
+from .catalog import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, WEIGHTS, get_weight_spec
 
 __all__ = [
     "FIT_MODES",
@@ -56,11 +60,6 @@ _INTERPOLATIONS = ("bilinear", "bicubic")
 # resize_center_crop resizes the whole image up to this many pixels, a crop window beyond.
 _MAX_RESIZED_PIXELS = 1 << 24
 
-# Pixel statistics on the 0-255 scale, RGB order.
-IMAGENET_MEAN = (123.675, 116.28, 103.53)  # (0.485, 0.456, 0.406) * 255
-IMAGENET_STD = (58.395, 57.12, 57.375)  # (0.229, 0.224, 0.225) * 255
-OPENAI_CLIP_MEAN = (0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255)
-OPENAI_CLIP_STD = (0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255)
 
 
 @dataclass(frozen=True)
@@ -114,37 +113,32 @@ class PreprocessSpec:
         return dataclasses.replace(self, **changes)
 
 
-def _family_spec(family: str, tag: str, *, input_size: Optional[int] = None, patch_size: Optional[int] = None) -> PreprocessSpec:
-    """The family defaults, for one tag."""
-    if family in ("sam", "hq_sam"):
-        # segment_anything.utils.transforms.ResizeLongestSide + Sam.preprocess (pad after normalising).
-        return PreprocessSpec(tag, input_size or 1024, IMAGENET_MEAN, IMAGENET_STD, patch_size or 16, "longest_side_pad", "bilinear")
-    if family == "sam2":
-        # sam2.utils.transforms.SAM2Transforms: Resize((1024, 1024)) + ImageNet Normalize.
-        return PreprocessSpec(tag, input_size or 1024, IMAGENET_MEAN, IMAGENET_STD, patch_size or 16, "resize_square", "bilinear")
-    if family == "dinov2":
-        # DINOv2 linear-eval transform: Resize(256, bicubic) + CenterCrop(224), ImageNet statistics.
-        return PreprocessSpec(
-            tag, input_size or 224, IMAGENET_MEAN, IMAGENET_STD, patch_size or 14, "resize_center_crop", "bicubic", 0.875
-        )
-    if family == "clip":
-        # open_clip / OpenAI CLIP: Resize(S, bicubic) + CenterCrop(S), OpenAI statistics.
-        return PreprocessSpec(
-            tag, input_size or 224, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, patch_size or 32, "resize_center_crop", "bicubic", 1.0
-        )
-    raise ValueError(f"Unknown encoder family {family!r}; expected one of 'sam', 'hq_sam', 'sam2', 'dinov2', 'clip'.")
+def tag_spec(tag: str) -> PreprocessSpec:
+    """The preprocessing of weight tag ``tag``: its family's defaults and the tag's overrides."""
+    record = get_weight_spec(tag)
+    defaults = dict(record.family_spec.preprocess)
+    for name in ("input_size", "patch_size"):
+        if getattr(record, name) is not None:
+            defaults[name] = getattr(record, name)
+    return PreprocessSpec(tag, **defaults)
 
 
-def _build_table() -> Mapping[str, PreprocessSpec]:
-    from .weights import WEIGHTS  # the tags live in weights.py; the constants live here
+class _PreprocessTable(Mapping):
+    """weight tag -> :class:`PreprocessSpec`, read from the encoder catalog (live)."""
 
-    table = {}
-    for tag, w in WEIGHTS.items():
-        table[tag] = _family_spec(w.family, tag, input_size=w.input_size, patch_size=w.patch_size)
-    return MappingProxyType(table)
+    def __getitem__(self, tag: str) -> PreprocessSpec:
+        if tag not in WEIGHTS:
+            raise KeyError(tag)
+        return tag_spec(tag)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(WEIGHTS)
+
+    def __len__(self) -> int:
+        return len(WEIGHTS)
 
 
-PREPROCESS: Mapping[str, PreprocessSpec] = _build_table()
+PREPROCESS: Mapping[str, PreprocessSpec] = _PreprocessTable()
 
 
 def preprocess_spec(
@@ -242,7 +236,7 @@ def image_to_tensor(image: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
 
     Args:
         image: a numpy array ``[H, W]``, ``[H, W, 1|3|4]`` of uint8/uint16/bool/float in [0, 1]
-            (converted by :func:`samantics_d2.data.io.to_rgb_uint8`: gray repeated, alpha dropped,
+            (converted by :func:`samantics_d2.utils.image.to_rgb_uint8`: gray repeated, alpha dropped,
             16 bit scaled), or a tensor ``[3, H, W]`` / ``[1, H, W]`` uint8 (the model-input
             convention of this project: RGB, channels first) or float holding pixel values in
             [0, 255] (Detectron2's model-input convention: ``DefaultPredictor`` passes float32).
@@ -259,8 +253,6 @@ def image_to_tensor(image: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
             image = image.detach().round().clamp(0, 255).to(torch.uint8)
         return image.detach().cpu().expand(3, -1, -1).contiguous()
     if isinstance(image, np.ndarray):
-        from ..data.io import to_rgb_uint8
-
         return torch.from_numpy(to_rgb_uint8(image)).permute(2, 0, 1).contiguous()
     raise TypeError(f"Expected an image as numpy.ndarray or torch.Tensor; got {type(image).__name__}.")
 

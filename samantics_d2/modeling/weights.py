@@ -1,8 +1,8 @@
 """Official encoder weights: named tags, safe reading, one converter per family, strict loading.
 
 A weight tag (``"sam_vit_b"``, ``"dinov2_vitl14_reg"``, ...) names an official checkpoint file as it
-is published; :data:`WEIGHTS` gives its file name, the page it is published at, its SHA-256 when
-known, and the architecture it belongs to. Nothing is ever downloaded: a tag resolves to
+is published; :data:`WEIGHTS` (the tags of :mod:`samantics_d2.modeling.catalog`) gives its file
+name, the page it is published at, its SHA-256 when known, and the architecture it belongs to. Nothing is ever downloaded: a tag resolves to
 ``$SAMANTICS_WEIGHTS/<file name>``, and an absent file fails with the exact name to place there.
 
 Reading (:func:`read_state_dict`) never executes code from the file:
@@ -16,15 +16,22 @@ Reading (:func:`read_state_dict`) never executes code from the file:
   attributes (``__torch__.*`` classes become plain records); any other global is refused. The
   tensors found under module attributes form the state dict.
 
-Converters (:data:`CONVERTERS`, one per family) map the official key layout onto our backbone's
-keys (``encoder.<upstream key>``). Keys that belong to parts of the official model that an encoder
-does not use (prompt encoder, mask decoder, text tower, ...) are dropped by name and logged; every
-other difference fails: missing, unexpected and wrongly-shaped keys are listed with the file and
-the family the file looked like.
+Converting: each family's :class:`~samantics_d2.modeling.catalog.CheckpointLayout` splits an
+official state dict, in one pass (:func:`split_checkpoint`), into the image encoder's keys (ours:
+``encoder.<upstream key>``, adjusted by the family's ``transform`` where renaming is not enough),
+the prompt decoder's keys, and parts neither uses (text tower, video memory, ...), which are dropped
+by name and logged. Every other difference fails: missing, unexpected and wrongly-shaped keys are
+listed with the file and the family the file looked like.
+
+Loading: :func:`load_official_weights` reads a checkpoint once and loads both the encoder and the
+prompt decoder from that read. :func:`load_encoder_weights` keeps the decoder's part of the read
+with the backbone, so that :func:`load_prompt_decoder_weights` of the same file for that backbone
+(``build_prompt_decoder(backbone, weights=tag)``) does not read the file again.
 """
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import logging
 import math
@@ -34,17 +41,16 @@ import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
+from weakref import WeakKeyDictionary
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..utils.io import checkpoint_read_error, sha256_of
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .backbone.base import EncoderBackbone
+from .catalog import FAMILIES, WEIGHTS, FamilyView, WeightSpec, default_tag, get_family, get_weight_spec  # noqa: F401
+from .catalog import resolve as _resolve
 
 __all__ = [
     "WEIGHTS_ENV",
@@ -55,28 +61,24 @@ __all__ = [
     "UnsafeCheckpointError",
     "WeightSpec",
     "WeightsError",
+    "convert_prompt_decoder_state_dict",
     "convert_state_dict",
     "get_weight_spec",
     "guess_family",
     "load_encoder_weights",
+    "load_official_weights",
+    "load_prompt_decoder_weights",
     "match_state_dict",
     "module_fingerprint",
     "read_state_dict",
     "resolve_weights",
     "sha256_of",
+    "split_checkpoint",
 ]
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_ENV = "SAMANTICS_WEIGHTS"
-FAMILIES = ("sam", "hq_sam", "sam2", "dinov2", "clip")
-_FAMILY_NAMES = {
-    "sam": "Segment Anything (segment_anything .pth: image_encoder/prompt_encoder/mask_decoder)",
-    "hq_sam": "HQ-SAM (segment_anything_hq .pth: SAM keys + mask_decoder.hf_token ...)",
-    "sam2": "SAM 2 / 2.1 (sam2 .pt: {'model': image_encoder.trunk/neck ...})",
-    "dinov2": "DINOv2 (torch hub .pth: cls_token, pos_embed, blocks.N ..., mask_token)",
-    "clip": "CLIP (OpenAI TorchScript .pt or open_clip .bin/.safetensors: visual.*, transformer.*)",
-}
 
 
 class WeightsError(ValueError):
@@ -93,94 +95,6 @@ class UnsafeCheckpointError(WeightsError):
 
 class KeyMismatchError(WeightsError):
     """The converted state dict does not match the backbone's parameters and buffers."""
-
-
-@dataclass(frozen=True)
-class WeightSpec:
-    """One official checkpoint.
-
-    Attributes:
-        tag: our name for it.
-        family: converter family, one of ``sam, hq_sam, sam2, dinov2, clip``.
-        variant: architecture name in the family's backbone (``vit_b``, ``hiera_l``, ``vitg14_reg``...).
-        file_name: the file name as published (what to place under ``$SAMANTICS_WEIGHTS``).
-        url: where it is published (for the "absent" message; never fetched by this project).
-        sha256: the SHA-256 of the published file, only where the publisher states it.
-        input_size, patch_size: preprocessing overrides of the family defaults
-            (see :mod:`samantics_d2.modeling.preprocess`).
-    """
-
-    tag: str
-    family: str
-    variant: str
-    file_name: str
-    url: str
-    sha256: Optional[str] = None
-    input_size: Optional[int] = None
-    patch_size: Optional[int] = None
-
-
-def _sam_tags() -> list[WeightSpec]:
-    base = "https://dl.fbaipublicfiles.com/segment_anything/"
-    files = {"vit_b": "sam_vit_b_01ec64.pth", "vit_l": "sam_vit_l_0b3195.pth", "vit_h": "sam_vit_h_4b8939.pth"}
-    specs = [WeightSpec(f"sam_{v}", "sam", v, f, base + f) for v, f in files.items()]
-    hq = "https://huggingface.co/lkeab/hq-sam/resolve/main/"
-    specs += [WeightSpec(f"hq_sam_{v}", "hq_sam", v, f"sam_hq_{v}.pth", hq + f"sam_hq_{v}.pth") for v in files]
-    return specs
-
-
-def _sam2_tags() -> list[WeightSpec]:
-    sizes = {"t": "tiny", "s": "small", "b+": "base_plus", "l": "large"}
-    specs = []
-    for version, folder in (("sam2", "072824"), ("sam2.1", "092824")):
-        for short, long in sizes.items():
-            file_name = f"{version}_hiera_{long}.pt"
-            url = f"https://dl.fbaipublicfiles.com/segment_anything_2/{folder}/{file_name}"
-            specs.append(WeightSpec(f"{version}_hiera_{short}", "sam2", f"hiera_{short}", file_name, url))
-    return specs
-
-
-def _dinov2_tags() -> list[WeightSpec]:
-    specs = []
-    for arch in ("vits14", "vitb14", "vitl14", "vitg14"):
-        for reg, suffix in (("", ""), ("_reg", "_reg4")):
-            file_name = f"dinov2_{arch}{suffix}_pretrain.pth"
-            url = f"https://dl.fbaipublicfiles.com/dinov2/dinov2_{arch}/{file_name}"
-            specs.append(WeightSpec(f"dinov2_{arch}{reg}", "dinov2", f"{arch}{reg}", file_name, url))
-    return specs
-
-
-def _clip_tags() -> list[WeightSpec]:
-    # OpenAI publishes the SHA-256 as the second-to-last URL component (also checked by
-    # open_clip.pretrained.download_pretrained_from_url).
-    base = "https://openaipublic.azureedge.net/clip/models/"
-    rows = [
-        ("vit_b32", "ViT-B-32.pt", "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af", 224, 32),
-        ("vit_b16", "ViT-B-16.pt", "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f", 224, 16),
-        ("vit_l14", "ViT-L-14.pt", "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836", 224, 14),
-        ("vit_l14_336", "ViT-L-14-336px.pt", "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02", 336, 14),
-    ]
-    return [
-        WeightSpec(f"clip_{v}_openai", "clip", v, f, f"{base}{sha}/{f}", sha, size, patch) for v, f, sha, size, patch in rows
-    ]
-
-
-WEIGHTS: Mapping[str, WeightSpec] = MappingProxyType(
-    {w.tag: w for w in _sam_tags() + _sam2_tags() + _dinov2_tags() + _clip_tags()}
-)
-
-
-def get_weight_spec(tag: str) -> WeightSpec:
-    """The :class:`WeightSpec` of ``tag``; unknown tags fail with the list of known ones."""
-    if tag not in WEIGHTS:
-        raise KeyError(f"Unknown weight tag {tag!r}; known tags: {sorted(WEIGHTS)}.")
-    return WEIGHTS[tag]
-
-
-def default_tag(family: str, variant: str) -> Optional[str]:
-    """The tag whose architecture is ``family``/``variant`` (SAM 2.1 preferred over SAM 2)."""
-    matches = [w.tag for w in WEIGHTS.values() if w.family == family and w.variant == variant]
-    return matches[-1] if matches else None  # table order: SAM 2.1 comes after SAM 2
 
 
 # ----------------------------------------------------------------------------- resolving
@@ -395,16 +309,11 @@ def read_state_dict(path: Union[str, os.PathLike], *, sha256: Optional[str] = No
 
 
 def guess_family(state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
-    """Which official layout ``state_dict`` looks like (None: none of ours)."""
+    """Which official layout ``state_dict`` looks like (None: none of the catalog's families)."""
     keys = state_dict.keys()
-    if any(k.startswith("image_encoder.trunk.") for k in keys):
-        return "sam2"
-    if "image_encoder.patch_embed.proj.weight" in keys:
-        return "hq_sam" if any(k.startswith("mask_decoder.hf_") for k in keys) else "sam"
-    if "visual.conv1.weight" in keys or "visual.class_embedding" in keys:
-        return "clip"
-    if "cls_token" in keys and any(k.startswith("blocks.") for k in keys):
-        return "dinov2"
+    for spec in sorted(FAMILIES.values(), key=lambda f: f.guess_order):
+        if spec.signature(keys):
+            return spec.name
     return None
 
 
@@ -413,72 +322,84 @@ def guess_family(state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
 
 @dataclass
 class Converted:
-    """Output of a converter: keys for our backbone, and what was dropped or not understood."""
+    """Output of a converter: keys for our module, and what was dropped or not understood."""
 
     state_dict: dict[str, torch.Tensor] = field(default_factory=dict)
-    dropped: list[str] = field(default_factory=list)  # parts of the official model an encoder does not use
+    dropped: list[str] = field(default_factory=list)  # parts of the official model the module does not use
     unknown: list[str] = field(default_factory=list)  # keys the converter does not know: reported as unexpected
 
 
-def _split(
-    state_dict: Mapping[str, torch.Tensor],
-    *,
-    keep: str,
-    drop_prefixes: tuple[str, ...] = (),
-    drop_names: tuple[str, ...] = (),
-) -> Converted:
-    """Keys under ``keep`` become ``encoder.<rest>``; listed other parts are dropped; the rest is unknown."""
-    out = Converted()
+@dataclass
+class CheckpointParts:
+    """An official state dict split by its family's layout (:func:`split_checkpoint`)."""
+
+    encoder: dict[str, torch.Tensor] = field(default_factory=dict)  # upstream encoder keys, prefix removed
+    decoder: dict[str, torch.Tensor] = field(default_factory=dict)  # our prompt-decoder keys
+    encoder_keys: list[str] = field(default_factory=list)  # official keys of the encoder part
+    decoder_keys: list[str] = field(default_factory=list)  # official keys of the decoder part
+    other: list[str] = field(default_factory=list)  # parts neither uses
+    unknown: list[str] = field(default_factory=list)
+
+
+def split_checkpoint(state_dict: Mapping[str, torch.Tensor], family: str) -> CheckpointParts:
+    """Split an official state dict of ``family`` into encoder, prompt-decoder and other keys, in one pass."""
+    layout = get_family(family).layout
+    parts = CheckpointParts()
     for key, value in state_dict.items():
-        if key.startswith(keep):
-            out.state_dict["encoder." + key[len(keep) :]] = value
-        elif key.startswith(drop_prefixes) or key in drop_names:
-            out.dropped.append(key)
+        decoder_prefix = next((p for p in layout.decoder_prefixes if key.startswith(p)), None)
+        if key in layout.decoder_names:
+            parts.decoder[key] = value
+            parts.decoder_keys.append(key)
+        elif decoder_prefix is not None:
+            parts.decoder[layout.decoder_prefixes[decoder_prefix] + key[len(decoder_prefix) :]] = value
+            parts.decoder_keys.append(key)
+        elif key.startswith(layout.other_prefixes) or key in layout.other_names:
+            parts.other.append(key)
+        elif key.startswith(layout.encoder_prefix):
+            parts.encoder[key[len(layout.encoder_prefix) :]] = value
+            parts.encoder_keys.append(key)
         else:
-            out.unknown.append(key)
-    return out
+            parts.unknown.append(key)
+    return parts
 
 
-def convert_sam(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> Converted:
-    """segment_anything ``Sam`` (and HQ-SAM) state dict -> the image encoder."""
-    return _split(state_dict, keep="image_encoder.", drop_prefixes=("prompt_encoder.", "mask_decoder."))
+def _encoder_part(parts: CheckpointParts, model: nn.Module, family: str) -> Converted:
+    transform = _resolve(get_family(family).transform)
+    tensors = transform(dict(parts.encoder), model) if transform is not None else parts.encoder
+    return Converted(
+        {"encoder." + key: value for key, value in tensors.items()},
+        dropped=parts.decoder_keys + parts.other,
+        unknown=list(parts.unknown),
+    )
 
 
-# Components of sam2.modeling.sam2_base.SAM2Base outside its image encoder.
-_SAM2_OTHER_PREFIXES = (
-    "memory_attention.",
-    "memory_encoder.",
-    "sam_prompt_encoder.",
-    "sam_mask_decoder.",
-    "obj_ptr_proj.",
-    "obj_ptr_tpos_proj.",
-    "mask_downsample.",
-)
-_SAM2_OTHER_NAMES = ("maskmem_tpos_enc", "no_mem_embed", "no_mem_pos_enc", "no_obj_ptr", "no_obj_embed_spatial")
+def _decoder_part(parts: CheckpointParts, family: str) -> Converted:
+    return Converted(dict(parts.decoder), dropped=parts.encoder_keys + parts.other, unknown=list(parts.unknown))
 
 
-def convert_sam2(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> Converted:
-    """sam2 ``SAM2Base`` state dict (inside ``{"model": ...}``) -> the image encoder (trunk + FPN neck)."""
-    return _split(state_dict, keep="image_encoder.", drop_prefixes=_SAM2_OTHER_PREFIXES, drop_names=_SAM2_OTHER_NAMES)
+def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module, *, family: str) -> Converted:
+    """Official state dict of ``family`` -> the image encoder's keys (``encoder.*``) of ``model``."""
+    if family not in FAMILIES:
+        raise KeyError(f"No converter for family {family!r}; known: {sorted(FAMILIES)}.")
+    return _encoder_part(split_checkpoint(state_dict, family), model, family)
 
 
-_CLIP_TEXT_PREFIXES = ("transformer.", "token_embedding.", "ln_final.")
-_CLIP_TEXT_NAMES = (
-    "positional_embedding",
-    "text_projection",
-    "logit_scale",
-    "logit_bias",
-    "attn_mask",
-    # OpenAI TorchScript archives also carry these as tensors (dropped by open_clip too)
-    "input_resolution",
-    "context_length",
-    "vocab_size",
-)
+def _check_decoder_family(family: str) -> None:
+    if family not in FAMILIES or FAMILIES[family].prompt_decoder is None:
+        known = sorted(name for name, spec in FAMILIES.items() if spec.prompt_decoder is not None)
+        raise KeyError(f"No prompt-decoder converter for family {family!r}; known: {known}.")
 
 
-def convert_clip(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> Converted:
-    """OpenAI / open_clip ``CLIP`` state dict -> the vision tower (``visual.*``)."""
-    return _split(state_dict, keep="visual.", drop_prefixes=_CLIP_TEXT_PREFIXES, drop_names=_CLIP_TEXT_NAMES)
+def convert_prompt_decoder_state_dict(state_dict: Mapping[str, torch.Tensor], *, family: str) -> Converted:
+    """Official checkpoint keys -> our prompt decoder's keys (``prompt_encoder.*``, ``mask_decoder.*``,
+    ``no_mem_embed``); image-encoder and video parts are dropped by name, the rest is unknown."""
+    _check_decoder_family(family)
+    return _decoder_part(split_checkpoint(state_dict, family), family)
+
+
+Converter = Callable[[Mapping[str, torch.Tensor], nn.Module], Converted]
+#: family -> its encoder converter ``(official state dict, backbone) -> Converted`` (live view of the catalog).
+CONVERTERS: Mapping[str, Converter] = FamilyView("layout", lambda spec: functools.partial(convert_state_dict, family=spec.name))
 
 
 def resample_dinov2_pos_embed(
@@ -514,26 +435,21 @@ def resample_dinov2_pos_embed(
     return out.permute(0, 2, 3, 1).reshape(1, -1, dim).to(patch_pos_embed.dtype)
 
 
-def convert_dinov2(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> Converted:
-    """DINOv2 hub state dict -> timm ``VisionTransformer`` keys (under ``encoder.``).
+def adapt_dinov2_keys(tensors: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """DINOv2 hub tensors -> timm ``VisionTransformer`` keys (the family's catalog ``transform``).
 
-    - ``mask_token`` (used only by DINOv2's masked training) is dropped;
     - ``pos_embed`` is resampled to the backbone's grid with DINOv2's own interpolation, so the
       backbone at its ``img_size`` reproduces the hub model at that size exactly;
     - register models: ``register_tokens`` -> ``reg_token``; timm adds no position to prefix tokens,
       so the class position is folded into ``cls_token``;
     - ViT-g's fused SwiGLU ``mlp.w12``/``mlp.w3`` -> timm's packed ``mlp.fc1``/``mlp.fc2``.
+    (``mask_token``, used only by DINOv2's masked training, is dropped by the family's layout.)
     """
-    out = Converted()
-    sd = dict(state_dict)
-    if "mask_token" in sd:
-        del sd["mask_token"]
-        out.dropped.append("mask_token")
-    encoder = model.encoder
+    sd = tensors
     registers = "register_tokens" in sd
     if "pos_embed" in sd and "cls_token" in sd:
         pos = sd.pop("pos_embed")
-        grid = tuple(encoder.patch_embed.grid_size)
+        grid = tuple(model.encoder.patch_embed.grid_size)
         patch_pos = resample_dinov2_pos_embed(
             pos[:, 1:], grid, offset=0.0 if registers else 0.1, antialias=registers
         )
@@ -543,26 +459,12 @@ def convert_dinov2(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> 
             sd["pos_embed"] = patch_pos
         else:
             sd["pos_embed"] = torch.cat([pos[:, :1], patch_pos], dim=1)
+    out = {}
     for key, value in sd.items():
         key = re.sub(r"^(blocks\.\d+\.mlp)\.w12\.", r"\1.fc1.", key)
         key = re.sub(r"^(blocks\.\d+\.mlp)\.w3\.", r"\1.fc2.", key)
-        out.state_dict["encoder." + key] = value
+        out[key] = value
     return out
-
-
-Converter = Callable[[Mapping[str, torch.Tensor], nn.Module], Converted]
-CONVERTERS: Mapping[str, Converter] = MappingProxyType(
-    {"sam": convert_sam, "hq_sam": convert_sam, "sam2": convert_sam2, "dinov2": convert_dinov2, "clip": convert_clip}
-)
-
-
-def convert_state_dict(
-    state_dict: Mapping[str, torch.Tensor], model: nn.Module, *, family: str
-) -> Converted:
-    """Apply the converter of ``family`` (see :data:`CONVERTERS`)."""
-    if family not in CONVERTERS:
-        raise KeyError(f"No converter for family {family!r}; known: {sorted(CONVERTERS)}.")
-    return CONVERTERS[family](state_dict, model)
 
 
 def _listing(keys: list[str], limit: int = 12) -> str:
@@ -590,9 +492,9 @@ def match_state_dict(
     )
     if not (missing or unexpected or wrong_shape):
         return
-    seen = _FAMILY_NAMES.get(looked_like, "none of the known layouts") if looked_like else "none of the known layouts"
+    seen = FAMILIES[looked_like].description if looked_like in FAMILIES else "none of the known layouts"
     parts = [
-        f"{source} does not fit {type(model).__name__} (expects family {family!r}: {_FAMILY_NAMES[family]}); "
+        f"{source} does not fit {type(model).__name__} (expects family {family!r}: {get_family(family).description}); "
         f"the file looks like {seen}."
     ]
     if missing:
@@ -608,16 +510,155 @@ def match_state_dict(
     raise KeyMismatchError(" ".join(parts))
 
 
+# ----------------------------------------------------------------------------- loading
+
+
+@dataclass
+class _Read:
+    """One read of an official checkpoint, split by its family's layout."""
+
+    path: Path
+    stat: tuple[int, int]  # (size, mtime_ns): the same file when the part is reused
+    sha256: Optional[str]  # the checksum verified at the read, if any
+    family: str
+    parts: CheckpointParts
+    looked_like: Optional[str]
+
+
+# backbone -> the prompt-decoder part of the checkpoint it was loaded from (consumed by the decoder's load)
+_DECODER_PARTS: "WeakKeyDictionary[nn.Module, _Read]" = WeakKeyDictionary()
+
+
+def _file_stat(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _check_tag(
+    weights: Union[str, os.PathLike], module: nn.Module, role: str, family: str, sha256: Optional[str]
+) -> Optional[str]:
+    """For a weight tag: refuse a checkpoint of another family/variant than ``module``'s (the
+    ``"encoder"`` or the ``"decoder"``) before any file lookup, and default ``sha256`` to the
+    published checksum."""
+    text = os.fspath(weights)
+    if text not in WEIGHTS or Path(text).is_file():
+        return sha256
+    spec = WEIGHTS[text]
+    variant = getattr(module, "variant", None)
+    if spec.family != family or (variant is not None and spec.variant != variant):
+        name = type(module).__name__
+        if role == "decoder":
+            what = f"the decoder is {name} for variant {variant!r} (family {family!r}). Load the same checkpoint as "
+            hint = "the backbone's, or build the decoder for that backbone (build_prompt_decoder)."
+        else:
+            shown = "?" if variant is None else variant
+            what = f"the backbone is {name} variant {shown!r} (family {family!r}). "
+            hint = "Pick the matching tag or backbone variant."
+        raise WeightsError(f"Weight tag {text!r} is a {spec.family!r}/{spec.variant!r} checkpoint, but {what}{hint}")
+    return sha256 if sha256 is not None else spec.sha256
+
+
+def _load_part(module: nn.Module, converted: Converted, read: _Read) -> None:
+    """Strict load of one converted part, with the mismatch message of :func:`match_state_dict`."""
+    match_state_dict(module, converted, source=str(read.path), family=read.family, looked_like=read.looked_like)
+    module.load_state_dict(converted.state_dict, strict=True)
+
+
+def load_official_weights(
+    weights: Union[str, os.PathLike],
+    *,
+    encoder: Optional[nn.Module] = None,
+    decoder: Optional[nn.Module] = None,
+    sha256: Optional[str] = None,
+    read_with: Optional[nn.Module] = None,
+) -> None:
+    """Load an official checkpoint into an image encoder and/or its prompt decoder, strictly, from
+    ONE read of the file.
+
+    Args:
+        weights: a weight tag, a path, or a file name under ``$SAMANTICS_WEIGHTS``.
+        encoder: an :class:`~samantics_d2.modeling.backbone.EncoderBackbone`; its ``weight_family``
+            selects the family's layout and converter.
+        decoder: a :class:`~samantics_d2.modeling.proposals.PromptDecoder` of the same family.
+        sha256: expected SHA-256; defaults to the tag's published checksum when ``weights`` is a tag.
+        read_with: a backbone loaded from the same file by :func:`load_encoder_weights`: the
+            decoder's part of that read is used instead of reading the file again.
+
+    Raises:
+        FileNotFoundError, ChecksumError, UnsafeCheckpointError, KeyMismatchError (missing,
+        unexpected and wrongly-shaped keys listed, with the file and the family it looks like),
+        WeightsError.
+    """
+    modules = [m for m in (encoder, decoder) if m is not None]
+    if not modules:
+        raise ValueError("load_official_weights needs an encoder, a decoder or both.")
+    family = modules[0].weight_family
+    if any(m.weight_family != family for m in modules):
+        raise WeightsError(
+            f"load_official_weights got {type(encoder).__name__} (family {encoder.weight_family!r}) and "
+            f"{type(decoder).__name__} (family {decoder.weight_family!r}); one checkpoint holds one family."
+        )
+    if decoder is not None:
+        _check_decoder_family(family)
+    for module, role in ((encoder, "encoder"), (decoder, "decoder")):
+        if module is not None:
+            sha256 = _check_tag(weights, module, role, family, sha256)
+    path = resolve_weights(weights)
+    read = _DECODER_PARTS.get(read_with) if (read_with is not None and encoder is None) else None
+    reusable = (
+        read is not None
+        and read.family == family
+        and read.path.resolve() == path.resolve()
+        and read.stat == _file_stat(path)
+        and (sha256 is None or (read.sha256 or "").lower() == sha256.lower())
+    )
+    if reusable:
+        del _DECODER_PARTS[read_with]
+        logger.info("%s: the prompt decoder's part was read with %s; not reading the file again", path, type(read_with).__name__)
+    else:
+        state_dict = read_state_dict(path, sha256=sha256)
+        read = _Read(path, _file_stat(path), sha256, family, split_checkpoint(state_dict, family), guess_family(state_dict))
+        del state_dict
+    if encoder is not None:
+        converted = _encoder_part(read.parts, encoder, family)
+        _load_part(encoder, converted, read)
+        if converted.dropped:
+            logger.info(
+                "%s: loaded %d tensors into %s; dropped %d keys of parts an encoder does not use (%s)",
+                path,
+                len(converted.state_dict),
+                type(encoder).__name__,
+                len(converted.dropped),
+                _listing(sorted({k.split(".")[0] for k in converted.dropped}), limit=20),
+            )
+        else:
+            logger.info("%s: loaded %d tensors into %s", path, len(converted.state_dict), type(encoder).__name__)
+        if decoder is None and read.parts.decoder:
+            read.parts.encoder = {}  # the decoder's part only is kept, until the decoder takes it
+            _DECODER_PARTS[encoder] = read
+    if decoder is not None:
+        converted = _decoder_part(read.parts, family)
+        _load_part(decoder, converted, read)
+        logger.info(
+            "%s: loaded %d tensors into %s (dropped %d keys of the image encoder and other parts)",
+            path,
+            len(converted.state_dict),
+            type(decoder).__name__,
+            len(converted.dropped),
+        )
+
+
 def load_encoder_weights(
-    model: "EncoderBackbone",
+    model: nn.Module,
     weights: Union[str, os.PathLike],
     *,
     sha256: Optional[str] = None,
-) -> "EncoderBackbone":
+) -> nn.Module:
     """Load official weights into an encoder backbone, strictly, and return it.
 
     Usable from LazyConfig: ``L(load_encoder_weights)(model=L(SAMBackbone)(variant="vit_b"),
-    weights="sam_vit_b")``.
+    weights="sam_vit_b")``. The prompt decoder's part of the file (SAM families) stays with the
+    backbone until ``load_prompt_decoder_weights(decoder, weights, read_with=model)`` takes it.
 
     Args:
         model: an :class:`~samantics_d2.modeling.backbone.EncoderBackbone`; its ``weight_family``
@@ -628,36 +669,33 @@ def load_encoder_weights(
     Raises:
         FileNotFoundError, ChecksumError, UnsafeCheckpointError, KeyMismatchError, WeightsError.
     """
-    family = model.weight_family
-    text = os.fspath(weights)
-    if text in WEIGHTS and not Path(text).is_file():
-        spec = WEIGHTS[text]
-        if spec.family != family or spec.variant != getattr(model, "variant", spec.variant):
-            raise WeightsError(
-                f"Weight tag {text!r} is a {spec.family!r}/{spec.variant!r} checkpoint, but the backbone is "
-                f"{type(model).__name__} variant {getattr(model, 'variant', '?')!r} (family {family!r}). "
-                "Pick the matching tag or backbone variant."
-            )
-        if sha256 is None:
-            sha256 = spec.sha256
-    path = resolve_weights(weights)
-    state_dict = read_state_dict(path, sha256=sha256)
-    looked_like = guess_family(state_dict)
-    converted = convert_state_dict(state_dict, model, family=family)
-    match_state_dict(model, converted, source=str(path), family=family, looked_like=looked_like)
-    model.load_state_dict(converted.state_dict, strict=True)
-    if converted.dropped:
-        logger.info(
-            "%s: loaded %d tensors into %s; dropped %d keys of parts an encoder does not use (%s)",
-            path,
-            len(converted.state_dict),
-            type(model).__name__,
-            len(converted.dropped),
-            _listing(sorted({k.split(".")[0] for k in converted.dropped}), limit=20),
-        )
-    else:
-        logger.info("%s: loaded %d tensors into %s", path, len(converted.state_dict), type(model).__name__)
+    load_official_weights(weights, encoder=model, sha256=sha256)
     return model
+
+
+def load_prompt_decoder_weights(
+    decoder: nn.Module,
+    weights: Union[str, os.PathLike],
+    *,
+    sha256: Optional[str] = None,
+    read_with: Optional[nn.Module] = None,
+) -> nn.Module:
+    """Load the prompt-encoder / mask-decoder part of an official checkpoint, strictly.
+
+    Args:
+        decoder: a :class:`~samantics_d2.modeling.proposals.PromptDecoder`; its ``weight_family``
+            selects the key mapping.
+        weights: a weight tag (``"sam_vit_b"``, ``"sam2.1_hiera_l"``...), a path, or a file name
+            under ``$SAMANTICS_WEIGHTS``; the same file as the backbone's.
+        sha256: expected SHA-256; defaults to the tag's published checksum when ``weights`` is a tag.
+        read_with: the backbone loaded from the same file (its read is reused, see
+            :func:`load_official_weights`).
+
+    Raises:
+        FileNotFoundError, ChecksumError, UnsafeCheckpointError, KeyMismatchError, WeightsError.
+    """
+    load_official_weights(weights, decoder=decoder, sha256=sha256, read_with=read_with)
+    return decoder
 
 
 def module_fingerprint(module: nn.Module) -> str:

@@ -6,9 +6,10 @@ packages (segment_anything, sam2, timm, open_clip) are imported when a backbone 
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
-from ..weights import get_weight_spec, load_encoder_weights, resolve_weights
+from ..catalog import FamilyView, get_weight_spec
+from ..weights import load_encoder_weights, resolve_weights
 from .base import SIZES, EncoderBackbone
 from .clip import CLIPBackbone
 from .dinov2 import DINOv2Backbone
@@ -27,14 +28,8 @@ __all__ = [
     "build_encoder",
 ]
 
-# weight family -> backbone class
-BACKBONE_CLASSES: dict[str, type[EncoderBackbone]] = {
-    "sam": SAMBackbone,
-    "hq_sam": HQSAMBackbone,
-    "sam2": SAM2Backbone,
-    "dinov2": DINOv2Backbone,
-    "clip": CLIPBackbone,
-}
+#: weight family -> backbone class (a live view of the catalog's ``backbone`` fields)
+BACKBONE_CLASSES: Mapping[str, type[EncoderBackbone]] = FamilyView("backbone")
 
 
 def build_encoder(
@@ -47,7 +42,8 @@ def build_encoder(
     fit: Optional[str] = None,
     out_features: Optional[Sequence[str]] = None,
 ) -> EncoderBackbone:
-    """The backbone of weight tag ``tag``, with the tag's preprocessing (and weights).
+    """The backbone of weight tag ``tag`` (its family's catalog ``backbone``), with the tag's
+    preprocessing (and weights).
 
     The LazyConfig entries of ``configs/common/backbones.py`` call this. With ``pretrained=True``
     the weight file is looked up before the model is built, so an absent file fails at once.
@@ -70,7 +66,7 @@ def build_encoder(
         if size != "full":
             raise ValueError(f"build_encoder({tag!r}, size={size!r}, pretrained=True): only size='full' has weights.")
         path = resolve_weights(weights if weights is not None else tag)
-    cls = BACKBONE_CLASSES[spec.family]
+    cls = spec.family_spec.backbone_class()
     model = cls(**cls.options_for_tag(tag, size=size, input_size=input_size, fit=fit, out_features=out_features))
     if path is not None:
         # the published checksum applies to the published file name

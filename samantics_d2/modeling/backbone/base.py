@@ -17,10 +17,10 @@ from typing import ClassVar, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ...d2 import Backbone, ShapeSpec
+from ...d2 import Backbone, ShapeSpec, configurable
 from ...yacs_config import check_yacs_config
+from ..catalog import FamilySpec, default_tag, get_family, get_weight_spec
 from ..preprocess import ImageFit, PreprocessSpec, prepare_batch, preprocess_spec
-from ..weights import default_tag, get_weight_spec
 
 __all__ = ["EncoderBackbone", "SIZES"]
 
@@ -33,7 +33,7 @@ class EncoderBackbone(Backbone):
     """Base class of the encoder backbones.
 
     Attributes:
-        weight_family: converter family of :mod:`samantics_d2.modeling.weights` (class attribute).
+        weight_family: the family's name in :mod:`samantics_d2.modeling.catalog` (class attribute).
         variant: architecture name in the family (``"vit_b"``, ``"hiera_l"``, ``"vitg14_reg"``...).
         size: ``"full"`` (the published architecture) or ``"tiny"`` (same structure, depth 2 and
             width 32, random init, for tests).
@@ -41,25 +41,61 @@ class EncoderBackbone(Backbone):
         global_feature: name of the ``[N, D]`` output used as the image embedding.
         preprocess: how images are fitted and normalised for this encoder.
 
-    Subclasses build their upstream module as ``self.encoder`` and call :meth:`_set_outputs`.
+    Subclasses implement :meth:`_build` (build the upstream module as ``self.encoder``, set
+    ``self.img_size`` and ``self.patch_size``, call :meth:`_set_outputs`) and ``forward``.
     """
 
     weight_family: ClassVar[str] = ""
     variants: ClassVar[tuple[str, ...]] = ()
     # Whether the trunk is built for one input size (``img_size``: fixed position embeddings).
     takes_img_size: ClassVar[bool] = True
+    # Whether inputs must be exactly ``img_size`` square (learned position embeddings of that size).
+    fixed_input_size: ClassVar[bool] = False
 
-    def __init__(self, *, variant: str, size: str, preprocess: Optional[PreprocessSpec]) -> None:
+    @configurable
+    def __init__(
+        self,
+        *,
+        variant: Optional[str] = None,
+        size: str = "full",
+        img_size: Optional[int] = None,
+        out_features: Optional[Sequence[str]] = None,
+        preprocess: Optional[PreprocessSpec] = None,
+    ) -> None:
+        """Build the trunk of ``variant`` (default: the first of :attr:`variants`) at ``size``.
+
+        Args:
+            variant: architecture name in the family.
+            size: ``"full"`` or ``"tiny"`` (the family's catalog ``tiny`` dims, random init).
+            img_size: input size the trunk is built for (classes with ``takes_img_size`` only).
+            out_features: outputs to return (default: dense + global).
+            preprocess: default: the spec of the variant's weight tag at the trunk's input size.
+        """
         super().__init__()
+        name = type(self).__name__
+        variant = self.variants[0] if variant is None else variant
         if variant not in self.variants:
-            raise ValueError(f"{type(self).__name__} got variant={variant!r}; expected one of {self.variants}.")
+            raise ValueError(f"{name} got variant={variant!r}; expected one of {self.variants}.")
         if size not in SIZES:
-            raise ValueError(f"{type(self).__name__} got size={size!r}; expected one of {SIZES}.")
+            raise ValueError(f"{name} got size={size!r}; expected one of {SIZES}.")
+        if img_size is not None and not self.takes_img_size:
+            raise ValueError(f"{name} is not built for one input size (img_size={img_size}); it takes any valid size.")
         self.variant = variant
         self.size = size
         self._preprocess = preprocess
+        self._requested_features = out_features
         self.dense_feature = ""
         self.global_feature = ""
+        self._build(img_size)
+
+    def _build(self, img_size: Optional[int]) -> None:
+        """Build ``self.encoder`` for :attr:`variant` / :attr:`size` and call :meth:`_set_outputs`."""
+        raise NotImplementedError
+
+    @property
+    def family_spec(self) -> FamilySpec:
+        """This backbone's record in :mod:`samantics_d2.modeling.catalog`."""
+        return get_family(self.weight_family)
 
     # ------------------------------------------------------------------ construction
 
@@ -118,13 +154,13 @@ class EncoderBackbone(Backbone):
         self,
         shapes: Mapping[str, ShapeSpec],
         *,
-        out_features: Optional[Sequence[str]],
         dense_feature: str,
         global_feature: str,
         input_size: int,
     ) -> None:
         """Declare the available outputs; ``out_features`` (default: dense + global) selects them."""
         self._available = dict(shapes)
+        out_features = self._requested_features
         selected = list(out_features) if out_features is not None else [dense_feature, global_feature]
         unknown = [name for name in selected if name not in self._available]
         if unknown or not selected:
@@ -152,9 +188,13 @@ class EncoderBackbone(Backbone):
     # ------------------------------------------------------------------ input contract
 
     @property
+    def size_divisibility(self) -> int:
+        return self.patch_size
+
+    @property
     def square_size(self) -> int:
         """Input side the trunk requires (0: any size that satisfies ``size_divisibility``)."""
-        return 0
+        return self.img_size if self.fixed_input_size else 0
 
     @property
     def padding_constraints(self) -> dict[str, int]:

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
 from ...d2 import BACKBONE_REGISTRY, ShapeSpec, configurable
-from ..preprocess import PreprocessSpec
 from .base import EncoderBackbone
 
 __all__ = ["CLIPBackbone", "CLIP_VARIANTS"]
@@ -22,7 +21,6 @@ CLIP_VARIANTS: dict[str, dict[str, int]] = {
     "vit_l14": dict(image_size=224, patch_size=14, width=1024, layers=24, output_dim=768),
     "vit_l14_336": dict(image_size=336, patch_size=14, width=1024, layers=24, output_dim=768),
 }
-_TINY: dict[str, int] = dict(width=32, layers=2, output_dim=32)
 
 
 @BACKBONE_REGISTRY.register()
@@ -51,24 +49,20 @@ class CLIPBackbone(EncoderBackbone):
 
     weight_family = "clip"
     variants = tuple(CLIP_VARIANTS)
+    fixed_input_size = True
 
     @configurable
-    def __init__(
-        self,
-        *,
-        variant: str = "vit_b32",
-        size: str = "full",
-        quick_gelu: bool = True,
-        img_size: Optional[int] = None,
-        out_features: Optional[Sequence[str]] = None,
-        preprocess: Optional[PreprocessSpec] = None,
-    ) -> None:
-        super().__init__(variant=variant, size=size, preprocess=preprocess)
+    def __init__(self, *, quick_gelu: bool = True, **kwargs: Any) -> None:
+        self.quick_gelu = quick_gelu  # a plain attribute: allowed before nn.Module.__init__
+        super().__init__(**kwargs)
+
+    def _build(self, img_size: Optional[int]) -> None:
         from open_clip.transformer import LayerNorm, QuickGELU, VisionTransformer
 
-        arch: dict[str, Any] = dict(CLIP_VARIANTS[variant])
+        size = self.size
+        arch: dict[str, Any] = dict(CLIP_VARIANTS[self.variant])
         if size == "tiny":
-            arch.update(_TINY)
+            arch.update(self.family_spec.tiny)
             arch["image_size"] = 4 * arch["patch_size"] if arch["patch_size"] < 32 else 2 * arch["patch_size"]
         if img_size is not None:
             if img_size % arch["patch_size"]:
@@ -83,7 +77,7 @@ class CLIPBackbone(EncoderBackbone):
             heads=heads,
             mlp_ratio=4.0,
             output_dim=arch["output_dim"],
-            act_layer=QuickGELU if quick_gelu else torch.nn.GELU,
+            act_layer=QuickGELU if self.quick_gelu else torch.nn.GELU,
             norm_layer=LayerNorm,
             output_tokens=True,
         )
@@ -93,21 +87,7 @@ class CLIPBackbone(EncoderBackbone):
             "patch_tokens": ShapeSpec(channels=arch["width"], stride=self.patch_size),
             "image_embed": ShapeSpec(channels=arch["output_dim"]),
         }
-        self._set_outputs(
-            shapes,
-            out_features=out_features,
-            dense_feature="patch_tokens",
-            global_feature="image_embed",
-            input_size=self.img_size,
-        )
-
-    @property
-    def size_divisibility(self) -> int:
-        return self.patch_size
-
-    @property
-    def square_size(self) -> int:
-        return self.img_size
+        self._set_outputs(shapes, dense_feature="patch_tokens", global_feature="image_embed", input_size=self.img_size)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``x: [N, 3, S, S]`` normalised -> the selected outputs (see the class docstring)."""

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
-from ...d2 import BACKBONE_REGISTRY, ShapeSpec, configurable
-from ..preprocess import PreprocessSpec
+from ...d2 import BACKBONE_REGISTRY, ShapeSpec
 from .base import EncoderBackbone
 
 __all__ = ["DINOv2Backbone", "DINOV2_VARIANTS"]
@@ -21,7 +20,6 @@ DINOV2_VARIANTS: dict[str, tuple[str, int, bool]] = {
     for arch, timm_size, dim in _ARCHS
     for reg, timm_reg in (("", ""), ("_reg", "_reg4"))
 }
-_TINY_DIM, _TINY_DEPTH, _TINY_HEADS, _TINY_IMG = 32, 2, 2, 56
 
 
 def swiglu_hidden(embed_dim: int) -> int:
@@ -54,30 +52,22 @@ class DINOv2Backbone(EncoderBackbone):
     weight_family = "dinov2"
     variants = tuple(DINOV2_VARIANTS)
 
-    @configurable
-    def __init__(
-        self,
-        *,
-        variant: str = "vits14",
-        size: str = "full",
-        img_size: Optional[int] = None,
-        out_features: Optional[Sequence[str]] = None,
-        preprocess: Optional[PreprocessSpec] = None,
-    ) -> None:
-        super().__init__(variant=variant, size=size, preprocess=preprocess)
+    def _build(self, img_size: Optional[int]) -> None:
         import timm
 
-        timm_name, embed_dim, swiglu = DINOV2_VARIANTS[variant]
+        timm_name, embed_dim, swiglu = DINOV2_VARIANTS[self.variant]
+        tiny = self.family_spec.tiny
         overrides: dict[str, Any] = {}
-        if size == "tiny":
-            embed_dim = _TINY_DIM
-            overrides.update(embed_dim=_TINY_DIM, depth=_TINY_DEPTH, num_heads=_TINY_HEADS)
+        if self.size == "tiny":
+            embed_dim = tiny["embed_dim"]
+            overrides.update(embed_dim=embed_dim, depth=tiny["depth"], num_heads=tiny["num_heads"])
         if swiglu:
             # timm packs SwiGLU's two input projections in one fc1 of width 2 * hidden; the +0.5
             # keeps int(embed_dim * mlp_ratio) exact.
             overrides["mlp_ratio"] = (2 * swiglu_hidden(embed_dim) + 0.5) / embed_dim
         if img_size is None:
-            img_size = preprocess.input_size if preprocess is not None else (_TINY_IMG if size == "tiny" else 224)
+            preprocess = self._preprocess
+            img_size = preprocess.input_size if preprocess is not None else (tiny["img_size"] if self.size == "tiny" else 224)
         if img_size % 14:
             raise ValueError(f"DINOv2Backbone img_size={img_size} must be a multiple of the patch size 14.")
         self.img_size = img_size
@@ -89,17 +79,7 @@ class DINOv2Backbone(EncoderBackbone):
             "patch_tokens": ShapeSpec(channels=embed_dim, stride=self.patch_size),
             "cls_token": ShapeSpec(channels=embed_dim),
         }
-        self._set_outputs(
-            shapes,
-            out_features=out_features,
-            dense_feature="patch_tokens",
-            global_feature="cls_token",
-            input_size=img_size,
-        )
-
-    @property
-    def size_divisibility(self) -> int:
-        return self.patch_size
+        self._set_outputs(shapes, dense_feature="patch_tokens", global_feature="cls_token", input_size=img_size)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``x: [N, 3, H, W]`` normalised -> the selected outputs (see the class docstring)."""

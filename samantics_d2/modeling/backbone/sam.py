@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import logging
 from functools import partial
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 
-from ...d2 import BACKBONE_REGISTRY, ShapeSpec, configurable
-from ..preprocess import PreprocessSpec
+from ...d2 import BACKBONE_REGISTRY, ShapeSpec
 from .base import EncoderBackbone
 
 __all__ = ["SAMBackbone", "HQSAMBackbone", "SAM_VARIANTS"]
@@ -22,12 +21,8 @@ SAM_VARIANTS: dict[str, dict[str, Any]] = {
     "vit_l": dict(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)),
     "vit_h": dict(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
 }
-# Shared by all variants (segment_anything.build_sam._build_sam).
+# Shared by all variants (segment_anything.build_sam._build_sam); size="tiny": the catalog's tiny dims.
 _SAM_COMMON: dict[str, Any] = dict(img_size=1024, patch_size=16, mlp_ratio=4, out_chans=256, window_size=14)
-# size="tiny": same structure (windowed + global blocks, relative positions, neck), tiny dims.
-_SAM_TINY: dict[str, Any] = dict(
-    embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), img_size=64, window_size=2, out_chans=32
-)
 
 
 @BACKBONE_REGISTRY.register()
@@ -56,19 +51,10 @@ class SAMBackbone(EncoderBackbone):
 
     weight_family = "sam"
     variants = tuple(SAM_VARIANTS)
+    fixed_input_size = True
 
-    @configurable
-    def __init__(
-        self,
-        *,
-        variant: str = "vit_b",
-        size: str = "full",
-        img_size: Optional[int] = None,
-        out_features: Optional[Sequence[str]] = None,
-        preprocess: Optional[PreprocessSpec] = None,
-    ) -> None:
-        super().__init__(variant=variant, size=size, preprocess=preprocess)
-        arch = {**_SAM_COMMON, **SAM_VARIANTS[variant], **(_SAM_TINY if size == "tiny" else {})}
+    def _build(self, img_size: Optional[int]) -> None:
+        arch = {**_SAM_COMMON, **SAM_VARIANTS[self.variant], **(self.family_spec.tiny if self.size == "tiny" else {})}
         if img_size is not None:
             arch["img_size"] = img_size
         if arch["img_size"] % arch["patch_size"]:
@@ -96,9 +82,7 @@ class SAMBackbone(EncoderBackbone):
         }
         for i in range(arch["depth"]):
             shapes[f"block{i}"] = ShapeSpec(channels=arch["embed_dim"], stride=self.patch_size)
-        self._set_outputs(
-            shapes, out_features=out_features, dense_feature="neck", global_feature="pooled", input_size=self.img_size
-        )
+        self._set_outputs(shapes, dense_feature="neck", global_feature="pooled", input_size=self.img_size)
 
     @staticmethod
     def _upstream_encoder_class() -> type:
@@ -110,14 +94,6 @@ class SAMBackbone(EncoderBackbone):
     def global_attn_features(self) -> list[str]:
         """Names of the global-attention block outputs (``block2``... for ViT-B)."""
         return [f"block{i}" for i in self.global_attn_indexes]
-
-    @property
-    def size_divisibility(self) -> int:
-        return self.patch_size
-
-    @property
-    def square_size(self) -> int:
-        return self.img_size
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``x: [N, 3, S, S]`` normalised -> the selected outputs (see the class docstring)."""

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
-from ...d2 import BACKBONE_REGISTRY, ShapeSpec, configurable
-from ..preprocess import PreprocessSpec
+from ...d2 import BACKBONE_REGISTRY, ShapeSpec
 from .base import EncoderBackbone
 
 __all__ = ["SAM2Backbone", "HIERA_VARIANTS"]
@@ -33,18 +32,7 @@ HIERA_VARIANTS: dict[str, dict[str, Any]] = {
         window_spec=(8, 4, 16, 8),
     ),
 }
-# size="tiny": four short stages, one global-attention block inside stage 3 (as upstream: never
-# a stage's first, query-pooling block), small windows, 32-channel FPN.
-_HIERA_TINY: dict[str, Any] = dict(
-    embed_dim=16,
-    num_heads=1,
-    stages=(1, 1, 2, 1),
-    global_att_blocks=(3,),
-    window_pos_embed_bkg_spatial_size=(4, 4),
-    window_spec=(4, 2, 2, 1),
-)
 _NECK = dict(d_model=256, fpn_top_down_levels=(2, 3), fpn_interp_model="nearest", scalp=1, img_size=1024)
-_NECK_TINY = dict(d_model=32, img_size=128)
 
 
 @BACKBONE_REGISTRY.register()
@@ -74,22 +62,14 @@ class SAM2Backbone(EncoderBackbone):
     variants = tuple(HIERA_VARIANTS)
     takes_img_size = False  # any multiple of 32, as it is
 
-    @configurable
-    def __init__(
-        self,
-        *,
-        variant: str = "hiera_t",
-        size: str = "full",
-        out_features: Optional[Sequence[str]] = None,
-        preprocess: Optional[PreprocessSpec] = None,
-    ) -> None:
-        super().__init__(variant=variant, size=size, preprocess=preprocess)
+    def _build(self, img_size: Optional[int]) -> None:
         from sam2.modeling.backbones.hieradet import Hiera
         from sam2.modeling.backbones.image_encoder import FpnNeck, ImageEncoder
         from sam2.modeling.position_encoding import PositionEmbeddingSine
 
-        trunk_args = _HIERA_TINY if size == "tiny" else HIERA_VARIANTS[variant]
-        neck_args = {**_NECK, **(_NECK_TINY if size == "tiny" else {})}
+        tiny = self.size == "tiny"  # the catalog's tiny trunk and neck
+        trunk_args = self.family_spec.tiny["trunk"] if tiny else HIERA_VARIANTS[self.variant]
+        neck_args = {**_NECK, **(self.family_spec.tiny["neck"] if tiny else {})}
         trunk = Hiera(**trunk_args)
         d_model = neck_args["d_model"]
         neck = FpnNeck(
@@ -103,9 +83,7 @@ class SAM2Backbone(EncoderBackbone):
         self.img_size: int = neck_args["img_size"]
         shapes = {f"p{level}": ShapeSpec(channels=d_model, stride=2**level) for level in (2, 3, 4)}
         shapes["pooled"] = ShapeSpec(channels=d_model)
-        self._set_outputs(
-            shapes, out_features=out_features, dense_feature="p4", global_feature="pooled", input_size=self.img_size
-        )
+        self._set_outputs(shapes, dense_feature="p4", global_feature="pooled", input_size=self.img_size)
 
     @property
     def size_divisibility(self) -> int:

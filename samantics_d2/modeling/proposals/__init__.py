@@ -9,30 +9,11 @@ Typical use, one encoder forward per image and all prompts through the decoder t
     feats = backbone(x)
     per_image = [proposals({k: v[i] for k, v in feats.items()}, fits[i]) for i in range(len(fits))]
 """
+from . import prompt_decoder as _prompt_decoder
 from .point_grid import MaskProposals, PointGridProposals, mask_logits_to_boxes, point_grid, stability_score
-from .prompt_decoder import (
-    PROMPT_DECODER_CLASSES,
-    HQSAMPromptDecoder,
-    PromptDecoder,
-    SAM2PromptDecoder,
-    SAMPromptDecoder,
-    build_prompt_decoder,
-    convert_prompt_decoder_state_dict,
-    load_prompt_decoder_weights,
-)
+from .prompt_decoder import *  # noqa: F401,F403  (its __all__: the decoders, their builder and loader)
 
-__all__ = [
-    "HQSAMPromptDecoder",
-    "MaskProposals",
-    "PROMPT_DECODER_CLASSES",
-    "PointGridProposals",
-    "PromptDecoder",
-    "SAM2PromptDecoder",
-    "SAMPromptDecoder",
-    "build_prompt_decoder",
-    "convert_prompt_decoder_state_dict",
-    "load_prompt_decoder_weights",
-    "mask_logits_to_boxes",
-    "point_grid",
-    "stability_score",
-]
+__all__ = sorted(
+    ["MaskProposals", "PointGridProposals", "mask_logits_to_boxes", "point_grid", "stability_score"]
+    + _prompt_decoder.__all__
+)

@@ -29,21 +29,13 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
 
-from ..weights import (
-    WEIGHTS,
-    Converted,
-    WeightsError,
-    guess_family,
-    match_state_dict,
-    read_state_dict,
-    resolve_weights,
-)
+from ..catalog import FamilyView, get_family
+from ..weights import convert_prompt_decoder_state_dict, load_prompt_decoder_weights
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..backbone.base import EncoderBackbone
@@ -85,7 +77,9 @@ class PromptDecoder(nn.Module):
 
     weight_family: ClassVar[str] = ""
 
-    def __init__(self, *, variant: Optional[str], embed_dim: int, image_size: int, patch_size: int) -> None:
+    def __init__(
+        self, *, variant: Optional[str] = None, embed_dim: int = 256, image_size: int = 1024, patch_size: int = 16
+    ) -> None:
         super().__init__()
         if image_size % patch_size:
             raise ValueError(
@@ -98,6 +92,11 @@ class PromptDecoder(nn.Module):
         self.mask_size = 4 * self.embedding_size
 
     # ------------------------------------------------------------------ per family
+
+    @classmethod
+    def options_for_backbone(cls, backbone: "EncoderBackbone") -> dict[str, Any]:
+        """The constructor arguments that match ``backbone`` (variant, widths, input size)."""
+        return {"variant": backbone.variant, "image_size": backbone.preprocess.input_size}
 
     @property
     def required_features(self) -> list[str]:
@@ -116,7 +115,18 @@ class PromptDecoder(nn.Module):
         self, image: Mapping[str, torch.Tensor], sparse: torch.Tensor, dense: torch.Tensor, multimask_output: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One upstream mask-decoder call: ``[B, T, C]``, ``[B, C, h, w]`` -> ``[B, M, Hm, Wm]``, ``[B, M]``."""
-        raise NotImplementedError
+        return self._mask_decoder_call(image, sparse, dense, multimask_output)
+
+    def _mask_decoder_call(self, image, sparse, dense, multimask_output, **family_options) -> tuple:
+        """The upstream ``mask_decoder(...)`` on one chunk, with the family's extra options."""
+        return self.mask_decoder(
+            image_embeddings=image["embedding"],
+            image_pe=image["pe"],
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask_output,
+            **family_options,
+        )
 
     def _embed(
         self, points: Optional[tuple[torch.Tensor, torch.Tensor]], boxes: Optional[torch.Tensor]
@@ -294,22 +304,21 @@ class PromptDecoder(nn.Module):
         return f"variant={self.variant!r}, embed_dim={self.embed_dim}, image_size={self.image_size}"
 
 
-def _sam_modules(package: str, *, embed_dim: int, image_size: int, embedding_size: int, **decoder_kwargs) -> tuple:
-    """segment_anything(_hq) ``PromptEncoder`` and mask decoder, as ``_build_sam`` builds them."""
-    if package == "segment_anything":
-        from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
-    else:
-        from segment_anything_hq.modeling import MaskDecoderHQ as MaskDecoder
-        from segment_anything_hq.modeling import PromptEncoder, TwoWayTransformer
-    prompt_encoder = PromptEncoder(
+def _upstream_modules(
+    decoder: PromptDecoder, prompt_encoder_cls: type, mask_decoder_cls: type, transformer_cls: type, **decoder_kwargs
+) -> tuple:
+    """The upstream ``PromptEncoder`` and mask decoder for ``decoder``'s sizes, as segment_anything's
+    ``_build_sam`` and sam2's ``SAM2Base._build_sam_heads`` build them."""
+    embed_dim, image_size, embedding_size = decoder.embed_dim, decoder.image_size, decoder.embedding_size
+    prompt_encoder = prompt_encoder_cls(
         embed_dim=embed_dim,
         image_embedding_size=(embedding_size, embedding_size),
         input_image_size=(image_size, image_size),
         mask_in_chans=_MASK_IN_CHANS,
     )
-    mask_decoder = MaskDecoder(
+    mask_decoder = mask_decoder_cls(
         num_multimask_outputs=_DECODER["num_multimask_outputs"],
-        transformer=TwoWayTransformer(
+        transformer=transformer_cls(
             depth=_DECODER["depth"], embedding_dim=embed_dim, mlp_dim=_DECODER["mlp_dim"], num_heads=_DECODER["num_heads"]
         ),
         transformer_dim=embed_dim,
@@ -335,13 +344,15 @@ class SAMPromptDecoder(PromptDecoder):
 
     weight_family = "sam"
 
-    def __init__(
-        self, *, variant: Optional[str] = None, embed_dim: int = 256, image_size: int = 1024, patch_size: int = 16
-    ) -> None:
-        super().__init__(variant=variant, embed_dim=embed_dim, image_size=image_size, patch_size=patch_size)
-        self.prompt_encoder, self.mask_decoder = _sam_modules(
-            "segment_anything", embed_dim=embed_dim, image_size=image_size, embedding_size=self.embedding_size
-        )
+    def __init__(self, **sizes: Any) -> None:
+        super().__init__(**sizes)
+        from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+
+        self.prompt_encoder, self.mask_decoder = _upstream_modules(self, PromptEncoder, MaskDecoder, TwoWayTransformer)
+
+    @classmethod
+    def options_for_backbone(cls, backbone: "EncoderBackbone") -> dict[str, Any]:
+        return {**super().options_for_backbone(backbone), **_vit_sizes(backbone)}
 
     @property
     def required_features(self) -> list[str]:
@@ -352,14 +363,11 @@ class SAMPromptDecoder(PromptDecoder):
         self._check_embedding(embedding)
         return {"embedding": embedding, "pe": self.prompt_encoder.get_dense_pe().to(self.dtype)}
 
-    def _decode_chunk(self, image, sparse, dense, multimask_output):
-        return self.mask_decoder(
-            image_embeddings=image["embedding"],
-            image_pe=image["pe"],
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask_output,
-        )
+
+
+def _vit_sizes(backbone: "EncoderBackbone") -> dict[str, Any]:
+    """Decoder sizes of a SAM / HQ-SAM ViT backbone: its neck width and patch size."""
+    return {"embed_dim": backbone.encoder.neck[0].out_channels, "patch_size": backbone.patch_size}
 
 
 class HQSAMPromptDecoder(PromptDecoder):
@@ -381,27 +389,22 @@ class HQSAMPromptDecoder(PromptDecoder):
     weight_family = "hq_sam"
 
     def __init__(
-        self,
-        *,
-        variant: Optional[str] = None,
-        embed_dim: int = 256,
-        image_size: int = 1024,
-        patch_size: int = 16,
-        vit_dim: int = 768,
-        interm_feature: str = "block2",
-        hq_token_only: bool = False,
+        self, *, vit_dim: int = 768, interm_feature: str = "block2", hq_token_only: bool = False, **sizes: Any
     ) -> None:
-        super().__init__(variant=variant, embed_dim=embed_dim, image_size=image_size, patch_size=patch_size)
+        super().__init__(**sizes)
+        from segment_anything_hq.modeling import MaskDecoderHQ, PromptEncoder, TwoWayTransformer
+
         self.vit_dim = vit_dim
         self.interm_feature = interm_feature
         self.hq_token_only = hq_token_only
-        self.prompt_encoder, self.mask_decoder = _sam_modules(
-            "segment_anything_hq",
-            embed_dim=embed_dim,
-            image_size=image_size,
-            embedding_size=self.embedding_size,
-            vit_dim=vit_dim,
+        self.prompt_encoder, self.mask_decoder = _upstream_modules(
+            self, PromptEncoder, MaskDecoderHQ, TwoWayTransformer, vit_dim=vit_dim
         )
+
+    @classmethod
+    def options_for_backbone(cls, backbone: "EncoderBackbone") -> dict[str, Any]:
+        vit = {"vit_dim": backbone.encoder.patch_embed.proj.out_channels, "interm_feature": backbone.global_attn_features[0]}
+        return {**super().options_for_backbone(backbone), **_vit_sizes(backbone), **vit}
 
     @property
     def required_features(self) -> list[str]:
@@ -421,14 +424,8 @@ class HQSAMPromptDecoder(PromptDecoder):
         }
 
     def _decode_chunk(self, image, sparse, dense, multimask_output):
-        return self.mask_decoder(
-            image_embeddings=image["embedding"],
-            image_pe=image["pe"],
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask_output,
-            hq_token_only=self.hq_token_only,
-            interm_embeddings=[image["interm"]],
+        return self._mask_decoder_call(
+            image, sparse, dense, multimask_output, hq_token_only=self.hq_token_only, interm_embeddings=[image["interm"]]
         )
 
     def extra_repr(self) -> str:
@@ -457,36 +454,19 @@ class SAM2PromptDecoder(PromptDecoder):
 
     weight_family = "sam2"
 
-    def __init__(
-        self,
-        *,
-        variant: Optional[str] = None,
-        embed_dim: int = 256,
-        image_size: int = 1024,
-        patch_size: int = 16,
-        dynamic_multimask_via_stability: bool = True,
-    ) -> None:
-        super().__init__(variant=variant, embed_dim=embed_dim, image_size=image_size, patch_size=patch_size)
+    def __init__(self, *, dynamic_multimask_via_stability: bool = True, **sizes: Any) -> None:
+        super().__init__(**sizes)
         from sam2.modeling.sam.mask_decoder import MaskDecoder
         from sam2.modeling.sam.prompt_encoder import PromptEncoder
         from sam2.modeling.sam.transformer import TwoWayTransformer
 
         # SAM2Base._build_sam_heads with the options of every official config (sam2{,.1}_hiera_*.yaml)
         # and build_sam2's image-prediction overrides.
-        self.prompt_encoder = PromptEncoder(
-            embed_dim=embed_dim,
-            image_embedding_size=(self.embedding_size, self.embedding_size),
-            input_image_size=(image_size, image_size),
-            mask_in_chans=_MASK_IN_CHANS,
-        )
-        self.mask_decoder = MaskDecoder(
-            num_multimask_outputs=_DECODER["num_multimask_outputs"],
-            transformer=TwoWayTransformer(
-                depth=_DECODER["depth"], embedding_dim=embed_dim, mlp_dim=_DECODER["mlp_dim"], num_heads=_DECODER["num_heads"]
-            ),
-            transformer_dim=embed_dim,
-            iou_head_depth=_DECODER["iou_head_depth"],
-            iou_head_hidden_dim=_DECODER["iou_head_hidden_dim"],
+        self.prompt_encoder, self.mask_decoder = _upstream_modules(
+            self,
+            PromptEncoder,
+            MaskDecoder,
+            TwoWayTransformer,
             use_high_res_features=True,
             iou_prediction_use_sigmoid=True,
             pred_obj_scores=True,
@@ -496,7 +476,11 @@ class SAM2PromptDecoder(PromptDecoder):
             dynamic_multimask_stability_delta=0.05,
             dynamic_multimask_stability_thresh=0.98,
         )
-        self.no_mem_embed = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.no_mem_embed = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
+
+    @classmethod
+    def options_for_backbone(cls, backbone: "EncoderBackbone") -> dict[str, Any]:
+        return {**super().options_for_backbone(backbone), "embed_dim": backbone.encoder.neck.d_model}
 
     @property
     def required_features(self) -> list[str]:
@@ -525,24 +509,14 @@ class SAM2PromptDecoder(PromptDecoder):
         return self.prompt_encoder(points=points, boxes=None, masks=None)
 
     def _decode_chunk(self, image, sparse, dense, multimask_output):
-        logits, iou_pred, _, _ = self.mask_decoder(
-            image_embeddings=image["embedding"],
-            image_pe=image["pe"],
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask_output,
-            repeat_image=True,
-            high_res_features=[image["s0"], image["s1"]],
+        logits, iou_pred, _, _ = self._mask_decoder_call(
+            image, sparse, dense, multimask_output, repeat_image=True, high_res_features=[image["s0"], image["s1"]]
         )
         return logits.clamp(-32.0, 32.0), iou_pred
 
 
-# weight family -> decoder class
-PROMPT_DECODER_CLASSES: dict[str, type[PromptDecoder]] = {
-    "sam": SAMPromptDecoder,
-    "hq_sam": HQSAMPromptDecoder,
-    "sam2": SAM2PromptDecoder,
-}
+#: weight family -> prompt-decoder class (a live view of the catalog's ``prompt_decoder`` fields)
+PROMPT_DECODER_CLASSES: Mapping[str, type[PromptDecoder]] = FamilyView("prompt_decoder")
 
 
 def build_prompt_decoder(
@@ -566,115 +540,17 @@ def build_prompt_decoder(
             f"build_prompt_decoder got a {type(backbone).__name__} (family {family!r}); expected a SAM, HQ-SAM or "
             f"SAM 2 backbone (families {sorted(PROMPT_DECODER_CLASSES)}): only those have a promptable decoder."
         )
-    cls = PROMPT_DECODER_CLASSES[family]
-    kwargs: dict = {"variant": backbone.variant, "image_size": backbone.preprocess.input_size, **options}
-    encoder = backbone.encoder
-    if family == "sam2":
-        kwargs["embed_dim"] = encoder.neck.d_model
-    else:
-        kwargs["embed_dim"] = encoder.neck[0].out_channels
-        kwargs["patch_size"] = backbone.patch_size
-        if family == "hq_sam":
-            kwargs["vit_dim"] = encoder.patch_embed.proj.out_channels
-            kwargs["interm_feature"] = backbone.global_attn_features[0]
-    decoder = cls(**kwargs)
+    cls = get_family(family).prompt_decoder_class()
+    decoder = cls(**{**cls.options_for_backbone(backbone), **options})
     missing = [name for name in decoder.required_features if name not in backbone.output_shape()]
     if missing:
         raise ValueError(
             f"{type(backbone).__name__} (out_features {list(backbone.output_shape())}) does not output {missing}, "
             f"which {cls.__name__} reads; build the backbone with out_features including {decoder.required_features}."
         )
-    if weights is not None:
-        load_prompt_decoder_weights(decoder, weights)
+    if weights is not None:  # the checkpoint's decoder part, from the backbone's read of it when there is one
+        load_prompt_decoder_weights(decoder, weights, read_with=backbone)
     reference = next((p for p in backbone.parameters() if p.is_floating_point()), None)
     if reference is not None and reference.device.type != "meta":
         decoder = decoder.to(device=reference.device, dtype=reference.dtype)
     return decoder.eval()
-
-
-# ----------------------------------------------------------------------------- weights
-
-# Parts of the official SAM 2 model besides the image encoder and the SAM heads.
-_SAM2_OTHER_PREFIXES = (
-    "image_encoder.",
-    "memory_attention.",
-    "memory_encoder.",
-    "obj_ptr_proj.",
-    "obj_ptr_tpos_proj.",
-    "mask_downsample.",
-)
-_SAM2_OTHER_NAMES = ("maskmem_tpos_enc", "no_mem_pos_enc", "no_obj_ptr", "no_obj_embed_spatial")
-
-
-def convert_prompt_decoder_state_dict(state_dict: Mapping[str, torch.Tensor], *, family: str) -> Converted:
-    """Official checkpoint keys -> our decoder keys (``prompt_encoder.*``, ``mask_decoder.*``,
-    ``no_mem_embed``); image-encoder and video parts are dropped by name, the rest is unknown."""
-    if family in ("sam", "hq_sam"):
-        renames = {"prompt_encoder.": "prompt_encoder.", "mask_decoder.": "mask_decoder."}
-        names: dict[str, str] = {}
-        drop_prefixes: tuple[str, ...] = ("image_encoder.",)
-        drop_names: tuple[str, ...] = ()
-    elif family == "sam2":
-        renames = {"sam_prompt_encoder.": "prompt_encoder.", "sam_mask_decoder.": "mask_decoder."}
-        names = {"no_mem_embed": "no_mem_embed"}
-        drop_prefixes, drop_names = _SAM2_OTHER_PREFIXES, _SAM2_OTHER_NAMES
-    else:
-        raise KeyError(f"No prompt-decoder converter for family {family!r}; known: {sorted(PROMPT_DECODER_CLASSES)}.")
-    out = Converted()
-    for key, value in state_dict.items():
-        prefix = next((p for p in renames if key.startswith(p)), None)
-        if prefix is not None:
-            out.state_dict[renames[prefix] + key[len(prefix) :]] = value
-        elif key in names:
-            out.state_dict[names[key]] = value
-        elif key.startswith(drop_prefixes) or key in drop_names:
-            out.dropped.append(key)
-        else:
-            out.unknown.append(key)
-    return out
-
-
-def load_prompt_decoder_weights(
-    decoder: PromptDecoder,
-    weights: Union[str, os.PathLike],
-    *,
-    sha256: Optional[str] = None,
-) -> PromptDecoder:
-    """Load the prompt-encoder / mask-decoder part of an official checkpoint, strictly.
-
-    Args:
-        decoder: a :class:`PromptDecoder`; its ``weight_family`` selects the key mapping.
-        weights: a weight tag (``"sam_vit_b"``, ``"sam2.1_hiera_l"``...), a path, or a file name
-            under ``$SAMANTICS_WEIGHTS``; the same file as the backbone's.
-        sha256: expected SHA-256; defaults to the tag's published checksum when ``weights`` is a tag.
-
-    Raises:
-        FileNotFoundError, ChecksumError, UnsafeCheckpointError, KeyMismatchError (missing,
-        unexpected and wrongly-shaped keys listed, with the file and the family it looks like),
-        WeightsError.
-    """
-    family = decoder.weight_family
-    text = os.fspath(weights)
-    if text in WEIGHTS and not Path(text).is_file():
-        spec = WEIGHTS[text]
-        if spec.family != family or (decoder.variant is not None and spec.variant != decoder.variant):
-            raise WeightsError(
-                f"Weight tag {text!r} is a {spec.family!r}/{spec.variant!r} checkpoint, but the decoder is "
-                f"{type(decoder).__name__} for variant {decoder.variant!r} (family {family!r}). Load the same "
-                "checkpoint as the backbone's, or build the decoder for that backbone (build_prompt_decoder)."
-            )
-        if sha256 is None:
-            sha256 = spec.sha256
-    path = resolve_weights(weights)
-    state_dict = read_state_dict(path, sha256=sha256)
-    converted = convert_prompt_decoder_state_dict(state_dict, family=family)
-    match_state_dict(decoder, converted, source=str(path), family=family, looked_like=guess_family(state_dict))
-    decoder.load_state_dict(converted.state_dict, strict=True)
-    logger.info(
-        "%s: loaded %d tensors into %s (dropped %d keys of the image encoder and other parts)",
-        path,
-        len(converted.state_dict),
-        type(decoder).__name__,
-        len(converted.dropped),
-    )
-    return decoder

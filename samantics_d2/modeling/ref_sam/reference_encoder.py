@@ -29,19 +29,24 @@ import torch
 
 from ...references.ordering import order_references
 from ...references.store import StoredFeatures, load_features, save_features
+from ..catalog import FAMILIES
 
 __all__ = ["ReferenceTokens", "encode_references", "mask_token_outputs", "num_mask_tokens"]
 
 logger = logging.getLogger(__name__)
 
-_FAMILIES = ("sam", "hq_sam")
+
+def _families() -> tuple[str, ...]:
+    """The families whose mask-token outputs describe a reference (catalog ``mask_tokens``)."""
+    return tuple(name for name, spec in FAMILIES.items() if spec.mask_tokens is not None)
 
 
 def _check_family(decoder: Any) -> None:
     family = getattr(decoder, "weight_family", None)
-    if family not in _FAMILIES:
+    families = _families()
+    if family not in families:
         raise ValueError(
-            f"RefSAM reference tokens need a SAM or HQ-SAM prompt decoder (families {_FAMILIES}); got "
+            f"RefSAM reference tokens need a SAM or HQ-SAM prompt decoder (families {families}); got "
             f"{type(decoder).__name__} (family {family!r}). Build the proposer over a SAMBackbone or HQSAMBackbone."
         )
 
