@@ -7,6 +7,8 @@ authors' formula (no-time-to-train, ``no_time_to_train/models/Sam2MatchingBaseli
 """
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pytest
 import torch
@@ -156,20 +158,10 @@ def test_point_grid_proposals_send_their_grid_to_the_decoder():
     fit = fits[0]
     side = fit.input_size[0]
     assert fit.valid_box == (0, 0, side, side)  # SAM 2 stretches the image, as the authors do
-    seen = {}
-    original_embed = decoder.embed_prompts
-
-    def spy(**prompts):
-        seen.update(prompts)
-        return original_embed(**prompts)
-
-    decoder.embed_prompts = spy
-    try:
-        with torch.no_grad():
-            out = PointGridProposals(decoder=decoder, points_per_side=4, point_layout="input_linspace",
-                                     pred_iou_thresh=None)(feats, fit)
-    finally:
-        del decoder.embed_prompts
+    proposals = PointGridProposals(decoder=decoder, points_per_side=4, point_layout="input_linspace", pred_iou_thresh=None)
+    with mock.patch.object(decoder, "embed_prompts", wraps=decoder.embed_prompts) as embed, torch.no_grad():
+        out = proposals(feats, fit)
+    seen = embed.call_args.kwargs
     torch.testing.assert_close(seen["points"][:, 0], _their_grid(4, side))
     # the proposals' points are in original pixels
     assert torch.all(out.points[:, 0] < 50) and torch.all(out.points[:, 1] < 30)

@@ -65,6 +65,24 @@ def _sample_coordinates(
     return src / src_input * 2 - 1, inside.float()
 
 
+def _check_resampling(
+    caller: str, mask_logits: torch.Tensor, src_fit: ImageFit, dst_fit: ImageFit, *, patch_size: int,
+    samples_per_patch: int = 1,
+) -> None:
+    """The argument checks shared by :func:`resample_masks` and :func:`mask_grid_weights`."""
+    if mask_logits.ndim != 3:
+        raise ValueError(f"{caller} expects masks [P, Hm, Wm]; got shape {tuple(mask_logits.shape)}.")
+    if src_fit.original_size != dst_fit.original_size:
+        raise ValueError(
+            f"{caller} got fits of different images: source original size {src_fit.original_size}, "
+            f"destination {dst_fit.original_size}. Both fits must come from the same image."
+        )
+    if samples_per_patch < 1 or patch_size < 1:
+        raise ValueError(
+            f"{caller} got samples_per_patch={samples_per_patch}, patch_size={patch_size}; both must be >= 1."
+        )
+
+
 def resample_masks(
     mask_logits: torch.Tensor,
     *,
@@ -96,17 +114,8 @@ def resample_masks(
     Returns:
         ``[P, h, w]`` float weights in [0, 1], on the input's device.
     """
-    if mask_logits.ndim != 3:
-        raise ValueError(f"resample_masks expects masks [P, Hm, Wm]; got shape {tuple(mask_logits.shape)}.")
-    if src_fit.original_size != dst_fit.original_size:
-        raise ValueError(
-            f"resample_masks got fits of different images: source original size {src_fit.original_size}, "
-            f"destination {dst_fit.original_size}. Both fits must come from the same image."
-        )
-    if samples_per_patch < 1 or patch_size < 1:
-        raise ValueError(
-            f"resample_masks got samples_per_patch={samples_per_patch}, patch_size={patch_size}; both must be >= 1."
-        )
+    _check_resampling("resample_masks", mask_logits, src_fit, dst_fit, patch_size=patch_size,
+                      samples_per_patch=samples_per_patch)
     if mask_logits.dtype == torch.bool:
         mask_logits, probabilities = mask_logits.float(), True
     h, w = grid_size
@@ -197,15 +206,7 @@ def mask_grid_weights(
     Returns:
         ``[P, h, w]`` float32 weights >= 0, in patches (their sum is the mask's area on the patch grid).
     """
-    if mask_logits.ndim != 3:
-        raise ValueError(f"mask_grid_weights expects masks [P, Hm, Wm]; got shape {tuple(mask_logits.shape)}.")
-    if src_fit.original_size != dst_fit.original_size:
-        raise ValueError(
-            f"mask_grid_weights got fits of different images: source original size {src_fit.original_size}, "
-            f"destination {dst_fit.original_size}. Both fits must come from the same image."
-        )
-    if patch_size < 1:
-        raise ValueError(f"mask_grid_weights got patch_size={patch_size}; it must be >= 1.")
+    _check_resampling("mask_grid_weights", mask_logits, src_fit, dst_fit, patch_size=patch_size)
     P, Hm, Wm = mask_logits.shape
     h, w = grid_size
     H, W = src_fit.original_size
