@@ -22,8 +22,9 @@ that file's section for the device and setting (``encoders-cpu-fp32``...), atomi
 ``training_free`` and ``linear_probe`` build everything from a LazyConfig file, as Detectron2's
 ``tools/benchmark.py`` and ``train_net.py`` do: ``--config-file`` plus ``KEY=VALUE`` overrides (checked
 by :func:`samantics_d2.config.check_override_keys` before anything runs), ``train.device``, and
-``train.seed`` (>= 0: torch is seeded with it; < 0: not seeded, so a fresh process starts from torch's
-fixed default state and the run stays repeatable).
+``train.seed`` (>= 0: torch is seeded with it before the model is built, so random weights are the
+ones train_net builds; < 0: not seeded, and random weights then depend on every random draw made
+before, imports included).
 
 ``training_free``: images/s, peak memory and COCO box/mask AP of the config's
 :class:`TrainingFreeSegmenter` (``model``, its weights from ``train.init_checkpoint``, the first
