@@ -22,9 +22,22 @@ model = L(TrainingFreeSegmenter)(
         points_per_batch=256,
         multimask_output=True,  # best of 3 masks by predicted IoU
         pred_iou_thresh=0.4,
+        point_layout="input_linspace",  # theirs: linspace(0, S-1, n) + 0.5 over the input, x slowest
     ),
     semantic_encoder=L(build_encoder)(tag="dinov2_vitl14", pretrained=True, input_size=518),  # 37 x 37 patches
-    classifier=L(PrototypeClassifier)(score_floor=0.0, nms_thresh=0.5, merge="soft", topk=100),
+    # No Time to Train's post-processing, step by step (docs/results.md has the AP of each variant):
+    classifier=L(PrototypeClassifier)(
+        score_floor=0.0,  # masks scoring <= 0 are dropped
+        nms_thresh=0.5,
+        merge="soft",
+        topk=100,
+        nms_rank="predicted_iou",  # NMS ranks by SAM's predicted IoU, not by the semantic score
+        merge_order="nms",  # the soft merge's "earlier" is NMS order
+        box_convention="inclusive",  # boxes as sam2's batched_mask_to_box
+        nms_cap_factor=8,  # at most 8 x topk NMS survivors
+        pooling="mask_grid",  # features upsampled to the mask grid, mean where the logit > 0
+        merge_resolution="original",  # merge on the full-size masks
+    ),
     reference_bank=L(build_reference_bank)(
         references="coco_2017_train_novel_ref30_seed0", shots=30, dataset_name="${dataloader.test.dataset.names}"
     ),

@@ -22,12 +22,12 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ...d2 import META_ARCH_REGISTRY, BitMasks, Boxes, Instances, configurable
+from ...d2 import META_ARCH_REGISTRY, Boxes, Instances, configurable
 from ...references import ReferenceBank
 from ...yacs_config import check_yacs_config, node_kwargs, yacs_reference_bank
 from ..backbone import EncoderBackbone, build_encoder
 from ..proposals import MaskProposals, PointGridProposals, build_prompt_decoder
-from ..semantic import MemoryBank, MemoryBankConfig, PrototypeClassifier, masks_to_original, resample_masks
+from ..semantic import MemoryBank, MemoryBankConfig, PrototypeClassifier, masks_to_boxes
 from ..weights import module_fingerprint
 
 __all__ = ["SamProposer", "TrainingFreeSegmenter", "build_sam_proposer", "module_fingerprint", "sam_proposer_from_config"]
@@ -236,21 +236,17 @@ class TrainingFreeSegmenter(nn.Module):
 
         dense_input, fits = self.semantic_encoder.prepare_with_fits([image])
         features = self.semantic_encoder(dense_input)[self.semantic_encoder.dense_feature][0]  # [C, h, w]
-        weights = resample_masks(
-            proposals.mask_logits.float(),
-            src_fit=proposals.fit,
-            dst_fit=fits[0],
-            grid_size=tuple(features.shape[-2:]),
-            patch_size=self.semantic_encoder.preprocess.patch_size,
-        )
         kept = self.classifier(
             features=features.float(),
-            weights=weights,
-            masks=proposals.mask_logits > 0,
+            mask_logits=proposals.mask_logits.float(),
+            iou_pred=proposals.iou_pred,
+            mask_fit=proposals.fit,
+            feature_fit=fits[0],
+            patch_size=self.semantic_encoder.preprocess.patch_size,
             prototypes=prototypes,
             prototype_valid=valid,
         )
-        masks = masks_to_original(proposals.mask_logits[kept.indices], proposals.fit)  # [K, h0, w0] bool
+        masks = kept.masks  # [K, h0, w0] bool, the original image grid
         if masks.shape[-2:] != (height, width):  # the input was resized by the mapper
             if len(masks):
                 masks = torch.nn.functional.interpolate(masks[None].float(), size=(height, width), mode="nearest")[0] > 0.5
@@ -258,7 +254,7 @@ class TrainingFreeSegmenter(nn.Module):
                 masks = masks.new_zeros((0, height, width))
         result = Instances((height, width))
         result.pred_masks = masks
-        result.pred_boxes = BitMasks(masks).get_bounding_boxes() if len(masks) else Boxes(masks.new_zeros((0, 4)).float())
+        result.pred_boxes = Boxes(masks_to_boxes(masks, convention=self.classifier.box_convention))
         result.scores = kept.scores
         result.pred_classes = kept.classes
         return result
