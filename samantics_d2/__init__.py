@@ -8,6 +8,6 @@ from . import d2  # noqa: F401  (choose the backend first)
 from . import data  # noqa: F401  (dataset registration)
 from . import modeling  # noqa: F401  (backbones)
 from .modeling import linear_probe, meta_arch  # noqa: F401  (meta-architectures)
-from .yacs_config import add_samantics_config  # noqa: F401  (the yacs plug-in path)
+from .yacs_plugin import add_samantics_config  # noqa: F401  (the yacs plug-in path)
 
-__version__ = "0.1.0"
+from .version import __version__

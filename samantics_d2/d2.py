@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 __all__ = [
     "BACKEND",
@@ -185,6 +186,9 @@ else:
     from .lite.solver import LRMultiplier, WarmupParamScheduler, get_default_optimizer_params
     from .lite.structures import BitMasks, Boxes, BoxMode, ImageList, Instances, pairwise_iou
     from .lite.yacs_config import CfgNode, configurable, get_cfg
+    from .lite.config import bind_seam as _bind_seam
+
+    _bind_seam(sys.modules[__name__])  # lite's LazyConfig names the seam's objects by their seam path
 
 _logged = False
 

@@ -55,7 +55,6 @@ from .d2 import CfgNode, DatasetCatalog
 from .references import ReferenceBank, build_reference_bank, dataset_class_names
 
 __all__ = [
-    "add_samantics_config",
     "check_yacs_config",
     "dataset_classes",
     "node_kwargs",
@@ -151,53 +150,3 @@ def yacs_reference_bank(
         shots=shots,
         cache_path=cache_path or None,
     )
-
-
-def add_samantics_config(cfg: CfgNode) -> None:
-    """Add this project's keys (``cfg.MODEL.SAMANTICS``, see the module docstring) to a yacs config.
-
-    Call it on ``get_cfg()`` before ``merge_from_file``, as Mask2Former's ``add_maskformer2_config``.
-    """
-    from .modeling.backbone import build_encoder
-    from .modeling.linear_probe import LinearProbe
-    from .modeling.meta_arch import RefSAM, TinySegmenter, TrainingFreeSegmenter
-    from .modeling.meta_arch.sam_prompt_training import PromptableSamTrainer
-    from .modeling.proposals import PointGridProposals
-    from .modeling.ref_sam import (
-        DeformableTransformer,
-        HungarianMatcher,
-        MultiLevelNeck,
-        RefDETRHead,
-        SetCriterion,
-        TokenFuser,
-    )
-    from .modeling.semantic import MemoryBankConfig, PrototypeClassifier
-
-    opts = cfg.MODEL.SAMANTICS = CfgNode()
-    opts.BACKBONE = options_node(build_encoder, TAG="sam_vit_b")
-    # The "No Time to Train" semantic encoder: DINOv2 ViT-L/14 on a 37 x 37 patch grid.
-    opts.SEMANTIC_ENCODER = options_node(build_encoder, TAG="dinov2_vitl14", INPUT_SIZE=518)
-    opts.PROPOSALS = options_node(PointGridProposals, exclude=["decoder"])
-    # The reference set (yacs_reference_bank): REFERENCES, SHOTS, and where its features are stored.
-    built = ["proposer", "reference_bank"]
-    opts.TRAINING_FREE = options_node(
-        TrainingFreeSegmenter, exclude=built + ["semantic_encoder", "classifier", "memory_bank"], REFERENCES="",
-        SHOTS=None, MEMORY_BANK_PATH=None,
-    )
-    opts.TRAINING_FREE.CLASSIFIER = options_node(PrototypeClassifier)
-    opts.TRAINING_FREE.MEMORY_BANK = options_node(MemoryBankConfig)
-    opts.REF_SAM = options_node(
-        RefSAM, exclude=built + ["fuser", "neck", "head", "criterion"], D_MODEL=256, REFERENCES=None, EMBEDS_PATH=None,
-        SHOTS=None,
-    )
-    opts.REF_SAM.FUSER = options_node(TokenFuser, exclude=["num_tokens", "token_dim", "out_dim"])
-    opts.REF_SAM.NECK = options_node(MultiLevelNeck, exclude=["input_shapes", "out_channels"])
-    opts.REF_SAM.TRANSFORMER = options_node(DeformableTransformer, exclude=["d_model", "n_levels"])
-    opts.REF_SAM.HEAD = options_node(RefDETRHead, exclude=["transformer"])
-    opts.REF_SAM.MATCHER = options_node(HungarianMatcher)
-    opts.REF_SAM.LOSS = options_node(SetCriterion, exclude=["matcher"])
-    opts.LINEAR_PROBE = options_node(
-        LinearProbe, exclude=["backbone", "num_classes", "in_features", "round_features_to"], POOLING="cls"
-    )
-    opts.SAM_TRAINER = options_node(PromptableSamTrainer, exclude=["proposer"])
-    opts.TINY_SEGMENTER = options_node(TinySegmenter, exclude=["num_classes", "pixel_mean", "pixel_std"])

@@ -26,10 +26,9 @@ from samantics_d2.modeling.linear_probe import (
     ProbeTrainingConfig,
     build_feature_cache,
     holdout_split,
-    run_linear_probe,
-    train_probe_grid,
 )
-from samantics_d2.modeling.linear_probe import probe as probe_module
+from samantics_d2.evaluation import linear_probe as probe_module
+from samantics_d2.evaluation import run_linear_probe, train_probe_grid
 from test_feature_cache import TinyEncoder, write_color_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -23,8 +23,8 @@ from typing import Optional, Sequence
 
 logger = logging.getLogger("samantics_d2.tools.probe_report")
 
-RESULTS_FILE = "linear_probe_results.json"  # samantics_d2.modeling.linear_probe.probe.RESULTS_FILE
-RESULTS_FORMAT = "samantics_d2.linear_probe/1"  # samantics_d2.modeling.linear_probe.probe.RESULTS_FORMAT
+RESULTS_FILE = "linear_probe_results.json"  # samantics_d2.evaluation.linear_probe.RESULTS_FILE
+RESULTS_FORMAT = "samantics_d2.linear_probe/1"  # samantics_d2.evaluation.linear_probe.RESULTS_FORMAT
 # The encoders and numbers of the paper (ImageNet-1K val, percent), by weight tag, in its table order.
 PAPER = {
     "sam_vit_b": ("SAM ViT-B", 11.06, 25.37),

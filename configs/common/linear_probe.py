@@ -13,9 +13,9 @@ from samantics_d2.d2 import LazyCall as L
 from samantics_d2.d2 import build_detection_test_loader, get_detection_dataset_dicts
 from samantics_d2.data import ClassificationMapper
 from samantics_d2.data.classification import cache_root
-from samantics_d2.evaluation import ClassificationEvaluator
+from samantics_d2.evaluation import ClassificationEvaluator, run_linear_probe
 from samantics_d2.modeling.backbone import build_encoder
-from samantics_d2.modeling.linear_probe import LinearProbe, run_linear_probe
+from samantics_d2.modeling.linear_probe import LinearProbe
 
 from .train import train
 

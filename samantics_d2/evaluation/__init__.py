@@ -1,4 +1,5 @@
-"""Evaluators of this project that Detectron2 does not have (classification top-1/top-5, ...), and
+"""Evaluators of this project that Detectron2 does not have (classification top-1/top-5, ...), the
+linear-probe protocol (:mod:`.linear_probe`), and
 Detectron2's ``LVISEvaluator`` made to run on today's NumPy."""
 from .classification import (
     ClassificationEvaluator,
@@ -9,15 +10,19 @@ from .classification import (
     topk_predictions,
     write_classification_report,
 )
+from .linear_probe import ProbeGridOutput, run_linear_probe, train_probe_grid
 from .lvis import LVISEvaluator
 
 __all__ = [
     "ClassificationEvaluator",
     "LVISEvaluator",
+    "ProbeGridOutput",
     "accuracy_from_topk",
     "classification_metrics",
     "confusion_matrix",
     "per_class_accuracy",
+    "run_linear_probe",
     "topk_predictions",
+    "train_probe_grid",
     "write_classification_report",
 ]

@@ -18,7 +18,8 @@ import sys
 import uuid
 from collections import abc
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional, Union
+from types import ModuleType
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import cloudpickle
 import yaml
@@ -36,23 +37,38 @@ _path_manager = _PathManagerCls()
 _CONFIG_PACKAGE = "samantics_d2._lazy_config"
 
 
+# The seam (samantics_d2.d2) binds itself here when it runs on lite (bind_seam): this module does not
+# import it, since the seam imports this module.
+_seam: Optional[ModuleType] = None
+
+
+def bind_seam(seam: ModuleType) -> None:
+    """Called by :mod:`samantics_d2.d2` on lite: the module whose ``__all__`` names are the seam's."""
+    global _seam
+    _seam = seam
+
+
+def _seam_names() -> tuple[ModuleType, Sequence[str]]:
+    if _seam is None:
+        raise RuntimeError("samantics_d2.lite.config is used without the seam: import samantics_d2.d2 first.")
+    return _seam, _seam.__all__
+
+
 def _seam_name(target: Any) -> Optional[str]:
     """``samantics_d2.d2.<name>`` when ``target`` is a Detectron2 name exported by the seam, so that a
     config saved with lite names it in a way Detectron2 mode resolves to Detectron2's own object."""
-    from .. import d2  # imported here: d2 imports this module
-
+    seam, names = _seam_names()
     name = getattr(target, "__name__", None)
-    return f"samantics_d2.d2.{name}" if name in d2.__all__ and getattr(d2, name, None) is target else None
+    return f"samantics_d2.d2.{name}" if name in names and getattr(seam, name, None) is target else None
 
 
 def _detectron2_target(name: str) -> Any:
     """A ``detectron2.*`` target (a config saved with Detectron2) under lite: the seam's object of the
     same name; otherwise Detectron2's own when it is importable; otherwise an ImportError saying why."""
-    from .. import d2
-
+    seam, names = _seam_names()
     attr = name.rsplit(".", 1)[-1]
-    if attr in d2.__all__:
-        return getattr(d2, attr)
+    if attr in names:
+        return getattr(seam, attr)
     obj = pydoc.locate(name)
     if obj is not None:
         return obj

@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from ..d2 import BoxMode
-from ..data.io import read_image
+from ..utils.image import read_image
 from ..data.mapper import segmentation_to_mask
 
 __all__ = ["ORDERING", "ReferenceInstance", "order_references", "references_digest"]

@@ -34,6 +34,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from ..d2 import comm
 from ..utils.io import atomic_path, cache_root
+from ..version import __version__
 from .ordering import ORDERING, ReferenceInstance, json_normalised, references_digest
 
 __all__ = [
@@ -73,9 +74,7 @@ class StoredFeatures:
 
 
 def _code_version() -> str:
-    import samantics_d2  # the package has finished importing when features are stored
-
-    return f"samantics_d2-{getattr(samantics_d2, '__version__', 'unknown')}/references-{STORE_FORMAT}"
+    return f"samantics_d2-{__version__}/references-{STORE_FORMAT}"
 
 
 def reference_provenance(

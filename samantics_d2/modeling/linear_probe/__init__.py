@@ -1,4 +1,5 @@
-"""Linear probing of frozen encoders: feature cache, grid trainer and the ``LinearProbe`` meta-architecture."""
+"""Linear probing of frozen encoders: feature cache, feature sources and the ``LinearProbe`` meta-architecture
+(the grid trainer, an evaluation protocol, is :mod:`samantics_d2.evaluation.linear_probe`)."""
 from .feature_cache import (
     POOLINGS,
     FeatureCache,
@@ -15,11 +16,8 @@ from .probe import (
     CachedFeatures,
     EncoderFeatures,
     LinearProbe,
-    ProbeGridOutput,
     ProbeTrainingConfig,
     holdout_split,
-    run_linear_probe,
-    train_probe_grid,
 )
 
 __all__ = [
@@ -31,7 +29,6 @@ __all__ = [
     "FeatureCache",
     "LinearProbe",
     "PooledEncoder",
-    "ProbeGridOutput",
     "ProbeTrainingConfig",
     "build_feature_cache",
     "dataset_fingerprint",
@@ -39,6 +36,4 @@ __all__ = [
     "holdout_split",
     "module_fingerprint",
     "pool_features",
-    "run_linear_probe",
-    "train_probe_grid",
 ]

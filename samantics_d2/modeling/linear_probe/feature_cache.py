@@ -36,7 +36,7 @@ import torch.utils.data as torchdata
 
 from ...d2 import comm
 from ...utils.io import atomic_path, sha256_of
-from ...data.io import read_image
+from ...utils.image import read_image
 from ..weights import module_fingerprint
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec, prepare_batch
 

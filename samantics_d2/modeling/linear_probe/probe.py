@@ -1,64 +1,44 @@
-"""Linear probes on frozen encoders: the meta-architecture and the one-pass grid trainer.
+"""Linear probes on frozen encoders: the meta-architecture, the probes' training settings and the
+feature sources.
 
 - :class:`LinearProbe` (``META_ARCH_REGISTRY``): frozen encoder -> pooling -> ``nn.Linear``; for
   ``train_net.py`` with the encoder in the loop. Training returns ``{"loss_cls"}``, inference
   ``[{"logits": [C], "pred_class"}]`` (evaluate with ``ClassificationEvaluator``).
-- :func:`train_probe_grid`: many probes (learning rate x pooling, each its own ``nn.Linear`` and
-  parameter group) trained together, every probe on the same mini-batches, as DINOv2's linear
-  evaluation does. The features come from a :class:`CachedFeatures` (the feature cache: one
-  encoder pass for the whole grid and all epochs) or an :class:`EncoderFeatures` (the encoder
-  re-run every epoch, for comparison). Both visit the rows in the same seeded order, so with the
-  same rows they train the same numbers (see the tests). The best probe is chosen by top-1 on a
-  seeded, class-stratified held-out part of train and reported on val.
-- :func:`run_linear_probe`: cache train and val, train the grid, write the results JSON.
-
-Since the probes share nothing, training them together gives each exactly what training it alone
-would (Adam/SGD are per-parameter; the gradient of the summed losses w.r.t. one probe is its own).
+- :class:`CachedFeatures` (the feature cache) and :class:`EncoderFeatures` (the encoder in the
+  loop): what :func:`samantics_d2.evaluation.linear_probe.train_probe_grid` trains on; both visit
+  rows in the same seeded order (:func:`_epoch_order`).
+- :class:`ProbeTrainingConfig`: optimisation, grid and selection (:data:`PAPER_PROTOCOL`,
+  :data:`GRID_PROTOCOL`).
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-import math
-import os
-import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Protocol, Sequence, Union
+from typing import Callable, Optional, Protocol, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...d2 import META_ARCH_REGISTRY, DatasetCatalog, MetadataCatalog, comm, configurable
-from ...utils.io import atomic_path
-from ...data.io import read_image
-from ...evaluation.classification import accuracy_from_topk, classification_metrics, write_classification_report
+from ...d2 import META_ARCH_REGISTRY, configurable
+from ...utils.image import read_image
 from ...yacs_config import check_yacs_config, dataset_classes, node_kwargs
 from ..backbone import build_encoder
-from ..weights import module_fingerprint
-from .feature_cache import FeatureCache, PooledEncoder, build_feature_cache
+from .feature_cache import FeatureCache, PooledEncoder
 
 __all__ = [
     "GRID_PROTOCOL",
     "PAPER_PROTOCOL",
-    "RESULTS_FILE",
     "CachedFeatures",
     "EncoderFeatures",
     "LinearProbe",
-    "ProbeGridOutput",
     "ProbeTrainingConfig",
     "holdout_split",
-    "run_linear_probe",
-    "train_probe_grid",
 ]
 
 logger = logging.getLogger(__name__)
 
-RESULTS_FILE = "linear_probe_results.json"
-HEAD_FILE = "linear_probe_head.pth"
-RESULTS_FORMAT = "samantics_d2.linear_probe/1"
 
 
 @dataclass(frozen=True)
@@ -218,242 +198,6 @@ class EncoderFeatures:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             features = self.encoder(x)
         return {p: t.float() for p, t in features.items()}, torch.tensor(labels, dtype=torch.int64, device=self.device)
-
-
-def _probe_name(pooling: str, lr: float) -> str:
-    return f"{pooling}_lr{lr:g}"
-
-
-@torch.no_grad()
-def _rank_predictions(heads: Mapping[str, nn.Module], probes: Sequence[dict], source: FeatureSource, rows: np.ndarray,
-                      *, batch_size: int, k: int) -> tuple[dict[str, np.ndarray], dict[str, float], np.ndarray]:
-    """``({probe: [n, k] int64 best classes}, {probe: mean cross-entropy}, labels [n])`` over ``rows``."""
-    ranked: dict[str, list[torch.Tensor]] = {p["name"]: [] for p in probes}
-    loss_sums: dict[str, list[torch.Tensor]] = {p["name"]: [] for p in probes}  # kept on the device: no sync per batch
-    labels = []
-    for start in range(0, len(rows), batch_size):
-        features, y = source.batch(rows[start : start + batch_size])
-        labels.append(y)
-        for p in probes:
-            logits = heads[p["name"]](features[p["pooling"]])
-            ranked[p["name"]].append(logits.topk(min(k, logits.shape[1]), dim=1).indices)
-            loss_sums[p["name"]].append(F.cross_entropy(logits, y, reduction="sum").double())
-    if not labels:
-        return ({name: np.zeros((0, k), np.int64) for name in ranked}, {name: float("nan") for name in ranked},
-                np.zeros(0, np.int64))
-    labels_np = torch.cat(labels).cpu().numpy()
-    losses = {name: float(torch.stack(v).sum()) / len(labels_np) for name, v in loss_sums.items()}
-    return {name: torch.cat(v).cpu().numpy() for name, v in ranked.items()}, losses, labels_np
-
-
-@dataclass
-class ProbeGridOutput:
-    """What :func:`train_probe_grid` returns: the JSON-able ``results`` and the trained ``heads``."""
-
-    results: dict[str, Any]
-    heads: dict[str, nn.Linear]  # probe name -> its trained layer (eval mode)
-
-
-def train_probe_grid(
-    *,
-    train: FeatureSource,
-    val: FeatureSource,
-    poolings: Sequence[str],
-    num_classes: int,
-    config: ProbeTrainingConfig = PAPER_PROTOCOL,
-    device: Union[str, torch.device] = "cpu",
-    output_dir: Optional[str] = None,
-    class_names: Optional[Sequence[str]] = None,
-    run_info: Optional[Mapping[str, Any]] = None,
-) -> ProbeGridOutput:
-    """Train one probe per (pooling, learning rate) in one pass over ``train``; evaluate on ``val``.
-
-    Args:
-        train, val: feature sources (:class:`CachedFeatures` or :class:`EncoderFeatures`).
-        poolings: the poolings to probe (each must be in both sources).
-        num_classes: C, the size of each probe's output.
-        config: optimisation, grid and selection (:data:`PAPER_PROTOCOL` by default).
-        output_dir: if given, ``linear_probe_results.json``, the chosen probe's weights
-            (``linear_probe_head.pth``, loadable into :class:`LinearProbe`) and its validation
-            confusion matrix / per-class accuracy are written there, atomically.
-        class_names: for the per-class files (default ``"0".."C-1"``).
-        run_info: JSON-able facts recorded in the results (encoder tag, datasets, cache provenance).
-
-    Returns:
-        ``results`` (as written to ``linear_probe_results.json``: per probe its final training loss
-        and held-out / val top-k in percent, and ``chosen``: the probe with the best held-out top-1,
-        or the only probe when there is no held-out part, with its val metrics) and the ``heads``.
-    """
-    if isinstance(config, Mapping):
-        config = ProbeTrainingConfig(**config)
-    device = torch.device(device)
-    probes = [{"name": _probe_name(p, lr), "pooling": p, "lr": lr} for p in poolings for lr in config.learning_rates]
-    if len(probes) > 1 and config.holdout_fraction <= 0:
-        raise ValueError(
-            f"{len(probes)} probes ({[p['name'] for p in probes]}) but holdout_fraction=0: there is no held-out part "
-            "to choose among them without looking at val. Set holdout_fraction (e.g. 0.1) or train one probe."
-        )
-    if num_classes < 2:
-        raise ValueError(f"num_classes={num_classes}; a classifier needs at least 2 classes.")
-    for name, source in (("train", train), ("val", val)):
-        missing = [p for p in poolings if p not in source.feature_dims]
-        if missing:
-            raise KeyError(f"The {name} features have no pooling {missing}; they have {sorted(source.feature_dims)}.")
-        if len(source.labels) and (source.labels.min() < 0 or source.labels.max() >= num_classes):
-            raise ValueError(f"The {name} labels span [{source.labels.min()}, {source.labels.max()}], outside 0..{num_classes - 1}.")
-    tic = time.perf_counter()
-    train_rows, holdout_rows = holdout_split(train.labels, config.holdout_fraction, config.seed)
-    if len(train_rows) == 0 or len(val.labels) == 0:
-        raise ValueError(f"Nothing to train or evaluate on: {len(train_rows)} training rows, {len(val.labels)} val rows.")
-    layers = nn.ModuleList([_init_linear(train.feature_dims[p["pooling"]], num_classes, config.seed) for p in probes])
-    layers.to(device)
-    heads = {p["name"]: layer for p, layer in zip(probes, layers)}
-    groups = [{"params": list(heads[p["name"]].parameters()), "lr": p["lr"]} for p in probes]
-    if config.optimizer == "adam":
-        optimizer = torch.optim.Adam(groups, lr=config.learning_rates[0], weight_decay=config.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(groups, lr=config.learning_rates[0], momentum=config.momentum,
-                                    weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(train_rows) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    if config.schedule == "cosine":
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
-    else:
-        scheduler = None
-    logger.info("Training %d linear probes (%s) on %d rows (%d held out), %d epochs x %d steps.",
-                len(probes), ", ".join(p["name"] for p in probes), len(train_rows), len(holdout_rows),
-                config.epochs, steps_per_epoch)
-    final_loss: dict[str, float] = {}
-    layers.train()
-    for epoch in range(config.epochs):
-        order = _epoch_order(train_rows, config.seed, epoch)
-        loss_sums = torch.zeros(len(probes), device=device)
-        for start in range(0, len(order), config.batch_size):
-            features, labels = train.batch(order[start : start + config.batch_size])
-            losses = torch.stack([
-                F.cross_entropy(heads[p["name"]](features[p["pooling"]]), labels) for p in probes
-            ])
-            optimizer.zero_grad(set_to_none=True)
-            losses.sum().backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            loss_sums += losses.detach() * len(labels)
-        epoch_loss = (loss_sums / max(len(order), 1)).tolist()
-        final_loss = {p["name"]: float(v) for p, v in zip(probes, epoch_loss)}
-        best = min(final_loss, key=final_loss.get)
-        logger.info("Epoch %d/%d: mean training loss %s (lowest %s).", epoch + 1, config.epochs,
-                    ", ".join(f"{k}={v:.4f}" for k, v in final_loss.items()), best)
-    layers.eval()
-
-    k = max(config.topk)
-    val_rows = np.arange(len(val.labels))
-    val_ranked, val_loss, val_labels = _rank_predictions(heads, probes, val, val_rows,
-                                                         batch_size=config.eval_batch_size, k=k)
-    if len(holdout_rows):
-        held_ranked, held_loss, held_labels = _rank_predictions(heads, probes, train, holdout_rows,
-                                                                batch_size=config.eval_batch_size, k=k)
-    ks = config.topk
-    records = []
-    for p in probes:
-        record = dict(p, final_train_loss=final_loss[p["name"]])
-        if len(holdout_rows):
-            accuracy = accuracy_from_topk(held_ranked[p["name"]], held_labels, ks=ks)
-            record["holdout"] = {**{f"top{k_}": v for k_, v in accuracy.items()}, "loss": held_loss[p["name"]]}
-        accuracy = accuracy_from_topk(val_ranked[p["name"]], val_labels, ks=ks)
-        record["val"] = {**{f"top{k_}": v for k_, v in accuracy.items()}, "loss": val_loss[p["name"]]}
-        records.append(record)
-    if len(holdout_rows):
-        # Best held-out top-1; ties (frequent on easy data) go to the lower held-out loss, then grid order.
-        chosen = min(records, key=lambda r: (-r["holdout"][f"top{ks[0]}"], r["holdout"]["loss"]))
-        selected_by = f"held-out top-{ks[0]}, then held-out loss ({len(holdout_rows)} training rows)"
-    else:
-        chosen = records[0]
-        selected_by = "single probe"
-    val_metrics, confusion = classification_metrics(val_ranked[chosen["name"]], val_labels, num_classes, ks=ks)
-    names = [str(c) for c in class_names] if class_names is not None else [str(i) for i in range(num_classes)]
-    results = {
-        "format": RESULTS_FORMAT,
-        **({"encoder": run_info["encoder_tag"]} if run_info and "encoder_tag" in run_info else {}),
-        "run": dict(run_info or {}),
-        "config": dataclasses.asdict(config),
-        "num_classes": num_classes,
-        "rows": {"train": int(len(train_rows)), "holdout": int(len(holdout_rows)), "val": int(len(val_labels))},
-        "probes": records,
-        "chosen": {"name": chosen["name"], "pooling": chosen["pooling"], "lr": chosen["lr"], "selected_by": selected_by,
-                   "val": val_metrics},
-        "time_s": round(time.perf_counter() - tic, 3),
-    }
-    logger.info("Chosen probe %s (%s): val %s.", chosen["name"], selected_by,
-                ", ".join(f"{k_}={v:.2f}" for k_, v in val_metrics.items()))
-    if output_dir:
-        os.makedirs(output_dir, exist_ok=True)
-        write_classification_report(output_dir, confusion, names, prefix="val_")
-        head = heads[chosen["name"]]
-        with atomic_path(os.path.join(output_dir, HEAD_FILE)) as tmp:
-            torch.save({"model": {"head.weight": head.weight.detach().cpu(), "head.bias": head.bias.detach().cpu()},
-                        "pooling": chosen["pooling"], "num_classes": num_classes}, tmp)
-        with atomic_path(os.path.join(output_dir, RESULTS_FILE)) as tmp:
-            with open(tmp, "w") as f:
-                json.dump(results, f, indent=1)
-                f.write("\n")
-    return ProbeGridOutput(results=results, heads=heads)
-
-
-def run_linear_probe(
-    *,
-    encoder: nn.Module,
-    encoder_tag: str,
-    poolings: Sequence[str],
-    train_dataset: str,
-    val_dataset: str,
-    cache_root: str,
-    output_dir: str,
-    normalization: str = "imagenet",
-    config: Union[ProbeTrainingConfig, Mapping[str, Any]] = PAPER_PROTOCOL,
-    device: Union[str, torch.device] = "cpu",
-    weights_hash: Optional[str] = None,
-    shard_size: int = 4096,
-    batch_size: int = 64,
-    num_workers: int = 0,
-    autocast_dtype: Optional[torch.dtype] = None,
-    preload: bool = True,
-) -> dict[str, Any]:
-    """Cache the features of two registered datasets (all ranks), train the grid (main process).
-
-    Returns the results on the main process, ``{}`` elsewhere. See :func:`build_feature_cache`
-    and :func:`train_probe_grid` for the arguments.
-    """
-    if isinstance(config, Mapping):
-        config = ProbeTrainingConfig(**config)
-    pooled = PooledEncoder(encoder=encoder, poolings=poolings, normalization=normalization)
-    if weights_hash is None:  # hash the weights once for both splits (a full pass over every parameter)
-        weights_hash = module_fingerprint(encoder)
-    caches = {}
-    for split, name in (("train", train_dataset), ("val", val_dataset)):
-        caches[split] = build_feature_cache(
-            DatasetCatalog.get(name), encoder=pooled, encoder_tag=encoder_tag, dataset_name=name, cache_root=cache_root,
-            weights_hash=weights_hash, shard_size=shard_size, batch_size=batch_size, num_workers=num_workers,
-            device=device, autocast_dtype=autocast_dtype)
-    if not comm.is_main_process():
-        return {}
-    classes = MetadataCatalog.get(train_dataset).get("classes")
-    if classes is None:
-        raise ValueError(f"Dataset {train_dataset!r} has no 'classes' metadata; register it as a classification dataset.")
-    run_info = {
-        "encoder_tag": encoder_tag,
-        "train_dataset": train_dataset,
-        "val_dataset": val_dataset,
-        "caches": {split: c.cache_dir for split, c in caches.items()},
-        "provenance": caches["train"].provenance,
-        "skipped_images": {split: c.manifest["num_skipped"] for split, c in caches.items()},
-    }
-    output = train_probe_grid(
-        train=CachedFeatures(caches["train"], poolings=poolings, device=device, preload=preload),
-        val=CachedFeatures(caches["val"], poolings=poolings, device=device, preload=preload),
-        poolings=poolings, num_classes=len(classes), config=config, device=device, output_dir=output_dir,
-        class_names=classes, run_info=run_info)
-    return output.results
 
 
 @META_ARCH_REGISTRY.register()
