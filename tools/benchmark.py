@@ -732,7 +732,8 @@ def run_linear_probe(args: argparse.Namespace) -> int:
 
     from samantics_d2.d2 import DatasetCatalog, MetadataCatalog, instantiate
     from samantics_d2.data.io import read_image
-    from samantics_d2.modeling.linear_probe import PooledEncoder, build_feature_cache, train_probe_grid
+    from samantics_d2.evaluation import train_probe_grid
+    from samantics_d2.modeling.linear_probe import PooledEncoder, build_feature_cache
     from samantics_d2.modeling.linear_probe.feature_cache import module_fingerprint
     from samantics_d2.modeling.linear_probe.probe import CachedFeatures, EncoderFeatures, ProbeTrainingConfig
 
