@@ -3,7 +3,10 @@
 Each expectation is either computed by hand or a direct transcription, in this file, of the
 authors' formula (no-time-to-train, ``no_time_to_train/models/Sam2MatchingBaseline_noAMG.py``,
 ``Sam2MatchingBaselineNoAMG._forward_sam`` / ``forward_test`` / ``_compute_sim_global_avg`` /
-``_compute_semantic_ios``, and sam2's ``batched_mask_to_box``), never our own output.
+``_compute_semantic_ios``, and sam2's ``batched_mask_to_box``; for deviations 2-5 also
+``_forward_sam_decoder``, ``forward_fill_memory`` / ``postprocess_memory``,
+``no_time_to_train/dataset/coco_ref_dataset.py`` and sam2's ``_load_img_as_tensor``), never our
+own output.
 """
 from __future__ import annotations
 
@@ -13,13 +16,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torchvision.ops import batched_nms
 
+from samantics_d2.data import load_reference_json
+from samantics_d2.data.shapes import generate_shapes
+from samantics_d2.modeling.backbone import build_encoder
 from samantics_d2.modeling.backbone.sam2 import SAM2Backbone
-from samantics_d2.modeling.preprocess import ImageFit
+from samantics_d2.modeling.preprocess import ImageFit, prepare_batch, preprocess_spec
 from samantics_d2.modeling.proposals import PointGridProposals, build_prompt_decoder, point_grid
 from samantics_d2.modeling.proposals.point_grid import input_linspace_grid
 from samantics_d2.modeling.semantic import (
+    MemoryBank,
+    MemoryBankConfig,
     PrototypeClassifier,
     mask_grid_weights,
     mask_pooling,
@@ -28,6 +37,8 @@ from samantics_d2.modeling.semantic import (
     resample_masks,
     soft_merge_scores,
 )
+from samantics_d2.modeling.semantic.memory_bank import clipped_context_window, crop_mask_weights
+from samantics_d2.references.ordering import order_references
 
 FAITHFUL = dict(nms_rank="predicted_iou", merge_order="nms", box_convention="inclusive", nms_cap_factor=8,
                 pooling="mask_grid", merge_resolution="original", score_floor=0.0, nms_thresh=0.5, merge="soft")
@@ -390,3 +401,178 @@ def test_classifier_is_their_forward_test(original, seed):
     assert torch.equal(ours.classes, classes)
     assert torch.equal(ours.masks, masks)
     torch.testing.assert_close(ours.boxes, boxes.float())
+
+
+# ================================================================================== deviations 2-5, best of 3
+# Transcriptions of: Sam2MatchingBaselineNoAMG._forward_sam / _forward_sam_decoder (the bare sam_mask_decoder on
+# _prepare_backbone_features' output, all four outputs, argmax(ious[:, 1:]) + 1), sam2's _load_img_as_tensor
+# (PIL resize to 1024 x 1024), COCOMemoryFillCropDataset.__getitem__ (the crop window, the crop's bicubic and the
+# mask's bilinear resize to 518) and forward_fill_memory / postprocess_memory (nearest to 37 x 37, weighted mean).
+
+
+def _their_sam2_decode(decoder, feats: dict, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``points [B, 2]`` in the input frame -> their best mask ``[B, h, w]`` and its IoU ``[B]``."""
+    B = points.shape[0]
+    md = decoder.mask_decoder
+    img_feats = feats["p4"][None].expand(B, -1, -1, -1)  # no no_mem_embed
+    hr_feats = [md.conv_s0(feats["p2"][None]).expand(B, -1, -1, -1), md.conv_s1(feats["p3"][None]).expand(B, -1, -1, -1)]
+    sparse, dense = decoder.prompt_encoder(
+        points=(points.reshape(B, 1, 2), torch.ones(B, 1, dtype=torch.int32)), boxes=None, masks=None
+    )
+    # sam_mask_decoder(..., multimask_output=True, repeat_image=False, output_all_masks=True): the four outputs
+    masks, ious, _, _ = md.predict_masks(
+        image_embeddings=img_feats,
+        image_pe=decoder.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        repeat_image=False,
+        high_res_features=hr_feats,
+    )
+    best = torch.argmax(ious[:, 1:], dim=-1) + 1
+    return masks[torch.arange(B), best], ious[torch.arange(B), best]  # (no clamp)
+
+
+def _random_sam2(seed: int = 0):
+    torch.manual_seed(seed)
+    backbone = SAM2Backbone(variant="hiera_t", size="tiny", out_features=["p2", "p3", "p4"]).eval()
+    decoders = {}
+    for steps in (False, True):
+        decoder = build_prompt_decoder(backbone, predictor_steps=steps)
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for p in decoder.parameters():  # every weight random, no_mem_embed included (zeros when built)
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        decoders[steps] = decoder.eval()
+    return backbone, decoders
+
+
+def test_sam2_decoder_without_predictor_steps_is_their_bare_decoder_call():
+    backbone, decoders = _random_sam2()
+    image = np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    x, _ = backbone.prepare_with_fits([image])
+    g = torch.Generator().manual_seed(2)
+    points = torch.rand(10, 2, generator=g) * 128
+    with torch.no_grad():
+        feats = {k: v[0] for k, v in backbone(x).items()}
+        want_logits, want_iou = _their_sam2_decode(decoders[False], feats, points)
+        got = {
+            steps: d.decode(feats, points=points[:, None], point_labels=torch.ones(10, 1), multimask_output=True,
+                            best_only=True, points_per_batch=4)
+            for steps, d in decoders.items()
+        }
+    torch.testing.assert_close(got[False][0][:, 0], want_logits, rtol=0, atol=1e-4)
+    torch.testing.assert_close(got[False][1][:, 0], want_iou, rtol=0, atol=1e-5)
+    # the image predictor's steps (no_mem_embed, clamp) change the masks: the option is not a no-op
+    assert (got[True][0][:, 0] - want_logits).abs().max() > 1e-2
+    assert decoders[False].predictor_steps is False and decoders[True].predictor_steps is True
+
+
+@pytest.mark.parametrize("tag", ["sam_vit_b", "sam2.1_hiera_t"])
+def test_best_of_three_is_their_argmax_over_the_multimask_outputs(tag):
+    backbone = build_encoder(tag, size="tiny", out_features=["p2", "p3", "p4"] if tag.startswith("sam2") else None)
+    decoder = build_prompt_decoder(backbone)
+    # the decoder's four IoU predictions (single-mask token first); ties go to the first, as torch.argmax
+    all_ious = torch.tensor([[0.9, 0.1, 0.5, 0.3], [0.2, 0.7, 0.7, 0.1], [0.0, 0.1, 0.2, 0.9], [0.5, 0.4, 0.4, 0.4]])
+    all_masks = torch.arange(4.0)[None, :, None, None].expand(4, 4, 2, 2) + 10 * torch.arange(4.0)[:, None, None, None]
+    their_best = torch.argmax(all_ious[:, 1:], dim=-1) + 1
+
+    def stock_multimask(image, sparse, dense, multimask_output):  # upstream forward: the outputs 1..3
+        n = sparse.shape[0]
+        return all_masks[:n, 1:], all_ious[:n, 1:]
+
+    with mock.patch.object(decoder, "_decode_chunk", side_effect=stock_multimask):
+        logits, iou = decoder.decode_embeddings(
+            {}, torch.zeros(4, 2, 8), torch.zeros(4, 8, 2, 2), multimask_output=True, best_only=True, points_per_batch=4
+        )
+    assert their_best.tolist() == [2, 1, 3, 1]
+    torch.testing.assert_close(iou[:, 0], all_ious[torch.arange(4), their_best])
+    torch.testing.assert_close(logits[:, 0], all_masks[torch.arange(4), their_best])
+
+
+def test_sam_input_is_their_pil_resize_to_a_square():
+    image = np.random.default_rng(3).integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    spec = preprocess_spec("sam2.1_hiera_l", fit="resize_square", interpolation="pil_bicubic")
+    x, fits = prepare_batch([image], spec)
+    # sam2.utils.misc._load_img_as_tensor (Image.resize's default filter: bicubic), /255, then sam_transform
+    theirs = torch.from_numpy(np.array(Image.fromarray(image).convert("RGB").resize((1024, 1024))) / 255.0)
+    theirs = theirs.permute(2, 0, 1).float()
+    mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    torch.testing.assert_close(x[0], (theirs - mean) / std, rtol=0, atol=1e-5)
+    # their grid point (x, y) in the 1024 frame is (x * W / 1024, y * H / 1024) in the image
+    fit = fits[0]
+    assert fit.scale == (1024 / 48, 1024 / 80) and fit.valid_box == (0, 0, 1024, 1024)
+    torch.testing.assert_close(fit.points_to_original(torch.tensor([[512.5, 16.5]])), torch.tensor([[512.5 * 80 / 1024, 16.5 * 48 / 1024]]))
+
+
+def test_dinov2_target_input_is_the_whole_image_stretched():
+    crop = build_encoder("dinov2_vitl14", size="tiny", input_size=518)  # the tag's centre crop
+    whole = build_encoder("dinov2_vitl14", size="tiny", input_size=518, fit="resize_square")
+    image = np.zeros((480, 640, 3), dtype=np.uint8)
+    _, (crop_fit,) = crop.prepare_with_fits([image])
+    _, (whole_fit,) = whole.prepare_with_fits([image])
+    seen = {name: f.mask_to_original(torch.ones(1, 518, 518, dtype=torch.bool))[0] for name, f in
+            (("crop", crop_fit), ("whole", whole_fit))}
+    assert bool(seen["whole"].all())  # theirs: F.interpolate(target, (518, 518)): every pixel seen
+    assert seen["crop"].float().mean() < 0.7  # 0.875 centre crop of a 4:3 image loses a third of its width
+    assert whole_fit.scale == (518 / 480, 518 / 640)
+
+
+def _their_crop_window(bbox_xywh, img_w_ori, img_h_ori, context_ratio):
+    # COCOMemoryFillCropDataset.__getitem__ ("Method 2: keep aspect ratio")
+    bx1, by1, bw, bh = bbox_xywh
+    x1, y1, x2, y2 = [int(x) for x in (bx1, by1, bx1 + bw, by1 + bh)]
+    box_w, box_h = x2 - x1, y2 - y1
+    mid_x, mid_y = (x1 + x2) * 0.5, (y1 + y2) * 0.5
+    crop_size = max(box_w, box_h) * (1.0 + context_ratio)
+    crop_x1 = max(0, int(mid_x - crop_size * 0.5))
+    crop_y1 = max(0, int(mid_y - crop_size * 0.5))
+    crop_x2 = min(img_w_ori, int(mid_x + crop_size * 0.5))
+    crop_y2 = min(img_h_ori, int(mid_y + crop_size * 0.5))
+    return (crop_y1, crop_x1, crop_y2, crop_x2)
+
+
+@pytest.mark.parametrize(
+    "box", [(10.7, 20.2, 30.5, 10.9), (0.0, 0.0, 12.0, 40.0), (90.5, 55.3, 9.4, 8.6), (3.0, 50.0, 96.9, 5.5)]
+)
+def test_clipped_crop_window_is_theirs(box):
+    # their context_ratio 0.2 is the whole margin: 0.1 per side here
+    assert clipped_context_window(box, 0.1, (64, 100)) == _their_crop_window(box, 100, 64, 0.2)
+
+
+def test_bilinear_nearest_mask_weights_by_hand():
+    mask = np.zeros((10, 10), dtype=np.uint8)
+    mask[:, :5] = 1  # left half
+    # bilinear to 28 x 28, then nearest to 2 x 2 reads input pixels 0 and 14: column 14 samples the
+    # 10-px mask at x = 14.5 * 10 / 28 - 0.5 = 4.679, i.e. 1 - 0.679 of column 4
+    weights = crop_mask_weights([mask], (2, 2), mode="bilinear_nearest", input_size=28)[0]
+    right = 1.0 - (14.5 * 10 / 28 - 0.5 - 4)
+    torch.testing.assert_close(weights, torch.tensor([[1.0, right], [1.0, right]]))
+    torch.testing.assert_close(crop_mask_weights([mask], (2, 2))[0], torch.tensor([[1.0, 0.0], [1.0, 0.0]]))  # area
+
+
+def test_reference_feature_is_their_memory_fill(tmp_path):
+    json_file = generate_shapes(str(tmp_path), num_images=1, image_size=96, seed=1, instances_per_image=(3, 3))
+    dicts, class_names = load_reference_json(json_file, str(tmp_path / "images"))
+    torch.manual_seed(0)
+    encoder = build_encoder("dinov2_vits14", size="tiny").eval()  # 56 px: a 4 x 4 patch grid
+    config = MemoryBankConfig(crop="square_clipped", context=0.1, mask_weights="bilinear_nearest",
+                              crop_interpolation="bicubic_float")
+    bank = MemoryBank.build(references=dicts, backbone=encoder, config=config, weights_id="w",
+                            num_classes=len(class_names))
+    S = encoder.preprocess.input_size
+    mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    items = order_references(dicts, len(class_names))
+    assert len(items) == len(bank) == 3
+    for item, got in zip(items, bank.features):
+        image = torch.from_numpy(np.array(Image.open(item.file_name).convert("RGB")) / 255.0).permute(2, 0, 1).float()
+        mask = torch.from_numpy(item.mask()).float()[None]
+        H, W = mask.shape[-2:]
+        y0, x0, y1, x1 = _their_crop_window(item.annotation["bbox"], W, H, 0.2)
+        crop = F.interpolate(image[None, :, y0:y1, x0:x1], size=(S, S), mode="bicubic")
+        mask_crop = F.interpolate(mask[None, :, y0:y1, x0:x1], size=(S, S), mode="bilinear")
+        with torch.no_grad():
+            feats = encoder((crop - mean) / std)[encoder.dense_feature][0]  # [C, h, w]
+        weights = F.interpolate(mask_crop, size=tuple(feats.shape[-2:]), mode="nearest").reshape(1, -1)
+        feats = feats.reshape(feats.shape[0], -1).t()
+        want = (feats * weights.t()).sum(0) / weights.sum()  # postprocess_memory's per-instance mean
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-4)

@@ -221,3 +221,31 @@ def test_image_fit_maps_points_boxes_and_masks_back(tag, fit):
     visible = torch.tensor([max(box[0], 0), max(box[1], 0), min(box[2], S), min(box[3], S)])
     assert (visible - fitted_box).abs().max() <= 1.5
     assert isinstance(fit_result, ImageFit)
+
+
+@pytest.mark.parametrize("shape,size", [((48, 80), 1024), ((480, 640), 64), ((129, 77), 100)])
+def test_pil_bicubic_is_pillows_resize(shape, size):
+    from PIL import Image
+
+    image = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)  # noise: the hardest case
+    pixels, fit = fit_image(image, preprocess_spec("sam2.1_hiera_l", input_size=size, fit="resize_square",
+                                                   interpolation="pil_bicubic"))
+    want = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
+    assert pixels.dtype == torch.uint8 and np.array_equal(pixels.permute(1, 2, 0).numpy(), want)
+    assert fit.scale == (size / shape[0], size / shape[1])
+
+
+def test_bicubic_float_keeps_overshoot_and_is_torch_bicubic():
+    image = np.zeros((20, 20, 3), dtype=np.uint8)
+    image[:, 10:] = 255  # a step edge: bicubic overshoots on both sides
+    spec = preprocess_spec("dinov2_vits14", input_size=56, fit="resize_square", interpolation="bicubic_float")
+    pixels, _ = fit_image(image, spec)
+    want = torch.nn.functional.interpolate(
+        torch.from_numpy(image).permute(2, 0, 1)[None].float(), size=(56, 56), mode="bicubic", align_corners=False
+    )[0]
+    assert pixels.dtype == torch.float32 and torch.equal(pixels, want)
+    assert pixels.min() < 0 and pixels.max() > 255  # not rounded, not clamped
+    x, _ = prepare_batch([image], spec)  # normalised as any other input
+    torch.testing.assert_close(x[0], (want - torch.tensor(spec.pixel_mean)[:, None, None]) / torch.tensor(spec.pixel_std)[:, None, None])
+    with pytest.raises(ValueError, match="interpolation='nearest' is not one of"):
+        preprocess_spec("dinov2_vits14", interpolation="nearest")

@@ -16,15 +16,24 @@ from .train import train
 
 model = L(TrainingFreeSegmenter)(
     proposer=L(build_sam_proposer)(
-        backbone=L(build_encoder)(tag="sam2.1_hiera_l", pretrained=True, out_features=["p2", "p3", "p4"]),
+        backbone=L(build_encoder)(
+            tag="sam2.1_hiera_l",
+            pretrained=True,
+            out_features=["p2", "p3", "p4"],
+            fit="resize_square",  # theirs: 1024 x 1024, aspect ratio ignored,
+            interpolation="pil_bicubic",  # with PIL's bicubic (sam2's _load_img_as_tensor)
+        ),
         decoder_weights="${.backbone.tag}",  # the prompt decoder comes from the same checkpoint
+        # theirs: the bare mask decoder on the backbone features (no no_mem_embed, no logit clamp)
+        decoder_options={"predictor_steps": False},
         points_per_side=32,  # 32 x 32 single-point prompts
         points_per_batch=256,
         multimask_output=True,  # best of 3 masks by predicted IoU
         pred_iou_thresh=0.4,
         point_layout="input_linspace",  # theirs: linspace(0, S-1, n) + 0.5 over the input, x slowest
     ),
-    semantic_encoder=L(build_encoder)(tag="dinov2_vitl14", pretrained=True, input_size=518),  # 37 x 37 patches
+    # 37 x 37 patches over the whole image (theirs: the target resized to 518 x 518, no centre crop)
+    semantic_encoder=L(build_encoder)(tag="dinov2_vitl14", pretrained=True, input_size=518, fit="resize_square"),
     # No Time to Train's post-processing, step by step (docs/results.md has the AP of each variant):
     classifier=L(PrototypeClassifier)(
         score_floor=0.0,  # masks scoring <= 0 are dropped
@@ -42,7 +51,12 @@ model = L(TrainingFreeSegmenter)(
         references="coco_2017_train_novel_ref30_seed0", shots=30, dataset_name="${dataloader.test.dataset.names}"
     ),
     aggregation="mean",
-    memory_bank=L(MemoryBankConfig)(crop="square_context", context=0.2),
+    # theirs (COCOMemoryFillCropDataset, context_ratio=0.2): a square of 1.2 x the box's longer side
+    # (0.1 per side) from the integer box, clipped to the image, bicubic (no antialias) to 518; the
+    # mask bilinear to 518 then nearest to the 37 x 37 grid
+    memory_bank=L(MemoryBankConfig)(
+        crop="square_clipped", context=0.1, mask_weights="bilinear_nearest", crop_interpolation="bicubic_float"
+    ),
     prompt_mode="points",
 )
 

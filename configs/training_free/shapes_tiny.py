@@ -10,6 +10,9 @@ from .shapes_tiny_random import dataloader, model, train
 
 model.proposer = sam_trainer.proposer  # the same architecture the checkpoint was trained with
 model.proposer.point_layout = "input_linspace"  # the recipe's grid (configs/common/training_free.py)
+model.proposer.backbone.fit = "resize_square"  # the recipe's SAM input: square, PIL bicubic
+model.proposer.backbone.interpolation = "pil_bicubic"
+model.proposer.decoder_options = {"predictor_steps": False}  # (SAM 1: nothing to skip)
 # 224 px: a 16x16 patch grid over the 128 px images, so that masks pool a few patches each (the tiny
 # default, 56 px, gives a 4x4 grid and about half the AP: docs/benchmarks.md, training-free section).
 model.semantic_encoder.input_size = 224

@@ -16,9 +16,17 @@ Fitting modes (the ones the upstream packages use):
   resized image would exceed 16M pixels (extreme aspect ratios, e.g. 1 x 100000), only the source
   window that survives the crop is resized (same result up to half a pixel of shift).
 
-Resizing is done on ``uint8`` with antialiasing (like the PIL resizes of the upstream pipelines),
-so pixel values are quantised exactly as they would be by those pipelines; interpolation kernels
-may differ from PIL's by a grey level.
+Interpolations (:data:`INTERPOLATIONS`):
+
+- ``"bilinear"``, ``"bicubic"``: torch on ``uint8`` with antialiasing (like the PIL resizes of the
+  upstream pipelines), so pixel values are quantised as those pipelines quantise them; the
+  kernels may differ from PIL's by a grey level (up to ~20 on pixel noise);
+- ``"pil_bicubic"``: Pillow's own bicubic resize of the ``uint8`` image (antialiased, quantised):
+  exactly what ``PIL.Image.resize`` gives, as sam2's ``_load_img_as_tensor`` loads the target
+  image of "No Time to Train" (1024 x 1024, aspect ratio ignored);
+- ``"bicubic_float"``: ``torch.nn.functional.interpolate(mode="bicubic")`` on the float pixel
+  values, without antialiasing, rounding or clamping (the output is float32, overshoot kept), as
+  "No Time to Train" resizes its reference crops to 518 x 518.
 """
 from __future__ import annotations
 
@@ -40,6 +48,7 @@ from .catalog import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_
 __all__ = [
     "FIT_MODES",
     "IMAGENET_MEAN",
+    "INTERPOLATIONS",
     "IMAGENET_STD",
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
@@ -56,7 +65,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 FIT_MODES = ("longest_side_pad", "resize_square", "resize_center_crop")
-_INTERPOLATIONS = ("bilinear", "bicubic")
+INTERPOLATIONS = ("bilinear", "bicubic", "pil_bicubic", "bicubic_float")
 # resize_center_crop resizes the whole image up to this many pixels, a crop window beyond.
 _MAX_RESIZED_PIXELS = 1 << 24
 
@@ -74,7 +83,7 @@ class PreprocessSpec:
         patch_size: stride of the encoder's dense feature map (16 SAM, 14 DINOv2, 32/16/14 CLIP,
             16 for the stride-16 map of SAM 2).
         fit: one of :data:`FIT_MODES`.
-        interpolation: ``"bilinear"`` or ``"bicubic"``.
+        interpolation: one of :data:`INTERPOLATIONS` (module docstring).
         crop_pct: ``resize_center_crop`` only: the shorter side is resized to
             ``input_size / crop_pct`` before the centre crop (0.875: 256 -> 224).
     """
@@ -92,8 +101,8 @@ class PreprocessSpec:
         problems = []
         if self.fit not in FIT_MODES:
             problems.append(f"fit={self.fit!r} is not one of {FIT_MODES}")
-        if self.interpolation not in _INTERPOLATIONS:
-            problems.append(f"interpolation={self.interpolation!r} is not one of {_INTERPOLATIONS}")
+        if self.interpolation not in INTERPOLATIONS:
+            problems.append(f"interpolation={self.interpolation!r} is not one of {INTERPOLATIONS}")
         if not (isinstance(self.patch_size, int) and self.patch_size > 0):
             problems.append(f"patch_size={self.patch_size!r} must be a positive int")
         elif not (isinstance(self.input_size, int) and self.input_size > 0 and self.input_size % self.patch_size == 0):
@@ -147,8 +156,10 @@ def preprocess_spec(
     input_size: Optional[int] = None,
     fit: Optional[str] = None,
     crop_pct: Optional[float] = None,
+    interpolation: Optional[str] = None,
 ) -> PreprocessSpec:
-    """The preprocessing of weight tag ``tag``, optionally with another input size or fitting mode.
+    """The preprocessing of weight tag ``tag``, optionally with another input size, fitting mode,
+    crop share or interpolation.
 
     Example: DINOv2 dense features on the whole image at 518 px (as in "No Time to Train"):
     ``preprocess_spec("dinov2_vitl14", input_size=518, fit="resize_square")``.
@@ -156,7 +167,8 @@ def preprocess_spec(
     if tag not in PREPROCESS:
         raise KeyError(f"No preprocessing known for weight tag {tag!r}; known tags: {sorted(PREPROCESS)}.")
     spec = PREPROCESS[tag]
-    changes = {k: v for k, v in (("input_size", input_size), ("fit", fit), ("crop_pct", crop_pct)) if v is not None}
+    options = (("input_size", input_size), ("fit", fit), ("crop_pct", crop_pct), ("interpolation", interpolation))
+    changes = {k: v for k, v in options if v is not None}
     return spec.replace(**changes) if changes else spec
 
 
@@ -258,9 +270,20 @@ def image_to_tensor(image: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
 
 
 def _resize_uint8(image: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
-    """``image: [3, h, w]`` uint8 -> ``[3, *size]`` uint8, antialiased when shrinking."""
+    """``image: [3, h, w]`` uint8 -> ``[3, *size]``: uint8, antialiased when shrinking; float32 for
+    ``"bicubic_float"`` (see the module docstring)."""
+    if interpolation == "bicubic_float":
+        out = image[None].float()
+        if tuple(image.shape[1:]) != tuple(size):
+            out = F.interpolate(out, size=size, mode="bicubic", align_corners=False)
+        return out[0]
     if tuple(image.shape[1:]) == tuple(size):
         return image
+    if interpolation == "pil_bicubic":
+        from PIL import Image
+
+        resized = Image.fromarray(image.permute(1, 2, 0).numpy()).resize((size[1], size[0]), Image.Resampling.BICUBIC)
+        return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).contiguous()
     return F.interpolate(image[None], size=size, mode=interpolation, antialias=True, align_corners=False)[0]
 
 
@@ -272,7 +295,8 @@ def fit_image(image: Union[np.ndarray, torch.Tensor], spec: PreprocessSpec) -> t
         spec: the preprocessing to apply.
 
     Returns:
-        ``(pixels, fit)``: ``pixels`` is ``[3, h, w]`` uint8 RGB with ``h, w <= S`` (``< S`` only
+        ``(pixels, fit)``: ``pixels`` is ``[3, h, w]`` uint8 RGB (float32 for the
+        ``"bicubic_float"`` interpolation) with ``h, w <= S`` (``< S`` only
         for ``longest_side_pad``, whose padding :func:`normalize` adds after normalising), and
         ``fit`` the :class:`ImageFit` mapping original coordinates to input coordinates.
     """

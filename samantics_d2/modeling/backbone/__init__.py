@@ -40,6 +40,7 @@ def build_encoder(
     weights: Optional[str] = None,
     input_size: Optional[int] = None,
     fit: Optional[str] = None,
+    interpolation: Optional[str] = None,
     out_features: Optional[Sequence[str]] = None,
 ) -> EncoderBackbone:
     """The backbone of weight tag ``tag`` (its family's catalog ``backbone``), with the tag's
@@ -54,7 +55,7 @@ def build_encoder(
         pretrained: load official weights, strictly (checksum checked where published).
         weights: another location of the weights (a path or a file name under
             ``$SAMANTICS_WEIGHTS``); default: the tag's official file name.
-        input_size, fit: preprocessing overrides (``preprocess_spec``). SAM, HQ-SAM and CLIP are
+        input_size, fit, interpolation: preprocessing overrides (``preprocess_spec``). SAM, HQ-SAM and CLIP are
             built for ``input_size`` (their position embeddings have a fixed size, so official
             weights then no longer fit); DINOv2 stores its position grid at that size (official
             weights are resampled as DINOv2 does); SAM 2 takes it as it is.
@@ -67,7 +68,9 @@ def build_encoder(
             raise ValueError(f"build_encoder({tag!r}, size={size!r}, pretrained=True): only size='full' has weights.")
         path = resolve_weights(weights if weights is not None else tag)
     cls = spec.family_spec.backbone_class()
-    model = cls(**cls.options_for_tag(tag, size=size, input_size=input_size, fit=fit, out_features=out_features))
+    model = cls(**cls.options_for_tag(
+        tag, size=size, input_size=input_size, fit=fit, interpolation=interpolation, out_features=out_features
+    ))
     if path is not None:
         # the published checksum applies to the published file name
         sha256 = spec.sha256 if path.name == spec.file_name else None

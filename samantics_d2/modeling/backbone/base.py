@@ -107,6 +107,7 @@ class EncoderBackbone(Backbone):
         size: str = "full",
         input_size: Optional[int] = None,
         fit: Optional[str] = None,
+        interpolation: Optional[str] = None,
         out_features: Optional[Sequence[str]] = None,
     ) -> dict:
         """The constructor arguments of weight tag ``tag``'s architecture and preprocessing
@@ -118,8 +119,8 @@ class EncoderBackbone(Backbone):
                 f"pick a {cls.weight_family} tag or the backbone class of its family."
             )
         kwargs: dict = {"variant": spec.variant, "size": size, "out_features": out_features}
-        if size == "full" or input_size is not None or fit is not None:
-            kwargs["preprocess"] = preprocess_spec(tag, input_size=input_size, fit=fit)
+        if size == "full" or input_size is not None or fit is not None or interpolation is not None:
+            kwargs["preprocess"] = preprocess_spec(tag, input_size=input_size, fit=fit, interpolation=interpolation)
         if input_size is not None and cls.takes_img_size:
             kwargs["img_size"] = input_size
         return kwargs

@@ -17,7 +17,7 @@ reused while the references, encoder and weights are the same.
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -56,12 +56,14 @@ def build_sam_proposer(
     *,
     backbone: EncoderBackbone,
     decoder_weights: Optional[str] = None,
+    decoder_options: Optional[Mapping[str, Any]] = None,
     **grid_options,
 ) -> SamProposer:
     """The proposer over ``backbone``: its prompt decoder (same family, variant and size) with
     ``decoder_weights`` (the backbone's own checkpoint: a weight tag or path; None for random
-    initialisation) and :class:`PointGridProposals` with ``grid_options``."""
-    decoder = build_prompt_decoder(backbone, weights=decoder_weights)
+    initialisation) and ``decoder_options`` (:func:`build_prompt_decoder`, e.g.
+    ``{"predictor_steps": False}``), and :class:`PointGridProposals` with ``grid_options``."""
+    decoder = build_prompt_decoder(backbone, weights=decoder_weights, **dict(decoder_options or {}))
     return SamProposer(backbone=backbone, proposals=PointGridProposals(decoder=decoder, **grid_options))
 
 

@@ -7,7 +7,9 @@ One module per family, built to match an encoder backbone of :mod:`samantics_d2.
 - :class:`HQSAMPromptDecoder`: ``segment_anything_hq`` ``PromptEncoder`` + ``MaskDecoderHQ``, which
   also reads the output of the encoder's first global-attention block;
 - :class:`SAM2PromptDecoder`: ``sam2`` ``sam_prompt_encoder`` + ``sam_mask_decoder`` (with its
-  high-resolution ``conv_s0``/``conv_s1``) and ``no_mem_embed``, used as ``SAM2ImagePredictor`` does.
+  high-resolution ``conv_s0``/``conv_s1``) and ``no_mem_embed``, used as ``SAM2ImagePredictor`` does
+  (``predictor_steps=True``) or as a bare mask-decoder call on the backbone features, as "No Time
+  to Train" calls it (``predictor_steps=False``).
 
 Common interface (:meth:`PromptDecoder.decode`), for ONE image::
 
@@ -73,14 +75,25 @@ class PromptDecoder(nn.Module):
         image_size: side ``S`` of the (square) encoder input; prompts are in its pixel frame.
         embedding_size: side of the image embedding (``S / 16``).
         mask_size: side of the low-resolution masks (``4 * embedding_size``: 256 at 1024 px).
+        predictor_steps: apply the steps the family's upstream image predictor adds around the mask
+            decoder (SAM 2: ``no_mem_embed`` and the logit clamp, see :class:`SAM2PromptDecoder`;
+            segment_anything's ``SamPredictor`` adds none, so SAM and HQ-SAM read it as nothing to
+            do). False: the bare mask decoder on the backbone features ("No Time to Train").
     """
 
     weight_family: ClassVar[str] = ""
 
     def __init__(
-        self, *, variant: Optional[str] = None, embed_dim: int = 256, image_size: int = 1024, patch_size: int = 16
+        self,
+        *,
+        variant: Optional[str] = None,
+        embed_dim: int = 256,
+        image_size: int = 1024,
+        patch_size: int = 16,
+        predictor_steps: bool = True,
     ) -> None:
         super().__init__()
+        self.predictor_steps = bool(predictor_steps)
         if image_size % patch_size:
             raise ValueError(
                 f"{type(self).__name__}: image_size={image_size} must be a multiple of patch_size={patch_size}."
@@ -301,7 +314,10 @@ class PromptDecoder(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"variant={self.variant!r}, embed_dim={self.embed_dim}, image_size={self.image_size}"
+        return (
+            f"variant={self.variant!r}, embed_dim={self.embed_dim}, image_size={self.image_size}, "
+            f"predictor_steps={self.predictor_steps}"
+        )
 
 
 def _upstream_modules(
@@ -436,8 +452,9 @@ class SAM2PromptDecoder(PromptDecoder):
     """sam2's ``sam_prompt_encoder`` + ``sam_mask_decoder`` over :class:`SAM2Backbone` features.
 
     Reads ``"p2"``, ``"p3"`` (through the decoder's ``conv_s0``/``conv_s1``, as
-    ``SAM2Base.forward_image``) and ``"p4"`` (plus ``no_mem_embed``, as ``SAM2ImagePredictor``).
-    Low-resolution logits are clamped to [-32, 32] as the predictor does. Box prompts are encoded
+    ``SAM2Base.forward_image``) and ``"p4"`` (plus ``no_mem_embed``, as ``SAM2ImagePredictor``, with
+    ``predictor_steps``). Low-resolution logits are clamped to [-32, 32] as the predictor does (with
+    ``predictor_steps``). Box prompts are encoded
     as two corner points (labels 2, 3) before the point prompts, as the predictor does.
 
     Official weights: ``sam_prompt_encoder.*``, ``sam_mask_decoder.*`` and ``no_mem_embed`` of the
@@ -450,12 +467,18 @@ class SAM2PromptDecoder(PromptDecoder):
         patch_size: stride of ``"p4"`` (16).
         dynamic_multimask_via_stability: single-mask outputs fall back to the best multimask output
             when unstable, as ``build_sam2`` sets up image prediction (default True).
+        predictor_steps: the two steps ``SAM2ImagePredictor`` adds around the mask decoder: add
+            ``no_mem_embed`` to the ``"p4"`` embedding (``set_image``, as ``directly_add_no_mem_embed``)
+            and clamp the low-resolution logits to [-32, 32] (``_predict``). False: the bare
+            ``sam_mask_decoder`` on the backbone features, as "No Time to Train" calls it
+            (``Sam2MatchingBaselineNoAMG._forward_sam``: ``_prepare_backbone_features`` output
+            straight into ``sam_mask_decoder``, logits unclamped).
     """
 
     weight_family = "sam2"
 
-    def __init__(self, *, dynamic_multimask_via_stability: bool = True, **sizes: Any) -> None:
-        super().__init__(**sizes)
+    def __init__(self, *, dynamic_multimask_via_stability: bool = True, **options: Any) -> None:
+        super().__init__(**options)
         from sam2.modeling.sam.mask_decoder import MaskDecoder
         from sam2.modeling.sam.prompt_encoder import PromptEncoder
         from sam2.modeling.sam.transformer import TwoWayTransformer
@@ -491,8 +514,10 @@ class SAM2PromptDecoder(PromptDecoder):
         self._check_embedding(embedding)
         s0 = self.mask_decoder.conv_s0(self._feature(image_features, "p2", self.embed_dim))
         s1 = self.mask_decoder.conv_s1(self._feature(image_features, "p3", self.embed_dim))
+        if self.predictor_steps:
+            embedding = embedding + self.no_mem_embed.reshape(1, -1, 1, 1)
         return {
-            "embedding": embedding + self.no_mem_embed.reshape(1, -1, 1, 1),
+            "embedding": embedding,
             "pe": self.prompt_encoder.get_dense_pe().to(self.dtype),
             "s0": s0,
             "s1": s1,
@@ -512,7 +537,7 @@ class SAM2PromptDecoder(PromptDecoder):
         logits, iou_pred, _, _ = self._mask_decoder_call(
             image, sparse, dense, multimask_output, repeat_image=True, high_res_features=[image["s0"], image["s1"]]
         )
-        return logits.clamp(-32.0, 32.0), iou_pred
+        return (logits.clamp(-32.0, 32.0) if self.predictor_steps else logits), iou_pred
 
 
 #: weight family -> prompt-decoder class (a live view of the catalog's ``prompt_decoder`` fields)
@@ -532,7 +557,8 @@ def build_prompt_decoder(
         backbone: a :class:`SAMBackbone`, :class:`HQSAMBackbone` or :class:`SAM2Backbone` (full or tiny).
         weights: a weight tag, a path, or a file name under ``$SAMANTICS_WEIGHTS`` (the same
             checkpoint as the backbone's); None: random initialisation.
-        options: family options (``hq_token_only``, ``dynamic_multimask_via_stability``).
+        options: ``predictor_steps`` and family options (``hq_token_only``,
+            ``dynamic_multimask_via_stability``).
     """
     family = getattr(backbone, "weight_family", None)
     if family not in PROMPT_DECODER_CLASSES:

@@ -1,12 +1,16 @@
 """The memory bank of the training-free pipeline ("compute_embeds"): one feature per reference instance.
 
 For every reference instance, the semantic encoder (any :class:`EncoderBackbone`) sees either a
-square crop around the instance (``crop="square_context"``: the box's longer side plus ``context``
-of it on each side, clipped and padded with the pixel mean at the image border, stretched to the
-encoder's input square) or the whole image (``crop="full"``: fitted per the encoder's own
-preprocessing). The instance mask goes to the patch grid by area interpolation (soft weights) and
-the mask-weighted mean of the dense features is the shot's feature. References are processed in
-batches: one encoder forward per batch.
+square crop around the instance, stretched to the encoder's input square, or the whole image
+(``crop="full"``: fitted per the encoder's own preprocessing). The square is the box's longer side
+plus ``context`` of it on each side, either padded with the pixel mean where it leaves the image
+(``crop="square_context"``) or, as "No Time to Train" crops (``COCOMemoryFillCropDataset``),
+centred on the integer box and clipped to the image (``crop="square_clipped"``: then no longer
+square at the border). The instance mask goes to the patch grid as soft weights, by area
+interpolation (``mask_weights="area"``) or as "No Time to Train" does (``"bilinear_nearest"``:
+bilinear to the input size, then nearest to the patch grid), and the mask-weighted mean of the
+dense features is the shot's feature. References are processed in batches: one encoder forward
+per batch.
 
 A :class:`MemoryBank` keeps the per-shot features ``[S, D]`` in the one reference order of
 :mod:`samantics_d2.references` (category id, then shot rank, then annotation id), so prototypes for
@@ -38,17 +42,19 @@ from ...references.store import (
     save_features,
 )
 from ..backbone.base import EncoderBackbone
-from ..preprocess import ImageFit, PreprocessSpec, prepare_batch
+from ..preprocess import INTERPOLATIONS, ImageFit, PreprocessSpec, prepare_batch
 from .mask_ops import mask_pooling
 
 __all__ = [
     "AGGREGATIONS",
     "CROP_MODES",
+    "MASK_WEIGHTS",
     "MEMORY_BANK_FORMAT",
     "MemoryBank",
     "MemoryBankConfig",
     "crop_mask_weights",
     "crop_padded",
+    "clipped_context_window",
     "kmeans",
     "reference_preprocess",
     "square_context_window",
@@ -58,7 +64,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MEMORY_BANK_FORMAT = 1
-CROP_MODES = ("square_context", "full")
+CROP_MODES = ("square_context", "square_clipped", "full")
+MASK_WEIGHTS = ("area", "bilinear_nearest")
 AGGREGATIONS = ("mean", "kmeans", "all")
 
 
@@ -67,21 +74,39 @@ class MemoryBankConfig:
     """How reference features are computed.
 
     Attributes:
-        crop: ``"square_context"`` (a square around the instance's box; "No Time to Train") or
-            ``"full"`` (the whole image, fitted per the encoder's preprocessing).
-        context: ``square_context`` only: margin added on each side, as a share of the box's
-            longer side (0.2: the square's side is 1.4 x the longer side).
+        crop: ``"square_context"`` (a square around the instance's box, padded with the pixel
+            mean outside the image), ``"square_clipped"`` (the same square from the integer box,
+            clipped to the image: "No Time to Train") or ``"full"`` (the whole image, fitted per
+            the encoder's preprocessing).
+        context: square crops only: margin added on each side, as a share of the box's longer
+            side (0.2: the square's side is 1.4 x the longer side; "No Time to Train"'s
+            ``context_ratio=0.2`` is the whole margin, 0.1 per side here).
+        mask_weights: ``"area"`` (area interpolation of the cropped mask onto the patch grid) or
+            ``"bilinear_nearest"`` (bilinear to the encoder's input size, then nearest onto the
+            patch grid: "No Time to Train"'s ``F.interpolate`` pair).
+        crop_interpolation: square crops only: how the crop is resized onto the input square (one
+            of :data:`~samantics_d2.modeling.preprocess.INTERPOLATIONS`; None: the encoder's own;
+            "No Time to Train": ``"bicubic_float"``).
         batch_size: reference instances per encoder forward (does not change the result, so it is
             not part of the provenance).
     """
 
     crop: str = "square_context"
     context: float = 0.2
+    mask_weights: str = "area"
+    crop_interpolation: Optional[str] = None
     batch_size: int = 16
 
     def __post_init__(self) -> None:
         if self.crop not in CROP_MODES:
             raise ValueError(f"MemoryBankConfig got crop={self.crop!r}; expected one of {CROP_MODES}.")
+        if self.mask_weights not in MASK_WEIGHTS:
+            raise ValueError(f"MemoryBankConfig got mask_weights={self.mask_weights!r}; expected one of {MASK_WEIGHTS}.")
+        if self.crop_interpolation is not None and self.crop_interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"MemoryBankConfig got crop_interpolation={self.crop_interpolation!r}; expected None (the encoder's "
+                f"own) or one of {INTERPOLATIONS}."
+            )
         if not (isinstance(self.context, (int, float)) and 0.0 <= self.context <= 10.0):
             raise ValueError(f"MemoryBankConfig got context={self.context!r}; expected a share in [0, 10] (0.2: 20 %).")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -89,9 +114,10 @@ class MemoryBankConfig:
 
     def describe(self) -> dict[str, Any]:
         """The settings that change the features (part of the provenance)."""
-        out: dict[str, Any] = {"crop": self.crop, "mask_resize": "area", "pooling": "mask_weighted_mean"}
-        if self.crop == "square_context":
-            out.update(context=float(self.context), padding="pixel_mean", fit="resize_square")
+        out: dict[str, Any] = {"crop": self.crop, "mask_resize": self.mask_weights, "pooling": "mask_weighted_mean"}
+        if self.crop != "full":  # (the crop's interpolation is in the provenance's preprocess)
+            padding = "pixel_mean" if self.crop == "square_context" else "none (clipped)"
+            out.update(context=float(self.context), padding=padding, fit="resize_square")
         return out
 
 
@@ -142,6 +168,22 @@ def square_context_window(box: tuple[float, float, float, float], context: float
     return (y0, x0, y0 + side, x0 + side)
 
 
+def clipped_context_window(
+    box: tuple[float, float, float, float], context: float, image_size: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """``(y0, x0, y1, x1)`` of "No Time to Train"'s reference crop (``COCOMemoryFillCropDataset``):
+    the XYWH box truncated to integers, a square of ``(1 + 2 * context)`` x its longer side centred
+    on it, each bound truncated and clipped to the ``(H, W)`` image (at least one pixel kept)."""
+    H, W = image_size
+    x1, y1, x2, y2 = int(box[0]), int(box[1]), int(box[0] + box[2]), int(box[1] + box[3])
+    mid_x, mid_y = (x1 + x2) * 0.5, (y1 + y2) * 0.5
+    half = max(x2 - x1, y2 - y1) * (1.0 + 2.0 * context) * 0.5
+    cx0, cy0 = max(0, int(mid_x - half)), max(0, int(mid_y - half))
+    cx1, cy1 = min(W, int(mid_x + half)), min(H, int(mid_y + half))
+    cx0, cy0 = min(cx0, W - 1), min(cy0, H - 1)  # degenerate boxes: keep one pixel
+    return (cy0, cx0, max(cy1, cy0 + 1), max(cx1, cx0 + 1))
+
+
 def _input_window(fit: ImageFit) -> tuple[int, int, int, int]:
     """The encoder's input square in original pixels, rounded: ``(y0, x0, y1, x1)`` (may exceed the image)."""
     (sy, sx), (ty, tx), (S_h, S_w) = fit.scale, fit.offset, fit.input_size
@@ -150,11 +192,29 @@ def _input_window(fit: ImageFit) -> tuple[int, int, int, int]:
     return (y0, x0, y1, x1)
 
 
-def crop_mask_weights(masks: Sequence[np.ndarray], grid: tuple[int, int]) -> torch.Tensor:
-    """``[N, h, w]`` area-interpolated soft weights of cropped masks (any sizes)."""
-    return torch.stack(
-        [F.adaptive_avg_pool2d(torch.from_numpy(m).float()[None, None], grid)[0, 0] for m in masks]
-    )
+def crop_mask_weights(
+    masks: Sequence[np.ndarray], grid: tuple[int, int], *, mode: str = "area", input_size: Optional[int] = None
+) -> torch.Tensor:
+    """``[N, h, w]`` soft weights of cropped masks (any sizes) on the ``grid`` patch grid.
+
+    Args:
+        mode: ``"area"`` (area interpolation) or ``"bilinear_nearest"`` (bilinear, no antialias,
+            to ``input_size x input_size``, then nearest, i.e. input pixel ``floor(i * S / h)`` for
+            patch ``i``).
+    """
+    if mode not in MASK_WEIGHTS:
+        raise ValueError(f"crop_mask_weights got mode={mode!r}; expected one of {MASK_WEIGHTS}.")
+    if mode == "bilinear_nearest" and input_size is None:
+        raise ValueError("crop_mask_weights(mode='bilinear_nearest') needs the encoder's input_size.")
+    out = []
+    for m in masks:
+        x = torch.from_numpy(m).float()[None, None]
+        if mode == "area":
+            out.append(F.adaptive_avg_pool2d(x, grid)[0, 0])
+        else:
+            x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False)
+            out.append(F.interpolate(x, size=grid, mode="nearest")[0, 0])
+    return torch.stack(out)
 
 
 def _model_device_dtype(backbone: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -471,9 +531,12 @@ def _provenance(items: Sequence[ReferenceInstance], *, backbone: EncoderBackbone
 
 
 def reference_preprocess(backbone: EncoderBackbone, config: MemoryBankConfig) -> PreprocessSpec:
-    """The preprocessing the references get: square crops are stretched onto the input square."""
+    """The preprocessing the references get: square crops are stretched onto the input square
+    (with ``config.crop_interpolation`` when given)."""
     spec = backbone.preprocess
-    return spec.replace(fit="resize_square") if config.crop == "square_context" else spec
+    if config.crop == "full":
+        return spec
+    return spec.replace(fit="resize_square", interpolation=config.crop_interpolation or spec.interpolation)
 
 
 def _shot_features(
@@ -502,8 +565,12 @@ def _shot_features(
             image = cached[1]
             mask = r.mask()
             masks.append(mask)
-            if config.crop == "square_context":
-                window = square_context_window(_xywh_box(r.annotation, mask), config.context)
+            if config.crop != "full":
+                box = _xywh_box(r.annotation, mask)
+                if config.crop == "square_context":
+                    window = square_context_window(box, config.context)
+                else:
+                    window = clipped_context_window(box, config.context, image.shape[:2])
                 inputs.append(crop_padded(image, window, fill))
                 windows.append(window)
             else:
@@ -519,7 +586,8 @@ def _shot_features(
             crop_padded(mask, window if window is not None else _input_window(fits[i]), 0)
             for mask, window, i in zip(masks, windows, input_of)
         ]
-        weights = crop_mask_weights(cropped, grid).to(dense.device, dense.dtype)  # [n, h, w]
+        weights = crop_mask_weights(cropped, grid, mode=config.mask_weights, input_size=spec.input_size)
+        weights = weights.to(dense.device, dense.dtype)  # [n, h, w]
         pooled, valid = mask_pooling(dense[torch.as_tensor(input_of, device=dense.device)], weights)
         outputs.append(pooled.float().cpu())
         valids.append(valid.cpu())
