@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...d2 import META_ARCH_REGISTRY, configurable
+from ...utils.checks import raise_if_problems
 from ...utils.image import read_image
 from ...yacs_config import check_yacs_config, dataset_classes, node_kwargs
 from ..backbone import build_encoder
@@ -85,8 +86,7 @@ class ProbeTrainingConfig:
                             f"{self.eval_batch_size} must be >= 1")
         if not 0.0 <= self.holdout_fraction < 1.0:
             problems.append(f"holdout_fraction={self.holdout_fraction} must be in [0, 1)")
-        if problems:
-            raise ValueError("Invalid ProbeTrainingConfig: " + "; ".join(problems) + ".")
+        raise_if_problems("Invalid ProbeTrainingConfig", problems)
 
 
 # "There is no SAMantics!": Linear(d, classes), Adam 1e-3, 10 epochs, batch 128, no augmentation,

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from ...d2 import META_ARCH_REGISTRY, Boxes, Instances, configurable
 from ...references import ReferenceBank, ReferenceInstance, order_references, reference_provenance
+from ...utils.checks import raise_if_problems
 from ...yacs_config import check_yacs_config, node_kwargs, yacs_reference_bank
 from ..ref_sam import (
     DeformableTransformer,
@@ -258,8 +259,7 @@ class RefSAM(nn.Module):
             problems.append(f"the backbone does not output {missing} (out_features {list(outputs)}); add them")
         if classes_per_batch < 1 or topk < 1:
             problems.append(f"classes_per_batch={classes_per_batch} and topk={topk} must be >= 1")
-        if problems:
-            raise ValueError("RefSAM: " + "; ".join(problems) + ".")
+        raise_if_problems("RefSAM", problems)
         self.proposer = proposer
         self.fuser = fuser
         self.neck = neck

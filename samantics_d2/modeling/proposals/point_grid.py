@@ -27,6 +27,7 @@ from typing import Any, Mapping, Optional
 import torch
 import torch.nn as nn
 
+from ...utils.checks import raise_if_problems
 from ..preprocess import ImageFit
 from ..semantic.mask_ops import remove_small_regions
 from .prompt_decoder import PromptDecoder
@@ -239,8 +240,7 @@ class PointGridProposals(nn.Module):
             problems.append(f"min_region_area={min_region_area} must be >= 0 (0: off)")
         if stability_score_offset <= 0:
             problems.append(f"stability_score_offset={stability_score_offset} must be > 0")
-        if problems:
-            raise ValueError("PointGridProposals: " + "; ".join(problems) + ".")
+        raise_if_problems("PointGridProposals", problems)
         self.decoder = decoder
         self.points_per_side = points_per_side
         self.point_layout = point_layout
