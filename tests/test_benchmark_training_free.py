@@ -28,6 +28,11 @@ def tool():
 
 
 TINY = str(ROOT / "configs" / "training_free" / "shapes_tiny_random.py")
+# The settings the upstream generator and the padded square crops reproduce (the config keeps the
+# No Time to Train recipe's stages: their point layout, resize, crops and mask weights).
+BASELINE = ["model.proposer.point_layout=cell_centres", "model.proposer.backbone.fit=longest_side_pad",
+            "model.memory_bank.crop=square_context", "model.memory_bank.mask_weights=area",
+            "model.memory_bank.crop_interpolation=null"]
 
 
 def _segmenter(tool, tmp_path, *, points_per_side=4, pred_iou_thresh=None, overrides=()):
@@ -35,7 +40,7 @@ def _segmenter(tool, tmp_path, *, points_per_side=4, pred_iou_thresh=None, overr
     cfg = tool.load_config(TINY, [
         f"model.proposer.points_per_side={points_per_side}", "model.proposer.points_per_batch=8",
         f"model.proposer.pred_iou_thresh={'null' if pred_iou_thresh is None else pred_iou_thresh}",
-        f"model.reference_bank.cache_path={tmp_path / 'bank.safetensors'}", "train.device=cpu", *overrides,
+        f"model.reference_bank.cache_path={tmp_path / 'bank.safetensors'}", "train.device=cpu", *BASELINE, *overrides,
     ])
     return tool.build_segmenter(cfg)
 
@@ -60,7 +65,7 @@ def test_cli_with_config_file_prints_both_rows_and_writes_its_section(tool, tmp_
         "training_free", "--config-file", TINY, "--images", "2", "--warmup", "0", "--runs", "1",
         "--output-dir", str(tmp_path / "out"), "--markdown", str(doc),
         "model.proposer.points_per_side=2", "model.proposer.pred_iou_thresh=null", "train.device=cpu",
-        f"model.reference_bank.cache_path={tmp_path / 'bank.safetensors'}",
+        f"model.reference_bank.cache_path={tmp_path / 'bank.safetensors'}", *BASELINE,
     ]
     assert tool.main(argv) == 0
     printed = capsys.readouterr().out
@@ -90,7 +95,10 @@ def test_cli_rejects_bad_overrides_and_configs_the_baseline_cannot_match(tool, t
     # the demo config keeps SAM's box NMS at 0.7: the generator's NMS runs on all 3 masks of a point
     with pytest.raises(SystemExit, match="model.proposer.box_nms_thresh=null"):
         tool.main(["training_free", "--config-file", str(ROOT / "configs" / "training_free" / "shapes_tiny.py"),
-                   "train.device=cpu", "model.proposer.points_per_side=2"])
+                   "train.device=cpu", "model.proposer.points_per_side=2", *BASELINE])
+    # the recipe's own stages (its point layout, ...) are named with the value to give
+    with pytest.raises(SystemExit, match="model.proposer.point_layout=cell_centres"):
+        tool.main(["training_free", "--config-file", TINY, "train.device=cpu", "model.proposer.points_per_side=2"])
     with pytest.raises(SystemExit, match="TrainingFreeSegmenter"):
         tool.main(["training_free", "--config-file", str(ROOT / "configs" / "linear_probe" / "tiny_shapes.py")])
 
@@ -158,6 +166,7 @@ def test_baseline_crop_features_are_the_memory_bank_features(tool, tmp_path):
     kept = tool.classify_pooled(
         segmenter.classifier, pooled=pooled, valid=valid, masks=torch.from_numpy(np.stack(masks)).bool(),
         prototypes=bank.features[:, None].clone(), prototype_valid=torch.ones(len(bank), 1, dtype=torch.bool),
+        iou_pred=torch.ones(len(bank)),  # ground-truth masks: one rank for all
     )
     # prototypes = the shots themselves: every mask matches its own shot (cosine 1), NMS drops none
     # (the shapes do not overlap) and the soft merge leaves disjoint masks alone
@@ -182,12 +191,13 @@ def test_baseline_scoring_equals_the_pipeline_classifier(tool, tmp_path, image_i
         )
         masks = proposals.mask_logits > 0
         expected = segmenter.classifier(
-            features=features, weights=weights, masks=masks, prototypes=prototypes, prototype_valid=prototype_valid
+            features=features, weights=weights, masks=masks, prototypes=prototypes, prototype_valid=prototype_valid,
+            iou_pred=proposals.iou_pred,
         )
         pooled = torch.einsum("phw,chw->pc", weights, features) / weights.sum(dim=(1, 2)).clamp_min(1e-12)[:, None]
         got = tool.classify_pooled(
             segmenter.classifier, pooled=pooled, valid=weights.sum(dim=(1, 2)) > 0, masks=masks,
-            prototypes=prototypes, prototype_valid=prototype_valid,
+            prototypes=prototypes, prototype_valid=prototype_valid, iou_pred=proposals.iou_pred,
         )
     assert len(expected.indices) > 0
     assert torch.equal(got.indices, expected.indices) and torch.equal(got.classes, expected.classes)

@@ -4,8 +4,9 @@
     python tools/benchmark.py encoders                      # default set for the device
     python tools/benchmark.py encoders --encoders sam_vit_b dinov2_vitl14@518 clip_vit_b32_openai/tiny \\
         --dtype bf16 --channels-last --compile --batch-size 8 --markdown docs/benchmarks.md
-    python tools/benchmark.py training_free --config-file configs/training_free/shapes_tiny.py --images 8 \\
-        train.init_checkpoint=output/demo/tiny_sam/model_final.pth
+    python tools/benchmark.py training_free --config-file configs/training_free/shapes_tiny_random.py --images 8 \\
+        model.proposer.point_layout=cell_centres model.proposer.backbone.fit=longest_side_pad \\
+        model.memory_bank.crop=square_context model.memory_bank.mask_weights=area model.memory_bank.crop_interpolation=null
     python tools/benchmark.py linear_probe --config-file configs/linear_probe/tiny_shapes.py --markdown docs/benchmarks.md
 
 ``encoders``: images/s, peak memory and GFLOPs per image of each encoder backbone, with random
@@ -30,7 +31,8 @@ before, imports included).
 :class:`TrainingFreeSegmenter` (``model``, its weights from ``train.init_checkpoint``, the first
 ``--images`` images of ``dataloader.test``, ``dataloader.evaluator``) against a naive baseline over the
 same SAM modules, memory bank and images: upstream ``segment_anything.SamAutomaticMaskGenerator``,
-then one DINOv2 forward per mask crop (see :class:`NaiveBaseline`).
+then one DINOv2 forward per mask crop (see :class:`NaiveBaseline`; it names the overrides a config
+needs for the two pipelines to classify the same proposals, as above).
 
 ``linear_probe``: wall time of the cached linear probe of the config's ``job`` (extract features
 once, then the grid of probes of ``job.config`` trained together on the cache) against re-running
@@ -422,6 +424,7 @@ def classify_pooled(
     masks: torch.Tensor,
     prototypes: torch.Tensor,
     prototype_valid: torch.Tensor,
+    iou_pred: Optional[torch.Tensor] = None,
 ):
     """Run ``classifier`` (a :class:`PrototypeClassifier`) on already pooled features, one per mask.
 
@@ -431,7 +434,8 @@ def classify_pooled(
     drops masks that cover no patch).
 
     Args:
-        pooled: ``[P, D]``; valid: ``[P]`` bool; masks: ``[P, H, W]`` bool (boxes and overlaps).
+        pooled: ``[P, D]``; valid: ``[P]`` bool; masks: ``[P, H, W]`` bool (boxes and overlaps);
+        iou_pred: ``[P]`` SAM's predicted IoU (for a classifier that ranks its NMS by it).
 
     Returns:
         :class:`ClassifiedProposals`.
@@ -444,6 +448,7 @@ def classify_pooled(
         masks=masks,
         prototypes=prototypes,
         prototype_valid=prototype_valid,
+        iou_pred=iou_pred,
     )
 
 
@@ -485,14 +490,25 @@ class NaiveBaseline:
                 f"The baseline is segment_anything's SamAutomaticMaskGenerator, which needs a SAM ViT image encoder; "
                 f"the config's proposer has a {type(encoder).__name__}: set model.proposer.backbone.tag=sam_vit_b (or l, h)."
             )
-        unmatched = {k: getattr(proposals, k) for k in ("stability_score_thresh", "box_nms_thresh", "max_proposals")
-                     if getattr(proposals, k) is not None}
-        if unmatched or not proposals.multimask_output:
+        bank = segmenter.memory_bank_config
+        settings = {  # override: (the config's value, the value the baseline reproduces)
+            **{f"model.proposer.{k}": (getattr(proposals, k), None)
+               for k in ("stability_score_thresh", "box_nms_thresh", "max_proposals")},
+            "model.proposer.multimask_output": (proposals.multimask_output, True),
+            "model.proposer.point_layout": (getattr(proposals, "point_layout", "cell_centres"), "cell_centres"),
+            "model.proposer.backbone.fit": (segmenter.proposer.backbone.preprocess.fit, "longest_side_pad"),
+            "model.memory_bank.crop": (bank.crop, "square_context"),
+            "model.memory_bank.mask_weights": (getattr(bank, "mask_weights", "area"), "area"),
+            "model.memory_bank.crop_interpolation": (getattr(bank, "crop_interpolation", None), None),
+        }
+        unmatched = {k: v for k, (v, wanted) in settings.items() if v != wanted}
+        if unmatched:
+            fix = " ".join(f"{k}={'null' if settings[k][1] is None else str(settings[k][1]).lower()}" for k in unmatched)
             raise SystemExit(
-                f"The baseline keeps the generator's best of 3 masks per point with no stability filter, box NMS or "
-                f"proposal cap, so both pipelines classify the same proposals; the config sets {unmatched} and "
-                f"multimask_output={proposals.multimask_output}: override them, e.g. "
-                + " ".join(f"model.proposer.{k}=null" for k in unmatched) + " model.proposer.multimask_output=true."
+                "The baseline is upstream SamAutomaticMaskGenerator (its point grid, longest-side resize and pad, best of "
+                "3 masks per point, no stability filter, box NMS or cap) and the memory bank's padded square crops, so "
+                f"that both pipelines classify the same proposals the same way; the config sets {unmatched}: override "
+                f"them: {fix}"
             )
         self.segmenter = segmenter
         self.generator = SamAutomaticMaskGenerator(
@@ -567,6 +583,7 @@ class NaiveBaseline:
             kept = classify_pooled(
                 self.segmenter.classifier, pooled=pooled, valid=valid, masks=masks,
                 prototypes=prototypes, prototype_valid=prototype_valid,
+                iou_pred=torch.tensor([float(r["predicted_iou"]) for r in records], device=device),
             )
             outputs.append({"instances": _instances(masks[kept.indices], kept.scores, kept.classes, height, width)})
         return outputs
