@@ -16,8 +16,9 @@ import os
 from typing import Callable, Optional
 
 from ..d2 import DatasetCatalog, MetadataCatalog, load_coco_json, load_lvis_json
+from .prompted import COCO_OV_BASE_CLASSES, COCO_OV_CLASSES, COCO_OV_ID_TO_CONTIGUOUS, COCO_OV_NOVEL_CLASSES, load_coco_ov_json
 
-__all__ = ["BUILTIN_COCO", "BUILTIN_LVIS", "datasets_root", "register_all_builtin", "set_paths_if_missing"]
+__all__ = ["BUILTIN_COCO", "BUILTIN_COCO_OV", "BUILTIN_LVIS", "datasets_root", "register_all_builtin", "set_paths_if_missing"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +28,12 @@ DATASETS_ENV = "DETECTRON2_DATASETS"
 BUILTIN_COCO: dict[str, tuple[str, str]] = {
     "coco_2017_train": ("coco/train2017", "coco/annotations/instances_train2017.json"),
     "coco_2017_val": ("coco/val2017", "coco/annotations/instances_val2017.json"),
+}
+# COCO val2017 restricted to the 65 open-vocabulary classes (48 base + 17 novel), for prompted
+# recognition (OVSAM's protocol; samantics_d2.data.prompted). LVIS v1 val needs no own name:
+# prompted recognition on LVIS uses lvis_v1_val (all 1203 classes, no base/novel split).
+BUILTIN_COCO_OV: dict[str, tuple[str, str]] = {
+    "coco_2017_val_ov65": ("coco/val2017", "coco/annotations/instances_val2017.json"),
 }
 # LVIS v1 uses COCO 2017 images: file names come from each image's coco_url, under coco/.
 BUILTIN_LVIS: dict[str, tuple[str, str]] = {
@@ -94,6 +101,21 @@ def register_all_builtin(root: Optional[str] = None) -> list[str]:
             DatasetCatalog.register(name, _loader(name, json_file, image_root, root, load))
             MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type=evaluator_type)
             registered.append(name)
+    for name, (image_dir, json_name) in BUILTIN_COCO_OV.items():
+        if name in DatasetCatalog.list():
+            continue
+        json_file, image_root = os.path.join(root, json_name), os.path.join(root, image_dir)
+        DatasetCatalog.register(name, _loader(name, json_file, image_root, root, load_coco_ov_json))
+        MetadataCatalog.get(name).set(
+            json_file=json_file,
+            image_root=image_root,
+            evaluator_type="prompted_recognition",
+            thing_classes=list(COCO_OV_CLASSES),
+            thing_dataset_id_to_contiguous_id=dict(COCO_OV_ID_TO_CONTIGUOUS),
+            base_class_ids=[COCO_OV_CLASSES.index(c) for c in COCO_OV_BASE_CLASSES],
+            novel_class_ids=[COCO_OV_CLASSES.index(c) for c in COCO_OV_NOVEL_CLASSES],
+        )
+        registered.append(name)
     return registered
 
 
