@@ -34,8 +34,16 @@ from ...references.store import StoredFeatures, default_store_path, load_or_buil
 from ...version import __version__
 from ..backbone.clip import CLIP_VARIANTS
 from ..catalog import WEIGHTS, get_family, get_weight_spec
-from ..weights import Converted, guess_family, match_state_dict, module_fingerprint, read_state_dict, resolve_weights
-from ..weights import split_checkpoint
+from ..weights import (
+    Converted,
+    WeightsError,
+    guess_family,
+    match_state_dict,
+    module_fingerprint,
+    read_state_dict,
+    resolve_weights,
+    split_checkpoint,
+)
 
 __all__ = [
     "CLIP_TEXT_VARIANTS",
@@ -273,8 +281,6 @@ def load_clip_text_weights(
         FileNotFoundError, ChecksumError, UnsafeCheckpointError, WeightsError, KeyMismatchError
         (the missing / unexpected / wrongly-shaped keys listed with the file).
     """
-    from ..weights import WeightsError
-
     text = os.fspath(weights)
     if text in WEIGHTS and not os.path.isfile(text):
         spec = get_weight_spec(text)
