@@ -19,6 +19,7 @@ from samantics_d2.data.prompted import (
     PromptedRecognitionMapper,
     centre_points,
     load_coco_ov_json,
+    lvis_base_novel_split,
     long_side_shape,
     prompts_from_instances,
 )
@@ -316,3 +317,28 @@ def test_percentages_are_nan_for_an_empty_group():
     evaluator.process(inputs, outputs)
     metrics = evaluator.evaluate()["prompted_recognition"]
     assert math.isnan(metrics["IoU_n"]) and metrics["num_novel"] == 0 and metrics["IoU_b"] == EXPECTED["IoU"]
+
+
+def test_lvis_split_is_frequent_and_common_vs_rare(tmp_path):
+    json_file = tmp_path / "lvis.json"
+    categories = [{"id": 1, "name": "a", "frequency": "f"}, {"id": 2, "name": "b", "frequency": "r"},
+                  {"id": 3, "name": "c", "frequency": "c"}, {"id": 4, "name": "d", "frequency": "r"}]  # fmt: skip
+    json_file.write_text(json.dumps({"categories": categories}))
+    assert lvis_base_novel_split(str(json_file)) == ([0, 2], [1, 3])
+    json_file.write_text(json.dumps({"categories": [{"id": 1, "name": "a"}]}))
+    with pytest.raises(ValueError, match=r"categories \[1\] do not"):
+        lvis_base_novel_split(str(json_file))
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        lvis_base_novel_split(str(tmp_path / "missing.json"))
+
+
+def test_an_image_without_prompts_adds_nothing():
+    inputs, outputs = _hand_made_case()
+    gt = Instances((4, 4), gt_masks=BitMasks(torch.zeros((0, 4, 4), dtype=torch.bool)), gt_classes=torch.zeros(0).long())
+    empty_input = {"file_name": "empty.jpg", "instances": gt, "prompts": {"boxes": torch.zeros((0, 4))}}
+    predicted = Instances((4, 4), pred_masks=torch.zeros((0, 4, 4), dtype=torch.bool), pred_classes=torch.zeros(0).long(),
+                          scores=torch.zeros(0), prompt_boxes=torch.zeros((0, 4)))  # fmt: skip
+    evaluator = _evaluator()
+    evaluator.process(inputs + [empty_input], outputs + [{"instances": predicted}])
+    assert len(evaluator._records) == 3 and evaluator._records[2][0].shape == (0,)
+    assert evaluator.evaluate() == {"prompted_recognition": EXPECTED}

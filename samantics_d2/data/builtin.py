@@ -16,9 +16,22 @@ import os
 from typing import Callable, Optional
 
 from ..d2 import DatasetCatalog, MetadataCatalog, load_coco_json, load_lvis_json
-from .prompted import COCO_OV_BASE_CLASSES, COCO_OV_CLASSES, COCO_OV_ID_TO_CONTIGUOUS, COCO_OV_NOVEL_CLASSES, load_coco_ov_json
+from .prompted import (
+    COCO_OV_BASE_CLASSES,
+    COCO_OV_CLASSES,
+    COCO_OV_ID_TO_CONTIGUOUS,
+    COCO_OV_NOVEL_CLASSES,
+    load_coco_ov_json,
+)
 
-__all__ = ["BUILTIN_COCO", "BUILTIN_COCO_OV", "BUILTIN_LVIS", "datasets_root", "register_all_builtin", "set_paths_if_missing"]
+__all__ = [
+    "BUILTIN_COCO",
+    "BUILTIN_COCO_OV",
+    "BUILTIN_LVIS",
+    "datasets_root",
+    "register_all_builtin",
+    "set_paths_if_missing",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +44,8 @@ BUILTIN_COCO: dict[str, tuple[str, str]] = {
 }
 # COCO val2017 restricted to the 65 open-vocabulary classes (48 base + 17 novel), for prompted
 # recognition (OVSAM's protocol; samantics_d2.data.prompted). LVIS v1 val needs no own name:
-# prompted recognition on LVIS uses lvis_v1_val (all 1203 classes, no base/novel split).
+# prompted recognition on LVIS uses lvis_v1_val (all 1203 classes; OVSAM's base/rare split comes
+# from the json: prompted.lvis_base_novel_split).
 BUILTIN_COCO_OV: dict[str, tuple[str, str]] = {
     "coco_2017_val_ov65": ("coco/val2017", "coco/annotations/instances_val2017.json"),
 }

@@ -21,7 +21,8 @@ transform with ``kornia.contrib.distance_transform`` (an approximation by cascad
 convolutions); here it is the exact Euclidean transform (``scipy.ndimage.distance_transform_edt``),
 so on masks whose maximum is nearly flat the chosen pixel can differ from OVSAM's by a pixel or so.
 
-Also here: the COCO open-vocabulary split (48 base / 17 novel classes of OVR-CNN, used by OVSAM) and
+Also here: the COCO open-vocabulary split (48 base / 17 novel classes of OVR-CNN, used by OVSAM), the
+LVIS split OVSAM reports (base = frequent + common, novel = rare: :func:`lvis_base_novel_split`) and
 the loader of ``coco_2017_val_ov65`` (COCO val2017 restricted to those 65 classes).
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from scipy.ndimage import distance_transform_edt
 
 from ..d2 import BoxMode, load_coco_json
+from ..utils.io import read_json
 from .mapper import DetectionMapper
 
 __all__ = [
@@ -48,6 +50,7 @@ __all__ = [
     "PromptedRecognitionMapper",
     "centre_points",
     "load_coco_ov_json",
+    "lvis_base_novel_split",
     "long_side_shape",
     "prompts_from_instances",
 ]
@@ -232,5 +235,27 @@ def load_coco_ov_json(json_file: str, image_root: str, dataset_name: Optional[st
         for a in annotations:
             a["category_id"] = COCO_OV_ID_TO_CONTIGUOUS[a["category_id"]]
         kept.append({**record, "annotations": annotations})
-    logger.info("%s: %d of %d images have instances of the 65 open-vocabulary classes.", json_file, len(kept), len(dicts))
+    logger.info(
+        "%s: %d of %d images have instances of the 65 open-vocabulary classes.", json_file, len(kept), len(dicts)
+    )
     return kept
+
+
+def lvis_base_novel_split(json_file: str) -> tuple[list[int], list[int]]:
+    """OVSAM's LVIS split: base = frequent and common classes, novel = rare, from the json's categories.
+
+    Returns ``(base_ids, novel_ids)`` as contiguous ids (the file's category id - 1, as
+    ``load_lvis_json`` maps them), for :class:`~samantics_d2.evaluation.PromptedRecognitionEvaluator`
+    on ``lvis_v1_val`` (OVSAM's configs: ``base_classes=LVIS_BASE_IDS, novel_classes=LVIS_RARE_IDS``).
+    """
+    categories = read_json(json_file, what="an LVIS json with categories").get("categories", [])
+    frequencies = {c["id"]: c.get("frequency") for c in categories}
+    unknown = sorted(i for i, f in frequencies.items() if f not in ("f", "c", "r"))[:5]
+    if not categories or unknown:
+        raise ValueError(
+            f"{json_file!r} must list LVIS categories with 'frequency' in 'f', 'c', 'r'; categories {unknown} "
+            f"do not ({len(categories)} categories in all). Use LVIS v1's lvis_v1_val.json."
+        )
+    base = sorted(i - 1 for i, f in frequencies.items() if f != "r")
+    novel = sorted(i - 1 for i, f in frequencies.items() if f == "r")
+    return base, novel

@@ -179,10 +179,10 @@ class PromptedRecognitionEvaluator(DatasetEvaluator):
             given = prompts[key].detach().cpu().float()
             echoed = predicted.get(field).detach().cpu().float() if predicted.has(field) else None
             if echoed is None or echoed.shape != given.shape or not torch.allclose(echoed, given, atol=1e-3):
+                got = "nothing" if echoed is None else f"{tuple(echoed.shape)} with other values"
                 raise ValueError(
                     f"PromptedRecognitionEvaluator: the output of {name!r} must carry the prompts it was given as "
-                    f"'{field}' {tuple(given.shape)} equal to inputs['prompts']['{key}']; got "
-                    f"{None if echoed is None else tuple(echoed.shape)}{'' if echoed is None else ' with other values'}."
+                    f"'{field}' {tuple(given.shape)} equal to inputs['prompts']['{key}']; got {got}."
                 )
 
     def evaluate(self) -> Optional[dict[str, dict[str, float]]]:
