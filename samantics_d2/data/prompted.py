@@ -19,7 +19,7 @@ Points are pixel indices ``(x, y) = (column, row)``, as OVSAM passes them: SAM's
 0.5 itself to reach the pixel centre. One deviation, on purpose: OVSAM computes the distance
 transform with ``kornia.contrib.distance_transform`` (an approximation by cascaded soft-min
 convolutions); here it is the exact Euclidean transform (``scipy.ndimage.distance_transform_edt``),
-so on masks whose maximum is nearly flat the chosen pixel can differ from OVSAM's by a pixel or so.
+so where the maximum is flat or nearly so the chosen pixel can differ from OVSAM's (not measured).
 
 Also here: the COCO open-vocabulary split (48 base / 17 novel classes of OVR-CNN, used by OVSAM), the
 LVIS split OVSAM reports (base = frequent + common, novel = rare: :func:`lvis_base_novel_split`) and
