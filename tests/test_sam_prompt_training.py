@@ -17,6 +17,7 @@ from samantics_d2.modeling.meta_arch.sam_prompt_training import (
 from samantics_d2.modeling.meta_arch.training_free import TrainingFreeSegmenter, build_sam_proposer
 from samantics_d2.modeling.preprocess import fit_image, preprocess_spec
 from samantics_d2.modeling.semantic import PrototypeClassifier, mask_iou_matrix
+from samantics_d2.references import ReferenceBank
 
 # Tiny SAM built for 128 px inputs: 8x8 image tokens, 32x32 low-res masks; a 4x4 grid at eval.
 SAM_ARGS = dict(tag="sam_vit_b", size="tiny", input_size=128)
@@ -221,8 +222,7 @@ def test_checkpoint_loads_into_training_free_segmenter(batch, tmp_path, caplog):
         proposer=build_sam_proposer(backbone=build_encoder(**SAM_ARGS), **GRID),
         semantic_encoder=build_encoder("dinov2_vits14", size="tiny"),
         classifier=PrototypeClassifier(),
-        references=[],
-        reference_classes=["red circle"],
+        reference_bank=ReferenceBank(class_names=["red circle"], reference_classes=["red circle"]),
     ).eval()
     image = batch[0]["image"]
     with torch.no_grad():
