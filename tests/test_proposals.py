@@ -491,3 +491,29 @@ def test_min_region_area_drops_islands_in_original_pixels(sam_model):
     assert changed.float().mean() < 0.01
     with pytest.raises(ValueError, match="min_region_area"):
         PointGridProposals(decoder=_IslandDecoder(), min_region_area=-1.0)
+
+
+# ----------------------------------------------------------------------------- shared-image decoding (issue 13)
+
+
+@pytest.mark.parametrize("package", ["segment_anything", "sam2"])
+def test_point_grid_proposals_are_the_same_with_shared_image_decoding(sam_files, package):
+    """The optimised decoder (masks below pred_iou_thresh not computed) proposes what the upstream call does."""
+    backbone, decoder = _ours(package, sam_files[package][1])
+    feats, fit = _features(backbone, _image(96, 128, seed=3) if package == "sam2" else _image(48, 64, seed=3))
+    with torch.no_grad():
+        iou = PointGridProposals(decoder=decoder, points_per_side=6, pred_iou_thresh=None)(feats, fit).iou_pred
+        thresh = float(iou.median())  # half the prompts dropped: their masks are skipped
+        proposed = {}
+        for shared in (True, False):
+            decoder.shared_image_decoding = shared
+            proposed[shared] = PointGridProposals(
+                decoder=decoder, points_per_side=6, points_per_batch=16, pred_iou_thresh=thresh, box_nms_thresh=0.7
+            )(feats, fit)
+    decoder.shared_image_decoding = True
+    fast, upstream = proposed[True], proposed[False]
+    assert 0 < len(upstream) < 36
+    torch.testing.assert_close(fast.points, upstream.points)
+    torch.testing.assert_close(fast.iou_pred, upstream.iou_pred, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.mask_logits, upstream.mask_logits, rtol=0, atol=1e-4)
+    torch.testing.assert_close(fast.stability, upstream.stability)

@@ -12,7 +12,8 @@ Two point layouts (``PointGridProposals(point_layout=...)``):
   :class:`~samantics_d2.modeling.preprocess.ImageFit` (``16 + 32 i`` for a 1024 px image, n = 32).
  All prompts of the image go through the mask
 decoder in chunks (one call per chunk, see :mod:`.prompt_decoder`); each prompt keeps its best mask
-by predicted IoU; filtering happens once, after the last chunk. Masks stay low-resolution logits
+by predicted IoU; filtering happens once, after the last chunk (the masks of prompts below
+``pred_iou_thresh`` are not even computed: the decoder knows their predicted IoU first). Masks stay low-resolution logits
 in the encoder-input frame (``MaskProposals.original_masks`` resamples the ones that survive).
 
 Defaults follow "No Time to Train" (SAM 2 Hiera-L, 32x32 single-point prompts, best of 3 masks by
@@ -254,9 +255,14 @@ class PointGridProposals(nn.Module):
         self.max_proposals = max_proposals
         self.min_region_area = float(min_region_area)
 
-    def _decode(self, image_features, fit: ImageFit, **prompts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple]:
-        """Best mask per prompt: ``(logits [P, Hm, Wm], iou [P], stability [P], image region)``."""
-        logits, iou = self.decoder.decode(image_features, points_per_batch=self.points_per_batch, best_only=True, **prompts)
+    def _decode(
+        self, image_features, fit: ImageFit, *, mask_iou_floor: Optional[float] = None, **prompts
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple]:
+        """Best mask per prompt: ``(logits [P, Hm, Wm], iou [P], stability [P], image region)``; masks of
+        predicted IoU ``<= mask_iou_floor`` are ``-inf`` (not computed, see ``PromptDecoder.decode``)."""
+        logits, iou = self.decoder.decode(
+            image_features, points_per_batch=self.points_per_batch, best_only=True, mask_iou_floor=mask_iou_floor, **prompts
+        )
         logits, iou = logits[:, 0], iou[:, 0]
         region = _image_region(fit, tuple(logits.shape[-2:]))
         stability = stability_score(logits[(slice(None), *region)], offset=self.stability_score_offset)
@@ -306,6 +312,7 @@ class PointGridProposals(nn.Module):
             points=input_points[:, None],
             point_labels=labels,
             multimask_output=self.multimask_output,
+            mask_iou_floor=self.pred_iou_thresh,  # dropped below: their masks are not computed
         )
         # Filter once, after the chunk loop.
         in_image = logits[(slice(None), *region)]

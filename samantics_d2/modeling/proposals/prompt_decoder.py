@@ -18,11 +18,15 @@ Common interface (:meth:`PromptDecoder.decode`), for ONE image::
     logits, iou = decoder.decode(one, points=p, point_labels=l, multimask_output=True)
     # logits [P, M, Hm, Wm] low-res in the input frame, iou [P, M]
 
-All prompts are embedded in one prompt-encoder call, then decoded in chunks of ``points_per_batch``
-(one mask-decoder call per chunk). Both upstream decoders copy the image embedding once per prompt
-inside the call (their two-way transformer updates the image tokens per prompt), so the chunk size
-bounds memory: about ``points_per_batch * C * h * w`` floats per copy (256 prompts x 256 x 64 x 64
-= 1 GiB in float32 for the full models). The chunk loop has no host-device synchronisation.
+All prompts are embedded in one prompt-encoder call, then decoded in chunks of ``points_per_batch``.
+The upstream decoders copy the image embedding once per prompt inside the call (their two-way
+transformer updates the image tokens per prompt), so the chunk size bounds memory: about
+``points_per_batch * C * h * w`` floats per copy (256 prompts x 256 x 64 x 64 = 1 GiB in float32
+for the full models). With ``shared_image_decoding`` (default; SAM and SAM 2) the same outputs, to
+float rounding, come from :func:`.shared_image_decoding.decode_shared_image`: the image side is
+computed once per image where it is shared, the per-prompt products are folded to the prompt's
+few tokens, and only the kept masks are upscaled. The chunk loop has no host-device
+synchronisation unless ``mask_iou_floor`` asks to skip masks (one per chunk).
 
 The prompt encoder always stays in float32 (its upstream code builds float32 padding points and
 coordinate encodings); the mask decoder follows ``.to(dtype)`` and its outputs are in its dtype.
@@ -38,6 +42,7 @@ import torch.nn as nn
 
 from ..catalog import FamilyView, get_family
 from ..weights import convert_prompt_decoder_state_dict, load_prompt_decoder_weights
+from .shared_image_decoding import decode_shared_image, supports_shared_image
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..backbone.base import EncoderBackbone
@@ -79,6 +84,11 @@ class PromptDecoder(nn.Module):
             decoder (SAM 2: ``no_mem_embed`` and the logit clamp, see :class:`SAM2PromptDecoder`;
             segment_anything's ``SamPredictor`` adds none, so SAM and HQ-SAM read it as nothing to
             do). False: the bare mask decoder on the backbone features ("No Time to Train").
+        shared_image_decoding: decode with :func:`.shared_image_decoding.decode_shared_image` (the
+            upstream decoder's function, reordered: same outputs to float rounding, several times
+            less work per prompt) at inference (autograd off) where the family's decoder allows
+            it; False, with autograd on (training) or with forward hooks on the mask decoder's
+            modules: the upstream mask-decoder call on each chunk.
     """
 
     weight_family: ClassVar[str] = ""
@@ -91,9 +101,11 @@ class PromptDecoder(nn.Module):
         image_size: int = 1024,
         patch_size: int = 16,
         predictor_steps: bool = True,
+        shared_image_decoding: bool = True,
     ) -> None:
         super().__init__()
         self.predictor_steps = bool(predictor_steps)
+        self.shared_image_decoding = bool(shared_image_decoding)
         if image_size % patch_size:
             raise ValueError(
                 f"{type(self).__name__}: image_size={image_size} must be a multiple of patch_size={patch_size}."
@@ -129,6 +141,58 @@ class PromptDecoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One upstream mask-decoder call: ``[B, T, C]``, ``[B, C, h, w]`` -> ``[B, M, Hm, Wm]``, ``[B, M]``."""
         return self._mask_decoder_call(image, sparse, dense, multimask_output)
+
+    def _high_res_features(self, image: Mapping[str, torch.Tensor]) -> Optional[list[torch.Tensor]]:
+        """The mask decoder's ``high_res_features`` for :meth:`prepare_image`'s output (SAM 2), or None."""
+        return None
+
+    def _postprocess_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The family's step on the decoder's logits (SAM 2 with ``predictor_steps``: clamp)."""
+        return logits
+
+    def _decode_chunk_selected(
+        self,
+        image: Mapping[str, torch.Tensor],
+        sparse: torch.Tensor,
+        dense: torch.Tensor,
+        *,
+        multimask_output: bool,
+        best_only: bool,
+        mask_iou_floor: Optional[float],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One chunk: ``[B, M, Hm, Wm]`` logits (``-inf`` where skipped by ``mask_iou_floor``), ``[B, M]`` IoU."""
+        shared_dense = dense.shape[0] == 1 or dense.stride(0) == 0
+        rows = None
+        # inference only: training keeps the upstream modules' calls (autograd through them), and so do
+        # decoders whose modules have forward hooks (they must see the calls they hook)
+        shared = self.shared_image_decoding and shared_dense and not torch.is_grad_enabled()
+        shared = shared and not _has_forward_hooks(self.mask_decoder)
+        if shared and supports_shared_image(self.mask_decoder):
+            logits, iou, rows = decode_shared_image(
+                self.mask_decoder,
+                image_embedding=image["embedding"],
+                image_pe=image["pe"],
+                dense_embedding=dense[:1],
+                sparse_embeddings=sparse,
+                multimask_output=multimask_output,
+                high_res_features=self._high_res_features(image),
+                best_only=best_only,
+                mask_iou_floor=mask_iou_floor,
+            )
+            logits = self._postprocess_logits(logits)
+        else:
+            logits, iou = self._decode_chunk(image, sparse, dense, multimask_output)
+            if best_only and iou.shape[1] > 1:
+                best = iou.argmax(dim=1, keepdim=True)  # [B, 1]
+                iou = iou.gather(1, best)
+                logits = logits.gather(1, best[:, :, None, None].expand(-1, -1, *logits.shape[-2:]))
+        if mask_iou_floor is not None:
+            if rows is not None:
+                full = logits.new_full((iou.shape[0], *logits.shape[1:]), float("-inf"))
+                full[rows] = logits
+                logits = full
+            logits = logits.masked_fill((iou <= mask_iou_floor)[:, :, None, None], float("-inf"))
+        return logits, iou
 
     def _mask_decoder_call(self, image, sparse, dense, multimask_output, **family_options) -> tuple:
         """The upstream ``mask_decoder(...)`` on one chunk, with the family's extra options."""
@@ -239,6 +303,8 @@ class PromptDecoder(nn.Module):
             coords = (points.to(device=device, dtype=torch.float32), point_labels.to(device=device, dtype=torch.int64))
         box_input = boxes.to(device=device, dtype=torch.float32) if boxes is not None else None
         sparse, dense = self._embed(coords, box_input)
+        if dense.shape[0] > 1 and dense.stride(0) == 0:  # one map for every prompt (no mask input): keep it a view
+            return sparse.to(self.dtype), dense[:1].to(self.dtype).expand(dense.shape)
         return sparse.to(self.dtype), dense.to(self.dtype)
 
     def decode_embeddings(
@@ -250,8 +316,9 @@ class PromptDecoder(nn.Module):
         multimask_output: bool,
         points_per_batch: int = 256,
         best_only: bool = False,
+        mask_iou_floor: Optional[float] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The chunk loop of :meth:`decode` on embedded prompts (no host-device synchronisation).
+        """The chunk loop of :meth:`decode` on embedded prompts.
 
         Args:
             image: :meth:`prepare_image` of one image.
@@ -267,11 +334,14 @@ class PromptDecoder(nn.Module):
         logits, scores = [], []
         for start in range(0, count, points_per_batch):
             chunk = slice(start, start + points_per_batch)
-            chunk_logits, chunk_iou = self._decode_chunk(image, sparse[chunk], dense[chunk], multimask_output)
-            if best_only and chunk_iou.shape[1] > 1:
-                best = chunk_iou.argmax(dim=1, keepdim=True)  # [B, 1]
-                chunk_iou = chunk_iou.gather(1, best)
-                chunk_logits = chunk_logits.gather(1, best[:, :, None, None].expand(-1, -1, *chunk_logits.shape[-2:]))
+            chunk_logits, chunk_iou = self._decode_chunk_selected(
+                image,
+                sparse[chunk],
+                dense[chunk],
+                multimask_output=multimask_output,
+                best_only=best_only,
+                mask_iou_floor=mask_iou_floor,
+            )
             logits.append(chunk_logits)
             scores.append(chunk_iou)
         return torch.cat(logits), torch.cat(scores)
@@ -286,6 +356,7 @@ class PromptDecoder(nn.Module):
         multimask_output: bool,
         points_per_batch: int = 256,
         best_only: bool = False,
+        mask_iou_floor: Optional[float] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Masks for ``P`` prompts on one image.
 
@@ -302,6 +373,9 @@ class PromptDecoder(nn.Module):
             points_per_batch: prompts per mask-decoder call (memory bound, see the module doc).
             best_only: keep only the mask with the highest predicted IoU per prompt (``M = 1``),
                 selected chunk by chunk.
+            mask_iou_floor: masks whose predicted IoU is ``<= mask_iou_floor`` are returned as
+                ``-inf`` logits, and with ``shared_image_decoding`` not computed (for callers that
+                drop them anyway; one host-device synchronisation per chunk). None: all masks.
 
         Returns:
             ``mask_logits [P, M, Hm, Wm]`` (``Hm = Wm = 4 * S / 16``, covering the whole input
@@ -310,14 +384,29 @@ class PromptDecoder(nn.Module):
         image = self.prepare_image(image_features)
         sparse, dense = self.embed_prompts(points=points, point_labels=point_labels, boxes=boxes)
         return self.decode_embeddings(
-            image, sparse, dense, multimask_output=multimask_output, points_per_batch=points_per_batch, best_only=best_only
+            image,
+            sparse,
+            dense,
+            multimask_output=multimask_output,
+            points_per_batch=points_per_batch,
+            best_only=best_only,
+            mask_iou_floor=mask_iou_floor,
         )
 
     def extra_repr(self) -> str:
         return (
             f"variant={self.variant!r}, embed_dim={self.embed_dim}, image_size={self.image_size}, "
-            f"predictor_steps={self.predictor_steps}"
+            f"predictor_steps={self.predictor_steps}, shared_image_decoding={self.shared_image_decoding}"
         )
+
+
+def _has_forward_hooks(module: nn.Module) -> bool:
+    """Whether any submodule of ``module`` (or every module, globally) has a forward (pre-)hook."""
+    from torch.nn.modules import module as module_lib
+
+    if module_lib._global_forward_hooks or module_lib._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
 def _upstream_modules(
@@ -533,11 +622,17 @@ class SAM2PromptDecoder(PromptDecoder):
                 points = (corners, corner_labels)
         return self.prompt_encoder(points=points, boxes=None, masks=None)
 
+    def _high_res_features(self, image):
+        return [image["s0"], image["s1"]]
+
+    def _postprocess_logits(self, logits):
+        return logits.clamp(-32.0, 32.0) if self.predictor_steps else logits
+
     def _decode_chunk(self, image, sparse, dense, multimask_output):
         logits, iou_pred, _, _ = self._mask_decoder_call(
-            image, sparse, dense, multimask_output, repeat_image=True, high_res_features=[image["s0"], image["s1"]]
+            image, sparse, dense, multimask_output, repeat_image=True, high_res_features=self._high_res_features(image)
         )
-        return (logits.clamp(-32.0, 32.0) if self.predictor_steps else logits), iou_pred
+        return self._postprocess_logits(logits), iou_pred
 
 
 #: weight family -> prompt-decoder class (a live view of the catalog's ``prompt_decoder`` fields)
