@@ -1,4 +1,5 @@
-"""tools/benchmark.py training_free: the pipeline against the naive AMG + per-crop DINOv2 baseline.
+"""tools/benchmark.py training_free: the pipeline against No Time to Train's stage order (the default
+baseline) and against the naive AMG + per-crop DINOv2 baseline (``--baseline amg``).
 
 Tiny random models on shapes_val, 2x2 to 4x4 point grids: the whole file runs in seconds.
 """
@@ -50,8 +51,8 @@ def image_input():
     return DetectionMapper(is_train=False, augmentations=[])(DatasetCatalog.get("shapes_val")[0])
 
 
-def _table_rows(printed: str) -> list[list[str]]:
-    rows = [line for line in printed.splitlines() if line.startswith("| ours") or line.startswith("| naive")]
+def _table_rows(printed: str, baseline: str = "| naive") -> list[list[str]]:
+    rows = [line for line in printed.splitlines() if line.startswith("| ours") or line.startswith(baseline)]
     assert len(rows) == 2, printed
     return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
 
@@ -63,7 +64,7 @@ def test_cli_with_config_file_prints_both_rows_and_writes_its_section(tool, tmp_
     doc.write_text("# Benchmarks\n\nintro\n")
     argv = [
         "training_free", "--config-file", TINY, "--images", "2", "--warmup", "0", "--runs", "1",
-        "--output-dir", str(tmp_path / "out"), "--markdown", str(doc),
+        "--output-dir", str(tmp_path / "out"), "--markdown", str(doc), "--baseline", "amg",
         "model.proposer.points_per_side=2", "model.proposer.pred_iou_thresh=null", "train.device=cpu",
         f"model.reference_bank.cache_path={tmp_path / 'bank.safetensors'}", *BASELINE,
     ]
@@ -73,14 +74,14 @@ def test_cli_with_config_file_prints_both_rows_and_writes_its_section(tool, tmp_
     assert float(ours[1]) > 0 and float(naive[1]) > 0  # images/s
     assert float(ours[3]) > 0 and float(naive[3]) > 0  # peak memory
     assert 0 <= float(ours[4]) <= 100 and 0 <= float(naive[5]) <= 100  # AP in percent
-    assert naive[-1] == "1.0x"  # speed-ups are relative to the baseline
+    assert naive[-1] == "1.00x"  # speed-ups are relative to the baseline
     assert float(ours[-1][:-1]) == pytest.approx(float(ours[1]) / float(naive[1]), rel=0.06, abs=0.06)
     for field in ("2x2 points", "pred_iou_thresh None", "2 image(s) of shapes_val", "references shapes_train_ref5_seed0 (shots 5)",
                   "seed 0", "SAMBackbone vit_b (tiny, 64 px", "DINOv2Backbone"):
         assert field in printed, field
     text = doc.read_text()
     assert text.startswith("# Benchmarks\n\nintro\n")
-    section = "training-free-cpu-fp32-shapes_tiny_random-tiny-64px-pps2-semantic-tiny-56px"
+    section = "training-free-cpu-fp32-shapes_tiny_random-tiny-64px-pps2-semantic-tiny-56px-amg"
     assert text.count(f"<!-- {section}:begin -->") == 1 and text.count(f"<!-- {section}:end -->") == 1
     assert "Machine: " in text and f"`python tools/benchmark.py {' '.join(argv)}`" in text
 
@@ -98,7 +99,11 @@ def test_cli_rejects_bad_overrides_and_configs_the_baseline_cannot_match(tool, t
                    "train.device=cpu", "model.proposer.points_per_side=2", *BASELINE])
     # the recipe's own stages (its point layout, ...) are named with the value to give
     with pytest.raises(SystemExit, match="model.proposer.point_layout=cell_centres"):
-        tool.main(["training_free", "--config-file", TINY, "train.device=cpu", "model.proposer.points_per_side=2"])
+        tool.main(["training_free", "--config-file", TINY, "--baseline", "amg", "train.device=cpu",
+                   "model.proposer.points_per_side=2"])
+    # the stage-order baseline names the recipe's values it reproduces
+    with pytest.raises(SystemExit, match="model.classifier.nms_rank='predicted_iou'"):
+        tool.main(["training_free", "--config-file", TINY, "train.device=cpu", "model.classifier.nms_rank=score"])
     with pytest.raises(SystemExit, match="TrainingFreeSegmenter"):
         tool.main(["training_free", "--config-file", str(ROOT / "configs" / "linear_probe" / "tiny_shapes.py")])
 
@@ -202,3 +207,82 @@ def test_baseline_scoring_equals_the_pipeline_classifier(tool, tmp_path, image_i
     assert len(expected.indices) > 0
     assert torch.equal(got.indices, expected.indices) and torch.equal(got.classes, expected.classes)
     torch.testing.assert_close(got.scores, expected.scores, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- their stage order (issue 13)
+
+
+def _recipe_segmenter(tool, tmp_path, *overrides):
+    """The tiny random segmenter with the config's No Time to Train stages (no baseline overrides)."""
+    cfg = tool.load_config(TINY, [
+        "model.proposer.points_per_side=6", "model.proposer.points_per_batch=16", "model.proposer.pred_iou_thresh=null",
+        f"model.reference_bank.cache_path={tmp_path / 'bank.safetensors'}", "train.device=cpu", *overrides,
+    ])
+    return tool.build_segmenter(cfg)
+
+
+def test_stage_order_baseline_makes_the_pipelines_detections(tool, tmp_path):
+    """Their forward_test order over the same modules: the same detections, scores to float rounding."""
+    segmenter = _recipe_segmenter(tool, tmp_path)
+    baseline = tool.StageOrderBaseline(segmenter)
+    inputs = [DetectionMapper(is_train=False, augmentations=[])(d) for d in DatasetCatalog.get("shapes_val")[:3]]
+    with torch.no_grad():
+        ours, theirs = segmenter(inputs), baseline(inputs)
+    assert sum(len(o["instances"]) for o in ours) > 0
+    agreement = tool.detection_agreement(ours, theirs)
+    assert agreement["agree"] == 1.0 and agreement["max_score_diff"] < 1e-5
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a["instances"].pred_classes, b["instances"].pred_classes)
+        torch.testing.assert_close(a["instances"].pred_boxes.tensor, b["instances"].pred_boxes.tensor)
+
+
+def test_stage_order_baseline_runs_the_upstream_decoder_per_chunk(tool, tmp_path, image_input):
+    """Step 1 is the upstream mask-decoder call on every chunk of prompts (the image copied per prompt)."""
+    from unittest import mock
+
+    from samantics_d2.modeling.proposals import prompt_decoder
+
+    segmenter = _recipe_segmenter(tool, tmp_path)
+    baseline = tool.StageOrderBaseline(segmenter)
+    decoder = segmenter.proposer.proposals.decoder
+    with torch.no_grad(), mock.patch.object(decoder, "_decode_chunk", wraps=decoder._decode_chunk) as upstream, \
+            mock.patch.object(prompt_decoder, "decode_shared_image") as shared:
+        logits, iou, _ = baseline.propose(image_input["image"])
+    assert upstream.call_count == 3 and shared.call_count == 0  # 36 prompts in chunks of 16
+    with torch.no_grad():
+        ours = segmenter.proposer(image_input["image"])
+    assert len(ours) == len(logits) > 0
+    torch.testing.assert_close(torch.sort(iou).values, torch.sort(ours.iou_pred.float()).values, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_stage_order_baseline_reports_the_agreement(tool, tmp_path, capsys):
+    argv = [
+        "training_free", "--config-file", TINY, "--images", "2", "--warmup", "0", "--runs", "1",
+        "--output-dir", str(tmp_path / "out"), "model.proposer.points_per_side=4", "model.proposer.pred_iou_thresh=null",
+        "train.device=cpu", f"model.reference_bank.cache_path={tmp_path / 'bank.safetensors'}",
+    ]
+    assert tool.main(argv) == 0
+    ours, theirs = _table_rows(capsys.readouterr().out, baseline="| their stage order")
+    assert float(ours[1]) > 0 and float(theirs[1]) > 0 and float(ours[3]) > 0 and float(theirs[3]) > 0
+    assert ours[7] == theirs[7] == "100.0 %" and theirs[-1] == "1.00x"
+
+
+def test_detection_agreement_by_hand(tool):
+    from samantics_d2.d2 import Instances
+
+    def instances(masks, classes, scores):
+        result = Instances((4, 4))
+        result.pred_masks, result.pred_classes, result.scores = masks, torch.tensor(classes), torch.tensor(scores)
+        return {"instances": result}
+
+    masks = torch.zeros(3, 4, 4, dtype=torch.bool)
+    masks[0, :2], masks[1, 2:], masks[2, :, :1] = True, True, True
+    shifted = masks.clone()
+    shifted[2] = False
+    shifted[2, :, 3:] = True  # a different mask
+    ours = instances(masks, [0, 1, 2], [0.9, 0.8, 0.7])
+    same = tool.detection_agreement([ours], [instances(masks.clone(), [0, 1, 2], [0.9, 0.75, 0.7])])
+    assert same["agree"] == 1.0 and same["max_score_diff"] == pytest.approx(0.05)
+    other = tool.detection_agreement([ours], [instances(shifted, [0, 2, 2], [0.9, 0.8, 0.7])])  # class and mask differ
+    assert other["agree"] == pytest.approx(1 / 3)
+    assert tool.detection_agreement([ours], [instances(masks[:0], [], [])])["agree"] == 0.0

@@ -29,10 +29,14 @@ before, imports included).
 
 ``training_free``: images/s, peak memory and COCO box/mask AP of the config's
 :class:`TrainingFreeSegmenter` (``model``, its weights from ``train.init_checkpoint``, the first
-``--images`` images of ``dataloader.test``, ``dataloader.evaluator``) against a naive baseline over the
-same SAM modules, memory bank and images: upstream ``segment_anything.SamAutomaticMaskGenerator``,
-then one DINOv2 forward per mask crop (see :class:`NaiveBaseline`; it names the overrides a config
-needs for the two pipelines to classify the same proposals, as above).
+``--images`` images of ``dataloader.test``, ``dataloader.evaluator``) against a baseline over the
+same modules, memory bank and images, and the share of detections both make: ``--baseline
+stage_order`` (default), "No Time to Train"'s ``forward_test`` stage by stage (the upstream mask
+decoder per chunk of prompts, all masks upscaled, features upsampled to the mask grid; see
+:class:`StageOrderBaseline`), which should give the same detections; or ``--baseline amg``,
+upstream ``segment_anything.SamAutomaticMaskGenerator``, then one DINOv2 forward per mask crop (see
+:class:`NaiveBaseline`). Each names the overrides a config needs for the two pipelines to compute
+the same stages.
 
 ``linear_probe``: wall time of the cached linear probe of the config's ``job`` (extract features
 once, then the grid of probes of ``job.config`` trained together on the cache) against re-running
@@ -452,15 +456,21 @@ def classify_pooled(
     )
 
 
-def _instances(masks: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, height: int, width: int):
-    """``Instances`` at ``height x width`` from bool masks ``[K, h, w]`` (resized when the input was)."""
-    from samantics_d2.d2 import BitMasks, Boxes, Instances
+def _instances(
+    masks: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, height: int, width: int, *, convention: str = "exclusive"
+):
+    """``Instances`` at ``height x width`` from bool masks ``[K, h, w]`` (resized when the input was),
+    boxes in the box ``convention`` of :func:`samantics_d2.modeling.semantic.masks_to_boxes`."""
+    from samantics_d2.d2 import Boxes, Instances
+    from samantics_d2.modeling.semantic import masks_to_boxes
 
-    if masks.shape[-2:] != (height, width):
+    if masks.shape[-2:] != (height, width) and len(masks):
         masks = torch.nn.functional.interpolate(masks[None].float(), size=(height, width), mode="nearest")[0] > 0.5
+    elif masks.shape[-2:] != (height, width):
+        masks = masks.new_zeros((0, height, width))
     result = Instances((height, width))
     result.pred_masks = masks
-    result.pred_boxes = BitMasks(masks).get_bounding_boxes() if len(masks) else Boxes(masks.new_zeros((0, 4)).float())
+    result.pred_boxes = Boxes(masks_to_boxes(masks, convention=convention))
     result.scores = scores
     result.pred_classes = classes
     return result
@@ -589,6 +599,166 @@ class NaiveBaseline:
         return outputs
 
 
+class StageOrderBaseline:
+    """"No Time to Train"'s ``forward_test``, stage by stage, over the segmenter's own modules and prototypes.
+
+    Their order (no-time-to-train, ``no_time_to_train/models/Sam2MatchingBaseline_noAMG.py`` at
+    020ce4d9: ``_forward_sam``, ``_compute_masks``, ``_forward_sam_decoder``, ``forward_test``,
+    ``_compute_sim_global_avg``, ``_compute_semantic_ios``), per image:
+
+    1. the SAM encoder once; the grid of the proposer's ``point_layout`` (theirs: ``input_linspace``)
+       through the upstream mask decoder in chunks of ``points_per_batch`` prompts, the image
+       embedding copied to every prompt of the chunk and all masks upscaled (the decoder's
+       ``_decode_chunk``: the upstream call, what ``shared_image_decoding=False`` runs); per prompt
+       the mask of highest predicted IoU among the multimask outputs; predicted IoU > threshold;
+    2. the semantic encoder once on the whole image; its features upsampled (bilinear) to the mask
+       grid and averaged where each mask's logit is > 0 (one ``[P, Hm*Wm] x [Hm*Wm, C]`` product);
+    3. cosine to the prototypes floored at 0, best class; per-class NMS of the mask-grid boxes
+       (inclusive) ranked by predicted IoU; at most ``nms_cap_factor x topk`` survivors, score > 0;
+       masks resized (bilinear, antialiased) to the image; soft merge in NMS order; top-K.
+
+    Masks empty on the mask grid are dropped before step 2 (theirs would average over no pixel:
+    NaN scores); the pipeline drops them too. Everything else is the pipeline's modules and
+    prototypes, so both should give the same detections up to float rounding
+    (:func:`detection_agreement` measures it).
+    """
+
+    #: the config values this order reproduces: attribute path -> (where it is read, the value it must have)
+    REQUIRED = {
+        "model.proposer.multimask_output": ("proposals", "multimask_output", True),
+        "model.proposer.stability_score_thresh": ("proposals", "stability_score_thresh", None),
+        "model.proposer.box_nms_thresh": ("proposals", "box_nms_thresh", None),
+        "model.proposer.max_proposals": ("proposals", "max_proposals", None),
+        "model.proposer.min_region_area": ("proposals", "min_region_area", 0.0),
+        "model.classifier.pooling": ("classifier", "pooling", "mask_grid"),
+        "model.classifier.nms_rank": ("classifier", "nms_rank", "predicted_iou"),
+        "model.classifier.merge": ("classifier", "merge", "soft"),
+        "model.classifier.merge_order": ("classifier", "merge_order", "nms"),
+        "model.classifier.merge_resolution": ("classifier", "merge_resolution", "original"),
+        "model.classifier.box_convention": ("classifier", "box_convention", "inclusive"),
+        "model.aggregation": ("segmenter", "aggregation", "mean"),
+        "model.prompt_mode": ("segmenter", "prompt_mode", "points"),
+    }
+
+    def __init__(self, segmenter) -> None:
+        self.segmenter = segmenter
+        self.proposals = segmenter.proposer.proposals
+        self.classifier = segmenter.classifier
+        owners = {"proposals": self.proposals, "classifier": self.classifier, "segmenter": segmenter}
+        unmatched = {
+            key: (getattr(owners[owner], name, None), wanted)
+            for key, (owner, name, wanted) in self.REQUIRED.items()
+            if getattr(owners[owner], name, None) != wanted
+        }
+        if unmatched:
+            fix = " ".join(f"{k}={'null' if w is None else repr(w) if isinstance(w, str) else str(w).lower()}"
+                           for k, (_, w) in unmatched.items())
+            raise SystemExit(
+                f"The stage-order baseline is No Time to Train's forward_test; the config sets {unmatched} (value, "
+                f"theirs). Override them to compare: {fix}"
+            )
+
+    def propose(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Step 1: ``(logits [P, Hm, Wm], iou [P], fit)`` of the grid prompts above the IoU threshold, grid order."""
+        from samantics_d2.modeling.proposals.point_grid import input_linspace_grid, point_grid
+
+        proposals, backbone = self.proposals, self.segmenter.proposer.backbone
+        decoder = proposals.decoder
+        x, fits = backbone.prepare_with_fits([image])
+        fit = fits[0]
+        features = {k: v[0] for k, v in backbone(x).items()}
+        if proposals.point_layout == "input_linspace":
+            points = input_linspace_grid(proposals.points_per_side, fit.valid_box, device=decoder.device)
+        else:
+            points = fit.points_to_input(point_grid(proposals.points_per_side, fit.original_size, device=decoder.device))
+        prepared = decoder.prepare_image(features)
+        labels = torch.ones(points.shape[0], 1, dtype=torch.int64, device=decoder.device)
+        sparse, dense = decoder.embed_prompts(points=points[:, None], point_labels=labels)
+        logits, ious = [], []
+        for start in range(0, points.shape[0], proposals.points_per_batch):
+            chunk = slice(start, start + proposals.points_per_batch)
+            # the upstream mask-decoder call: the image embedding copied to each prompt, every mask upscaled
+            masks, iou = decoder._decode_chunk(prepared, sparse[chunk], dense[chunk], True)
+            best = iou.argmax(dim=1)
+            rows = torch.arange(best.shape[0], device=best.device)
+            logits.append(masks[rows, best])
+            ious.append(iou[rows, best])
+        logits, iou = torch.cat(logits).float(), torch.cat(ious).float()
+        keep = iou > proposals.pred_iou_thresh if proposals.pred_iou_thresh is not None else torch.ones_like(iou, dtype=torch.bool)
+        keep &= (logits > 0).flatten(1).any(dim=1)
+        return logits[keep], iou[keep], fit
+
+    def pooled_features(self, image: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Step 2: ``[P, C]``, the semantic features upsampled to the mask grid, averaged where the logit > 0."""
+        encoder = self.segmenter.semantic_encoder
+        x, _ = encoder.prepare_with_fits([image])
+        features = encoder(x)[encoder.dense_feature].float()  # [1, C, h, w]
+        grid = torch.nn.functional.interpolate(
+            features, size=tuple(logits.shape[-2:]), mode="bilinear", align_corners=False, antialias=True
+        ).flatten(2)[0].T  # [Hm * Wm, C]
+        masks = (logits > 0).flatten(1).float()
+        return (masks @ grid) / masks.sum(dim=1, keepdim=True)
+
+    def classify(self, logits, iou, pooled, fit, prototypes, prototype_valid):
+        """Step 3: ``(masks [K, H, W], scores [K], classes [K])``."""
+        from torchvision.ops import batched_nms
+
+        from samantics_d2.modeling.semantic import masks_to_original, soft_merge_scores
+        from samantics_d2.modeling.semantic.mask_ops import masks_to_boxes
+
+        classifier = self.classifier
+        protos = torch.nn.functional.normalize(prototypes[:, 0].float(), dim=-1) * prototype_valid[:, :1].float()
+        cosine = torch.nn.functional.normalize(pooled, dim=-1) @ protos.T  # [P, K]
+        scores, classes = cosine.clamp(min=0.0).max(dim=1)
+        boxes = masks_to_boxes(logits > 0, convention="inclusive")
+        keep = batched_nms(boxes, iou, classes, classifier.nms_thresh)
+        if classifier.nms_cap_factor is not None:
+            keep = keep[: classifier.nms_cap_factor * classifier.topk]
+        keep = keep[scores[keep] > classifier.score_floor]
+        masks = masks_to_original(logits[keep], fit, antialias=True)
+        merged = soft_merge_scores(scores[keep], classes[keep], masks, pooled[keep], in_given_order=True)
+        order = torch.argsort(merged, descending=True)[: classifier.topk]
+        return masks[order], merged[order], classes[keep][order]
+
+    def __call__(self, batched_inputs: list[dict]) -> list[dict]:
+        prototypes, prototype_valid = self.segmenter.prepare_prototypes()
+        outputs = []
+        for x in batched_inputs:
+            image = x["image"]
+            height, width = int(x.get("height", image.shape[-2])), int(x.get("width", image.shape[-1]))
+            logits, iou, fit = self.propose(image)
+            pooled = self.pooled_features(image, logits)
+            masks, scores, classes = self.classify(logits, iou, pooled, fit, prototypes, prototype_valid)
+            outputs.append({"instances": _instances(masks, scores, classes, height, width,
+                                                    convention=self.classifier.box_convention)})
+        return outputs
+
+
+def detection_agreement(ours: Sequence[dict], theirs: Sequence[dict], *, mask_iou: float = 0.9) -> dict:
+    """Share of detections two pipelines agree on, over the same images: a detection agrees when the
+    other pipeline has one of the same class with mask IoU > ``mask_iou`` (matched one to one, in
+    decreasing score). Returns ``{"agree": share of the larger list, "max_score_diff": over matches}``."""
+    from samantics_d2.modeling.semantic import mask_iou_matrix
+
+    matched, total, score_diff = 0, 0, 0.0
+    for a, b in zip(ours, theirs):
+        a, b = a["instances"].to("cpu"), b["instances"].to("cpu")
+        total += max(len(a), len(b))
+        if not len(a) or not len(b):
+            continue
+        ious = mask_iou_matrix(a.pred_masks, b.pred_masks)
+        ious[a.pred_classes[:, None] != b.pred_classes[None]] = 0
+        taken = torch.zeros(len(b), dtype=torch.bool)
+        for i in torch.argsort(a.scores, descending=True).tolist():
+            candidates = (ious[i] > mask_iou) & ~taken
+            if candidates.any():
+                j = int(torch.where(candidates, ious[i], -1.0).argmax())
+                taken[j] = True
+                matched += 1
+                score_diff = max(score_diff, abs(float(a.scores[i]) - float(b.scores[j])))
+    return {"agree": matched / total if total else 1.0, "max_score_diff": score_diff}
+
+
 def _autocast(device: torch.device, dtype: torch.dtype):
     import contextlib
 
@@ -661,26 +831,32 @@ def measure_pipeline(
         "box_ap": results.get("bbox", {}).get("AP", float("nan")),
         "mask_ap": results.get("segm", {}).get("AP", float("nan")),
         "detections": sum(len(y["instances"]) for y in outputs) / len(inputs),
+        "outputs": outputs,
     }
 
 
-PIPELINE_NAMES = {
-    "ours": "ours: TrainingFreeSegmenter",
-    "baseline": "naive: SamAutomaticMaskGenerator + DINOv2 per crop",
+#: --baseline -> (the table's name of the baseline row, its class name in this module)
+BASELINES = {
+    "stage_order": ("their stage order: No Time to Train's forward_test", "StageOrderBaseline"),
+    "amg": ("naive: SamAutomaticMaskGenerator + DINOv2 per crop", "NaiveBaseline"),
 }
 
 
-def training_free_table(rows: Sequence[dict]) -> str:
-    """Markdown table; the speed-up is relative to the last row (the baseline)."""
+def training_free_table(rows: Sequence[dict], *, baseline_name: str) -> str:
+    """Markdown table; the speed-up is relative to the last row (the baseline); "agree": the share of
+    detections both pipelines make (:func:`detection_agreement`), and the largest score difference
+    between the matched ones."""
     baseline = rows[-1]["images_per_s"]
+    names = {"ours": "ours: TrainingFreeSegmenter", "baseline": baseline_name}
     lines = [
-        "| pipeline | img/s | ms/img | peak mem (MiB) | box AP | mask AP | detections/img | speed-up |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| pipeline | img/s | ms/img | peak mem (MiB) | box AP | mask AP | detections/img | agree | max score diff | speed-up |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {PIPELINE_NAMES.get(r['pipeline'], r['pipeline'])} | {r['images_per_s']:.3f} | {r['ms_per_image']:.1f} | {r['peak_mib']:.1f} | "
-            f"{r['box_ap']:.2f} | {r['mask_ap']:.2f} | {r['detections']:.1f} | {r['images_per_s'] / baseline:.1f}x |"
+            f"| {names.get(r['pipeline'], r['pipeline'])} | {r['images_per_s']:.3f} | {r['ms_per_image']:.1f} | {r['peak_mib']:.1f} | "
+            f"{r['box_ap']:.2f} | {r['mask_ap']:.2f} | {r['detections']:.1f} | {100 * r['agree']:.1f} % | "
+            f"{r['max_score_diff']:.2g} | {r['images_per_s'] / baseline:.2f}x |"
         )
     return "\n".join(lines) + "\n"
 
@@ -693,14 +869,17 @@ def run_training_free(args: argparse.Namespace) -> int:
     cfg = load_config(args.config_file, args.opts)
     device, dtype = torch.device(cfg.train.device), DTYPES[args.dtype]
     segmenter = build_segmenter(cfg, args.config_file)
-    baseline = NaiveBaseline(segmenter)  # checks that the proposals are ones the upstream generator makes
+    baseline_name, baseline_class = BASELINES[args.baseline]
+    baseline = globals()[baseline_class](segmenter)  # checks that it can reproduce the config's stages
     with torch.no_grad():
         segmenter.prepare_references()  # the memory bank and prototypes, built once, shared by both pipelines
         prototypes, prototype_valid = segmenter.prepare_prototypes()
     inputs = list(itertools.islice((x for batch in instantiate(cfg.dataloader.test) for x in batch), args.images))
     output_dir = args.output_dir or tempfile.mkdtemp(prefix="benchmark_training_free.")
     tensors = list(segmenter.parameters()) + list(segmenter.buffers()) + [prototypes, prototype_valid]
-    tensors += list(baseline.generator.predictor.model.buffers()) + [x["image"] for x in inputs]
+    if isinstance(baseline, NaiveBaseline):
+        tensors += list(baseline.generator.predictor.model.buffers())
+    tensors += [x["image"] for x in inputs]
     common = dict(
         inputs=inputs, device=device, dtype=dtype, warmup=args.warmup, runs=args.runs, existing=tensors,
         weight_bytes=sum(t.numel() * t.element_size() for t in segmenter.parameters()),
@@ -708,9 +887,12 @@ def run_training_free(args: argparse.Namespace) -> int:
     )
     rows = []
     for name, pipeline in (("ours", segmenter), ("baseline", baseline)):
-        logger.info("Measuring %s (%s) on %d image(s) ...", PIPELINE_NAMES[name], name, len(inputs))
+        logger.info("Measuring %s on %d image(s) ...", name if name == "ours" else baseline_name, len(inputs))
         rows.append(measure_pipeline(name, pipeline, **common))
         logger.info("%s: %.3f img/s", name, rows[-1]["images_per_s"])
+    agreement = detection_agreement(rows[0].pop("outputs"), rows[1].pop("outputs"))
+    for row in rows:
+        row.update(agree=agreement["agree"], max_score_diff=agreement["max_score_diff"])
     sam, semantic, proposals = segmenter.proposer.backbone, segmenter.semantic_encoder, segmenter.proposer.proposals
     encoders = [f"{type(e).__name__} {e.variant} ({e.size}, {e.preprocess.input_size} px, "
                 f"{sum(p.numel() for p in e.parameters()) / 1e6:.2f} M parameters)" for e in (sam, semantic)]
@@ -723,12 +905,15 @@ def run_training_free(args: argparse.Namespace) -> int:
         f"{proposals.points_per_batch}, pred_iou_thresh {proposals.pred_iou_thresh}, min_region_area "
         f"{proposals.min_region_area:g}; {len(inputs)} image(s) of {dataset}; references {bank.source} (shots {bank.shots}); "
         f"seed {cfg.train.seed}; dtype {args.dtype}; {args.warmup} warm-up image(s), median of {args.runs} pass(es). "
-        f"Peak memory: {memory}. AP: dataloader.evaluator on the same images (percent)."
+        f"Peak memory: {memory}. AP: dataloader.evaluator on the same images (percent). Agree: share of the detections "
+        f"(same class, mask IoU > 0.9, one to one) both pipelines make on these images."
     )
     section = (f"training-free-{device.type}-{args.dtype}-{os.path.splitext(os.path.basename(args.config_file))[0]}-"
                f"{sam.size}-{sam.preprocess.input_size}px-pps{proposals.points_per_side}-"
                f"semantic-{semantic.size}-{semantic.preprocess.input_size}px")
-    publish(args, device, section, f"Settings: {settings}\n\n{training_free_table(rows)}")
+    if args.baseline != "stage_order":
+        section += f"-{args.baseline}"
+    publish(args, device, section, f"Settings: {settings}\n\n{training_free_table(rows, baseline_name=baseline_name)}")
     return 0
 
 
@@ -836,8 +1021,12 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--markdown", default=None, metavar="FILE", help="also write the table into FILE (e.g. docs/benchmarks.md)")
     enc.set_defaults(func=run_encoders)
 
-    tf = sub.add_parser("training_free", help="the training-free pipeline against a naive AMG + per-crop DINOv2 baseline")
+    tf = sub.add_parser("training_free", help="the training-free pipeline against No Time to Train's stage order (or a naive "
+                                              "AMG + per-crop DINOv2 baseline)")
     add_config_arguments(tf, example="configs/training_free/shapes_tiny.py")
+    tf.add_argument("--baseline", default="stage_order", choices=sorted(BASELINES),
+                    help="stage_order: No Time to Train's forward_test over the same modules (StageOrderBaseline); amg: "
+                         "SamAutomaticMaskGenerator + one DINOv2 forward per mask crop (NaiveBaseline, SAM ViT only)")
     tf.add_argument("--images", type=int, default=4, help="the first N images of dataloader.test")
     tf.add_argument("--warmup", type=int, default=1, help="untimed images first")
     tf.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="fp32, or autocast to bf16/fp16 for both pipelines")
