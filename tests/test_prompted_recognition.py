@@ -288,6 +288,11 @@ def test_coco_ov_split_is_the_ovr_cnn_split():
     assert list(meta.thing_classes) == list(COCO_OV_CLASSES) and meta.evaluator_type == "prompted_recognition"
     assert [meta.thing_classes[i] for i in meta.novel_class_ids] == list(COCO_OV_NOVEL_CLASSES)
     assert sorted(meta.base_class_ids + meta.novel_class_ids) == list(range(65))
+    # data/prompted.py keeps its own copy of the split (with the COCO ids): it must equal the vocabularies'
+    from samantics_d2.data import vocabularies
+
+    assert (COCO_OV_BASE_CLASSES, COCO_OV_NOVEL_CLASSES, COCO_OV_CLASSES) == (
+        vocabularies.COCO_OV_BASE_CLASSES, vocabularies.COCO_OV_NOVEL_CLASSES, vocabularies.COCO_OV_CLASSES)
     assert meta.thing_dataset_id_to_contiguous_id[90] == 64 and 10 not in meta.thing_dataset_id_to_contiguous_id
 
 

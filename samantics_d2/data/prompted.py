@@ -61,7 +61,9 @@ PROMPT_TYPES: tuple[str, ...] = ("box", "point")
 
 # The COCO open-vocabulary split of OVR-CNN (Zareian et al. 2021), used by OVSAM (its
 # ext/class_names/coco_4817_ids.py, there as indices into the 80 classes). COCO naming.
-# TODO(lead): merge with samantics_d2/data/vocabularies.py when it lands (written by another helper).
+# The same lists as samantics_d2.data.vocabularies (a test checks): importing them from there makes an
+# import cycle (builtin -> prompted -> vocabularies -> reference_sets / shapes -> builtin); next: move the
+# pure class lists (COCO, shapes) into a leaf module that vocabularies, reference_sets and shapes share.
 COCO_OV_BASE_CLASSES: tuple[str, ...] = (
     "person", "bicycle", "car", "motorcycle", "train", "truck", "boat", "bench", "bird", "horse",
     "sheep", "bear", "zebra", "giraffe", "backpack", "handbag", "suitcase", "frisbee", "skis", "kite",
