@@ -229,7 +229,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             write_stamp(sam_dir, {"config_sha256": fingerprint, "status": "training"})
             run_step("1/3 train a tiny SAM on shapes", ["train_net.py", "--config-file", SAM_CONFIG, "--resume",
                                                         *sam_overrides],
-                     "about 3 minutes on an idle 2-core CPU: 800 iterations, a log line every 20",
+                     "about 3 minutes on an idle 2-core CPU: 1000 iterations, a log line every 20",
                      threads=TRAINING_THREADS)
             recall = check_recall(sam_dir, fingerprint, args.min_recall)
             trained = "trained in step 1"
