@@ -1,9 +1,15 @@
-# RefSAM (reference-prompted SAM), the published recipe (DESIGN.md, "RefSAM as published"):
+# RefSAM (reference-prompted SAM), OUR recipe (DESIGN.md, "RefSAM as published", and docs/ref_sam.md):
 # frozen HQ-SAM ViT-B; mask tokens of each box-prompted reference -> MLP fuser (1280 -> 1024 ->
 # 1024 -> 256); the 4 global-attention block outputs -> 1x1 conv + GroupNorm neck -> Deformable
 # DETR (1 encoder layer, 6 decoder layers, 300 queries, box refinement) with the class prompt
 # added to every query; Hungarian matching and losses focal 2 / L1 5 / GIoU 2 on every layer;
 # AdamW 2e-4, weight decay 1e-4, gradient clipping 0.1, 50 epochs with lr x0.1 at 40.
+# Ours differs from the authors' code (github miquel-espinosa/samantics, reference_sam/) in: a multi-stride
+# neck (8/16/32/64), encoder FFN 1024, -2 w/h bias on every box branch, 3 categories + 1 negative per
+# image, unaugmented references, a box-area reference pool, batch 16, evaluation over every class
+# with top-100 per image. `published_recipe()` + `published_schedule()` below give the authors'
+# recipe (configs/ref_sam/published/*), keeping our two fixes (RGB input, references paired with GT by
+# category id); `published_defects()` turns those off too.
 #
 # Train:     python train_net.py --config-file configs/ref_sam/hq_sam_vit_b_coco.py
 # Evaluate:  python train_net.py --config-file ... --eval-only train.init_checkpoint=<model_final.pth>
@@ -48,8 +54,11 @@ model = L(build_ref_sam)(
     feature_names=["block2", "block5", "block8", "block11"],  # ViT-B's global-attention blocks
     d_model=256,
     fuser=dict(hidden_dim=1024),
-    neck=dict(strides=(8, 16, 32, 64)),
-    transformer=dict(num_encoder_layers=1, num_decoder_layers=6, n_heads=8, enc_n_points=4, dec_n_points=4),
+    neck=dict(strides=(8, 16, 32, 64)),  # ours; None: every level at the block's stride 16 (published)
+    transformer=dict(
+        num_encoder_layers=1, num_decoder_layers=6, n_heads=8, enc_n_points=4, dec_n_points=4,
+        size_bias_layers="all",  # ours; "first": -2 w/h bias on the first box branch only (published)
+    ),
     head=dict(num_queries=300),
     criterion=L(SetCriterion)(
         matcher=L(HungarianMatcher)(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0),
@@ -66,6 +75,8 @@ model = L(build_ref_sam)(
     box_source="predicted",
     classes_per_batch=16,
     topk=100,
+    topk_scope="image",  # "class": the published top-100 per (image, queried class)
+    reference_pairing="category_id",  # "sorted_position": the published pairing defect
 )
 
 
@@ -99,6 +110,8 @@ dataloader.train.mapper = L(RefSAMMapper)(
     num_negatives=1,
     categories=None,  # all classes; base_only() restricts to the COCO-FSOD base classes
     min_area=32 * 32,
+    pool_area="box",  # ours; "mask": the annotation's mask area, as published
+    reference_augmentations=None,  # ours; published: the target's augmentations (an independent flip)
 )
 
 
@@ -129,3 +142,66 @@ lr_multiplier = L(MultiStepParamScheduler)(values=[1.0, 0.1], milestones=[293160
 train.eval_period = 36645  # every 5 epochs
 train.checkpointer = dict(period=7329, max_to_keep=5)
 train.output_dir = "./output/ref_sam/hq_sam_vit_b_coco"
+
+
+# ---------------------------------------------------------------- the authors' recipe (docs/ref_sam.md)
+COCO_TRAIN_IMAGES = 117266  # COCO train2017 images with annotations (the authors filter empty ones too)
+
+
+def published_recipe(model, dataloader, *, test_max_categories=None) -> None:
+    """The model, training sampling and evaluation of the authors' code (reference_sam/: RefSAMDetector,
+    COCORefSegTrainDataset, work_configs/RefSAM_det_coco_{base,large,huge}.py), over whatever SAM and
+    sizes ``model`` has (call it after use_sam / use_tiny_sam). Our two fixes stay on (RGB input,
+    references paired with GT by category id): published_defects() turns them off.
+
+    - neck: 1x1 conv + GroupNorm per block, every level at the block's own stride (16);
+    - encoder FFN 2 x d_model (512), decoder FFN as set (1024); -2 w/h bias on the first box branch only;
+    - training: 4 present categories per image, no negative, references through the target's
+      augmentations (an independent random flip), reference pool filtered by the mask area;
+    - evaluation, the "standard test": one random test-set reference per present class, drawn per
+      image (seeded by (0, image_id) so reruns agree), at most ``test_max_categories`` classes per image
+      (the authors' per-size caps: None ViT-B, 8 ViT-L, 6 ViT-H), top-100 per (image, queried class).
+    """
+    model.neck.strides = None
+    model.transformer.encoder_d_ffn = 2 * model.d_model
+    model.transformer.size_bias_layers = "first"
+    model.topk_scope = "class"
+    model.query_classes = "image_references"
+    model.reference_bank = None  # the standard test takes each image's own references
+    mapper = dataloader.train.mapper
+    mapper.max_categories = 4
+    mapper.num_negatives = 0
+    mapper.pool_area = "mask"
+    mapper.reference_augmentations = mapper.augmentations
+    dataloader.test.mapper = L(RefSAMMapper)(
+        dataset_names="${..dataset.names}",
+        augmentations=[],
+        max_categories=test_max_categories,
+        num_negatives=0,
+        min_area=mapper.min_area,
+        pool_area="mask",
+        seed=0,
+    )
+
+
+def published_schedule(dataloader, train, *, batch_size: int, images_per_epoch: int = COCO_TRAIN_IMAGES):
+    """The authors' batch (48 = 16 GPUs x 3 for ViT-B, 28 = 28 GPUs x 1 for ViT-L/H, at the same lr
+    2e-4: their auto_scale_lr is off) and 50 epochs with lr x0.1 after 40, in iterations of
+    ``batch_size``. Returns the lr_multiplier."""
+    per_epoch = -(-images_per_epoch // batch_size)  # their sampler keeps the last, partial batch
+    dataloader.train.total_batch_size = batch_size
+    train.max_iter = 50 * per_epoch
+    train.eval_period = 5 * per_epoch
+    train.checkpointer = dict(period=per_epoch, max_to_keep=5)
+    return L(MultiStepParamScheduler)(values=[1.0, 0.1], milestones=[40 * per_epoch, 50 * per_epoch])
+
+
+def published_defects(model, dataloader) -> None:
+    """Also reproduce the two published defects our recipes fix: BGR images normalised with RGB
+    statistics, and references paired with GT by position (references in ``set`` order of their
+    labels, GT in sorted order). Only to reproduce the published numbers exactly."""
+    for mapper in (dataloader.train.mapper, dataloader.test.mapper):  # RefSAMMapper or DetectionMapper
+        mapper.image_format = "BGR"
+        if "dataset_names" in mapper:  # a RefSAMMapper: references in set order of their labels
+            mapper.category_sampling = "set_order"
+    model.reference_pairing = "sorted_position"

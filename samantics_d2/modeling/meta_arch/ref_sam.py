@@ -19,8 +19,13 @@ of truth, so references and GT cannot be paired out of order). Losses: Hungarian
 focal / L1 / GIoU on every decoder layer (:class:`SetCriterion`).
 
 Evaluation asks about every class of the output label space (``query_classes="all"``; one head
-pass per class and image, classes batched) or, as the published evaluation did, only about the
-classes present in the image (``"present"``, an oracle). Class prompts come from cached reference
+pass per class and image, classes batched), or, as the published n-shot evaluation did, only about
+the classes present in the image (``"present"``, an oracle), or, as the published "standard test"
+did, about the references the test mapper drew for each image (``"image_references"``: one random
+test-set reference per present class, encoded with the image; also an oracle of the present classes).
+Detections kept: the ``topk`` best per image over all queried classes (``topk_scope="image"``) or
+per (image, queried class) as published (``"class"``; COCO's evaluation also keeps 100 per
+(image, category)). Class prompts come from cached reference
 tokens (a features file written by ``tools/ref_sam_embeds.py compute``) or from a reference set
 encoded once the weights are loaded (:meth:`RefSAM.prepare_references`, through the references
 store); both come as a :class:`~samantics_d2.references.ReferenceBank` resolved with the config
@@ -72,8 +77,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-QUERY_CLASSES = ("all", "present")
+QUERY_CLASSES = ("all", "present", "image_references")
 BOX_SOURCES = ("predicted", "gt")
+TOPK_SCOPES = ("image", "class")
+REFERENCE_PAIRINGS = ("category_id", "sorted_position")
 
 
 def ref_sam_lr_factor(
@@ -202,12 +209,19 @@ class RefSAM(nn.Module):
             :meth:`prepare_references` (stored by the references store), or cached tokens
             (``features_path``, ``tools/ref_sam_embeds.py compute``); ``shots``: average the first
             ``shots`` references per class (None: all). None: a model for training only.
-        query_classes: ``"all"`` (every class with references) or ``"present"`` (the oracle: only
-            the GT classes of each image; needs ``instances`` in the inputs).
+        query_classes: ``"all"`` (every class with references), ``"present"`` (the oracle: only
+            the GT classes of each image; needs ``instances`` in the inputs) or ``"image_references"``
+            (the published standard test: each input's own ``references``, drawn by
+            :class:`~samantics_d2.data.ref_sam_mapper.RefSAMMapper` with ``seed`` set; no reference bank).
         box_source: ``"predicted"`` or ``"gt"`` (prompt SAM with the GT boxes, score 1).
         classes_per_batch: classes per head pass at eval (memory bound).
-        topk: detections kept per image (over all queried classes and queries).
+        topk: detections kept per image (``topk_scope="image"``: over all queried classes and queries)
+            or per (image, queried class) (``"class"``: the published protocol).
         reference_batch_size: reference images per encoder forward when encoding ``references``.
+        reference_pairing: which GT boxes (training) or label (standard test) a reference of an image
+            gets: ``"category_id"`` (its own category: our fix) or ``"sorted_position"`` (the published
+            defect: the j-th reference of an image gets the j-th of its references' categories in
+            sorted order, while the mapper lists them in ``set`` order).
     """
 
     @configurable
@@ -225,7 +239,9 @@ class RefSAM(nn.Module):
         box_source: str = "predicted",
         classes_per_batch: int = 16,
         topk: int = 100,
+        topk_scope: str = "image",
         reference_batch_size: int = 8,
+        reference_pairing: str = "category_id",
     ):
         super().__init__()
         backbone, decoder = proposer.backbone, proposer.proposals.decoder
@@ -235,6 +251,10 @@ class RefSAM(nn.Module):
             problems.append(f"query_classes={query_classes!r} is not one of {QUERY_CLASSES}")
         if box_source not in BOX_SOURCES:
             problems.append(f"box_source={box_source!r} is not one of {BOX_SOURCES}")
+        if topk_scope not in TOPK_SCOPES:
+            problems.append(f"topk_scope={topk_scope!r} is not one of {TOPK_SCOPES}")
+        if reference_pairing not in REFERENCE_PAIRINGS:
+            problems.append(f"reference_pairing={reference_pairing!r} is not one of {REFERENCE_PAIRINGS}")
         if fuser.num_tokens != num_mask_tokens(decoder):
             problems.append(
                 f"the fuser takes {fuser.num_tokens} tokens but {type(decoder).__name__} has "
@@ -270,7 +290,9 @@ class RefSAM(nn.Module):
         self.box_source = box_source
         self.classes_per_batch = classes_per_batch
         self.topk = topk
+        self.topk_scope = topk_scope
         self.reference_batch_size = reference_batch_size
+        self.reference_pairing = reference_pairing
         self.set_reference_bank(reference_bank)
         for p in self.proposer.parameters():
             p.requires_grad_(False)
@@ -355,30 +377,45 @@ class RefSAM(nn.Module):
         if not pairs:  # no reference in the batch: zero losses that still reach every trainable parameter (DDP)
             zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
             return {"loss_focal": zero, "loss_bbox": zero, "loss_giou": zero}
-        num_targets = len(batched_inputs)
-        images = [x["image"] for x in batched_inputs] + [ref["image"] for _, ref in pairs]
-        features, fits = self._encode_images(images)
+        features, fits, prompts = self._encode_with_references(batched_inputs, [ref for _, ref in pairs])
         size = self._input_size()
-
-        with torch.no_grad():
-            ref_boxes = torch.stack(
-                [fits[num_targets + j].boxes_to_input(torch.as_tensor(ref["box"], dtype=torch.float32).reshape(4))
-                 for j, (_, ref) in enumerate(pairs)]
-            ).to(self.device)
-            tokens = mask_token_outputs(self.decoder, features["neck"][num_targets:], ref_boxes)  # [P, T, C]
-        prompts = self.fuser(tokens.float())  # [P, d]
         image_index = torch.tensor([i for i, _ in pairs], device=self.device)
-        target_features = {k: v[:num_targets] for k, v in features.items()}
+        target_features = {k: v[: len(batched_inputs)] for k, v in features.items()}
         levels = [level.index_select(0, image_index) for level in self._levels(target_features)]
         outputs = self.head(levels, prompts)
 
         targets = []
-        for i, ref in pairs:
+        for (i, _), category in zip(pairs, self._paired_categories(batched_inputs)):
             instances = batched_inputs[i]["instances"]
-            keep = instances.gt_classes == int(ref["category_id"])
+            keep = instances.gt_classes == category
             boxes = fits[i].boxes_to_input(instances.gt_boxes.tensor[keep].float()) / size
             targets.append({"boxes": box_xyxy_to_cxcywh(boxes.clamp(0.0, 1.0)).to(self.device)})
         return self.criterion(outputs, targets)
+
+    def _encode_with_references(
+        self, batched_inputs: list[dict], references: list[dict]
+    ) -> tuple[dict[str, torch.Tensor], list, torch.Tensor]:
+        """The frozen encoder on the targets then the ``references`` (one batch), and the references'
+        class prompts: ``(features {name: [N + P, C, h, w]}, fits, prompts [P, d_model])``."""
+        num_targets = len(batched_inputs)
+        features, fits = self._encode_images([x["image"] for x in batched_inputs] + [r["image"] for r in references])
+        with torch.no_grad():
+            ref_boxes = torch.stack(
+                [fits[num_targets + j].boxes_to_input(torch.as_tensor(ref["box"], dtype=torch.float32).reshape(4))
+                 for j, ref in enumerate(references)]
+            ).to(self.device)
+            tokens = mask_token_outputs(self.decoder, features["neck"][num_targets:], ref_boxes)  # [P, T, C]
+        return features, fits, self.fuser(tokens.float())
+
+    def _paired_categories(self, batched_inputs: list[dict]) -> list[int]:
+        """The category each reference stands for, references of all inputs in order: its own
+        ``category_id``, or with ``reference_pairing="sorted_position"`` (the published defect) the
+        j-th of the sorted categories of its image's references."""
+        categories = []
+        for x in batched_inputs:
+            own = [int(ref["category_id"]) for ref in x.get("references", [])]
+            categories.extend(sorted(own) if self.reference_pairing == "sorted_position" else own)
+        return categories
 
     # ------------------------------------------------------------------ class prompts
 
@@ -426,7 +463,7 @@ class RefSAM(nn.Module):
         """Read the cached tokens, or encode the reference set with the current SAM weights through
         the references store (the main process first). Call it after loading the weights."""
         bank = self.reference_bank
-        if self.box_source == "gt":  # SAM prompted with the GT boxes: no class prompt is used
+        if self.box_source == "gt" or self.query_classes == "image_references":  # no class prompt from a bank
             return
         if bank is None:
             raise ValueError(
@@ -475,6 +512,8 @@ class RefSAM(nn.Module):
     @torch.no_grad()
     def inference(self, batched_inputs: list[dict]) -> list[dict]:
         """Per image ``{"instances": Instances}`` (see the class docstring)."""
+        if self.query_classes == "image_references" and self.box_source == "predicted":
+            return self._inference_with_image_references(batched_inputs)
         features, fits = self._encode_images([x["image"] for x in batched_inputs])
         if self.box_source == "gt":
             return [{"instances": self._gt_box_instances(x, {k: v[i] for k, v in features.items()}, fits[i])}
@@ -495,10 +534,39 @@ class RefSAM(nn.Module):
                                                          boxes * self._input_size(), scores, labels)})
         return results
 
+    def _inference_with_image_references(self, batched_inputs: list[dict]) -> list[dict]:
+        """The published standard test: each image queried with its own ``references`` (one per
+        drawn class), encoded in one batch with the images."""
+        for x in batched_inputs:
+            if "references" not in x:
+                raise ValueError(
+                    f"RefSAM(query_classes='image_references') needs 'references' in every input; "
+                    f"{x.get('file_name')!r} has {sorted(x)}. Build the test loader with RefSAMMapper(seed=...)."
+                )
+        references = [ref for x in batched_inputs for ref in x["references"]]
+        if references:
+            features, fits, prompts = self._encode_with_references(batched_inputs, references)
+        else:
+            features, fits = self._encode_images([x["image"] for x in batched_inputs])
+        categories = torch.tensor(self._paired_categories(batched_inputs), dtype=torch.long, device=self.device)
+        levels = self._levels({k: v[: len(batched_inputs)] for k, v in features.items()})
+        results, start = [], 0
+        for i, x in enumerate(batched_inputs):
+            count = len(x["references"])
+            index = torch.arange(start, start + count, device=self.device)
+            start += count
+            scores, rows, boxes = self._detect([level[i : i + 1] for level in levels], prompts if count else None, index)
+            labels = categories[rows] if count else rows
+            results.append({"instances": self._instances(x, {k: v[i] for k, v in features.items()}, fits[i],
+                                                         boxes * self._input_size(), scores, labels)})
+        return results
+
     def _detect(
-        self, levels: list[torch.Tensor], prompts: torch.Tensor, classes: torch.Tensor
+        self, levels: list[torch.Tensor], prompts: Optional[torch.Tensor], classes: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Top-k over (class, query) of one image: ``scores [k]``, ``labels [k]``, ``boxes [k, 4]`` XYXY in [0, 1]."""
+        """The best detections of one image for the prompts ``prompts[classes]``: the top ``topk`` over
+        all (class, query) pairs (``topk_scope="image"``) or over the queries of each class (``"class"``).
+        Returns ``scores [k]``, ``labels [k]`` (entries of ``classes``), ``boxes [k, 4]`` XYXY in [0, 1]."""
         all_scores, all_boxes = [], []
         for start in range(0, len(classes), self.classes_per_batch):
             chunk = classes[start : start + self.classes_per_batch]
@@ -510,9 +578,14 @@ class RefSAM(nn.Module):
             return empty, empty.long(), empty.reshape(0, 4)
         scores, boxes = torch.cat(all_scores), torch.cat(all_boxes)
         num_queries = scores.shape[1]
-        top = scores.flatten().topk(min(self.topk, scores.numel()))
-        labels = classes[top.indices // num_queries]
-        return top.values, labels, box_cxcywh_to_xyxy(boxes.flatten(0, 1)[top.indices]).clamp(0.0, 1.0)
+        if self.topk_scope == "class":  # the best topk queries of each class, classes in order
+            per_class = scores.topk(min(self.topk, num_queries), dim=1)
+            rows = torch.arange(len(classes), device=scores.device)[:, None].expand_as(per_class.indices)
+            values, indices = per_class.values.flatten(), (rows * num_queries + per_class.indices).flatten()
+        else:
+            values, indices = scores.flatten().topk(min(self.topk, scores.numel()))
+        labels = classes[indices // num_queries]
+        return values, labels, box_cxcywh_to_xyxy(boxes.flatten(0, 1)[indices]).clamp(0.0, 1.0)
 
     def _gt_instances(self, x: dict) -> Instances:
         if "instances" not in x:

@@ -13,6 +13,7 @@ the whole map when no padding masks are given; with masks, the valid fraction of
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -22,6 +23,7 @@ from .deformable_attention import MSDeformAttn
 
 __all__ = [
     "MLP",
+    "SIZE_BIAS_LAYERS",
     "DeformableDecoderLayer",
     "DeformableEncoderLayer",
     "DeformableTransformer",
@@ -29,6 +31,9 @@ __all__ = [
     "inverse_sigmoid",
     "sine_position_embedding",
 ]
+
+
+SIZE_BIAS_LAYERS = ("first", "all")
 
 
 def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -167,6 +172,14 @@ class DeformableTransformer(nn.Module):
     Each decoder layer owns a box MLP: its output is a correction, in logit space, of the boxes the
     layer received (the first layer receives 2-d reference points predicted from ``query_pos``; for
     them the MLP's (w, h) outputs are the initial box size).
+
+    Args (besides the usual sizes):
+        d_ffn: FFN width of the decoder layers (and of the encoder layers when ``encoder_d_ffn`` is None).
+        encoder_d_ffn: FFN width of the encoder layers; the published RefSAM uses 512 (decoder 1024).
+        size_bias_layers: which box MLPs start with a -2 bias on (w, h) (boxes of sigmoid(-2) ~ 0.12
+            of the image side): ``"first"`` (Deformable DETR's and the published RefSAM's: only the
+            first layer's, which turns reference points into boxes; later layers start from "no
+            correction") or ``"all"`` (our earlier variant: every layer shrinks the boxes it receives).
     """
 
     def __init__(
@@ -177,24 +190,31 @@ class DeformableTransformer(nn.Module):
         num_encoder_layers: int = 1,
         num_decoder_layers: int = 6,
         d_ffn: int = 1024,
+        encoder_d_ffn: Optional[int] = None,
         dropout: float = 0.1,
         n_levels: int = 4,
         enc_n_points: int = 4,
         dec_n_points: int = 4,
+        size_bias_layers: str = "all",
     ):
         super().__init__()
         if num_decoder_layers < 1:
             raise ValueError(f"num_decoder_layers must be >= 1, got {num_decoder_layers}.")
+        if size_bias_layers not in SIZE_BIAS_LAYERS:
+            raise ValueError(f"size_bias_layers={size_bias_layers!r} is not one of {SIZE_BIAS_LAYERS}.")
         if d_model % 2 != 0:
             raise ValueError(f"d_model must be even for the sine positional encoding, got {d_model}.")
         self.d_model = d_model
         self.n_levels = n_levels
-        layer_args = dict(d_model=d_model, d_ffn=d_ffn, dropout=dropout, n_levels=n_levels, n_heads=n_heads)
+        self.size_bias_layers = size_bias_layers
+        layer_args = dict(d_model=d_model, dropout=dropout, n_levels=n_levels, n_heads=n_heads)
+        encoder_d_ffn = d_ffn if encoder_d_ffn is None else encoder_d_ffn
         self.encoder_layers = nn.ModuleList(
-            DeformableEncoderLayer(**layer_args, n_points=enc_n_points) for _ in range(num_encoder_layers)
+            DeformableEncoderLayer(**layer_args, d_ffn=encoder_d_ffn, n_points=enc_n_points)
+            for _ in range(num_encoder_layers)
         )
         self.decoder_layers = nn.ModuleList(
-            DeformableDecoderLayer(**layer_args, n_points=dec_n_points) for _ in range(num_decoder_layers)
+            DeformableDecoderLayer(**layer_args, d_ffn=d_ffn, n_points=dec_n_points) for _ in range(num_decoder_layers)
         )
         self.bbox_embed = nn.ModuleList(
             MLP(input_dim=d_model, hidden_dim=d_model, output_dim=4, num_layers=3) for _ in range(num_decoder_layers)
@@ -214,11 +234,12 @@ class DeformableTransformer(nn.Module):
         nn.init.xavier_uniform_(self.reference_points.weight)
         nn.init.zeros_(self.reference_points.bias)
         nn.init.normal_(self.level_embed)
-        for mlp in self.bbox_embed:
-            # Start from "no correction", with small boxes (sigmoid(-2) ~ 0.12 of the image side).
+        for i, mlp in enumerate(self.bbox_embed):
+            # Start from "no correction"; small initial boxes (sigmoid(-2) ~ 0.12 of the image side).
             nn.init.zeros_(mlp.layers[-1].weight)
             nn.init.zeros_(mlp.layers[-1].bias)
-            nn.init.constant_(mlp.layers[-1].bias[2:], -2.0)
+            if i == 0 or self.size_bias_layers == "all":
+                nn.init.constant_(mlp.layers[-1].bias[2:], -2.0)
 
     @staticmethod
     def _valid_ratios(mask: torch.Tensor) -> torch.Tensor:

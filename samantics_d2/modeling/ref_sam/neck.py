@@ -1,14 +1,17 @@
 """A multi-scale pyramid from plain-ViT block outputs, for RefSAM's deformable DETR.
 
 SAM's ViT keeps one stride (16) in every block. RefSAM takes the outputs of its global-attention
-blocks (ViT-B blocks 2, 5, 8, 11) and turns block ``i`` into pyramid level ``i``: resampled to that
-level's stride (transposed convolution to go finer, max pooling to go coarser), then projected by a
-1x1 convolution and GroupNorm to the transformer's width. The neck is sized from the backbone's
+blocks (ViT-B blocks 2, 5, 8, 11) and turns block ``i`` into level ``i``: a 1x1 convolution and
+GroupNorm to the transformer's width. As published (``strides=None``) every level keeps the block's
+own stride (four 64 x 64 maps for a 1024 px input: 16,384 memory positions); our multi-stride variant
+(``strides=(8, 16, 32, 64)``) first resamples block ``i`` to that level's stride (transposed
+convolution to go finer, max pooling to go coarser: 21,760 positions, and the transposed
+convolution's weights). The neck is sized from the backbone's
 ``output_shape()`` of those blocks (channels and stride), as ViTDet's ``SimpleFeaturePyramid`` is.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -45,7 +48,8 @@ class MultiLevelNeck(nn.Module):
         input_shapes: ``ShapeSpec(channels, stride)`` of each level's input, e.g.
             ``[backbone.output_shape()[name] for name in feature_names]``.
         out_channels: width of every level (the transformer's ``d_model``).
-        strides: the output stride of each level (one per input shape).
+        strides: the output stride of each level (one per input shape); None: each input's own
+            stride, no resampling (the published neck).
         num_groups: GroupNorm groups (``out_channels`` must be divisible by it).
     """
 
@@ -54,10 +58,12 @@ class MultiLevelNeck(nn.Module):
         *,
         input_shapes: Sequence[ShapeSpec],
         out_channels: int = 256,
-        strides: Sequence[int] = (8, 16, 32, 64),
+        strides: Optional[Sequence[int]] = (8, 16, 32, 64),
         num_groups: int = 32,
     ):
         super().__init__()
+        if strides is None:
+            strides = [shape.stride for shape in input_shapes]
         strides = tuple(int(s) for s in strides)
         if len(strides) != len(input_shapes):
             raise ValueError(
