@@ -14,7 +14,21 @@ Registered datasets (generated on first load, never at import):
 ``shapes_train_base``  ``shapes_train`` restricted to the base classes
 ``shapes_val_base``    ``shapes_val`` restricted to the base classes
 ``shapes_val_novel``   ``shapes_val`` restricted to the novel classes
+``shapes_parts_train``  32 images of 128x128: wholes carrying an inner part (below)
+``shapes_parts_val``    16 images of 128x128: wholes carrying an inner part
 ===================  =================================================
+
+Shapes with parts (``shapes_parts_*``): 1-3 larger shapes per image (radius 16-26 % of the side) of the
+six classes with a roomy interior (:data:`SHAPES_PART_WHOLE_CLASSES`), each carrying one inner part of
+a part class (:data:`SHAPES_PART_CATEGORIES`: a white disc or a black square, category ids 9 and 10),
+drawn on top of it. The part is 0.6 times the whole's inscribed radius, its centre moved at most 0.15
+times that radius from the whole's, so it lies inside the whole with a margin, and the whole's centre
+point (the click rule of :mod:`samantics_d2.utils.clicks`) falls on the part: one click, two right
+answers. Both are annotated: the whole's segmentation is its full outline (part included), the part's
+its own outline; every annotation has its ``id``, and a part has ``part_of``: the ``id`` of its whole
+(wholes have no ``part_of``). The registered loaders keep ``id`` and ``part_of`` in the dataset dicts;
+the metadata has ``thing_classes`` (the six whole classes then the two part classes, by category id),
+``whole_classes`` and ``part_classes``.
 
 A restricted dataset keeps every image and only the annotations and categories of its split, so
 its ``thing_classes`` are the split's classes. The files are cached under
@@ -45,6 +59,8 @@ __all__ = [
     "SHAPES_CATEGORIES",
     "SHAPES_DATASETS",
     "SHAPES_PARTS",
+    "SHAPES_PART_CATEGORIES",
+    "SHAPES_PART_WHOLE_CLASSES",
     "SHAPES_SPLITS",
     "ensure_shapes",
     "generate_shapes",
@@ -74,6 +90,20 @@ SHAPES_CATEGORIES: tuple[tuple[int, str, str, tuple[int, int, int], str], ...] =
 )
 SHAPES_CLASSES = [c[1] for c in SHAPES_CATEGORIES]
 
+# The part classes of the shapes-with-parts datasets (same fields), ids after the whole classes'.
+SHAPES_PART_CATEGORIES: tuple[tuple[int, str, str, tuple[int, int, int], str], ...] = (
+    (9, "white disc", "circle", (245, 245, 245), "solid"),
+    (10, "black square", "square", (25, 25, 25), "solid"),
+)
+# The whole classes of shapes with parts: those whose inscribed radius is at least half the outer
+# one (the star's and the cross's interiors are too thin to hold a part).
+SHAPES_PART_WHOLE_CLASSES: tuple[str, ...] = (
+    "red circle", "green square", "blue triangle", "magenta hexagon", "cyan diamond", "purple pentagon",
+)  # fmt: skip
+# A part's outer radius and largest offset from its whole's centre, as fractions of the whole's
+# inscribed radius: 0.6 + 0.15 < 1 keeps it inside with a margin (>= 2.5 px at the sizes drawn).
+_PART_RADIUS, _PART_OFFSET = 0.6, 0.15
+
 SHAPES_SPLITS: dict[str, list[str]] = {
     "base": ["red circle", "green square", "blue triangle", "yellow star", "orange cross"],
     "novel": ["magenta hexagon", "cyan diamond", "purple pentagon"],
@@ -84,6 +114,14 @@ SHAPES_PARTS: dict[str, dict] = {
     "shapes_train": {"num_images": 64, "image_size": 128, "seed": 0},
     "shapes_val": {"num_images": 16, "image_size": 128, "seed": 1},
     "shapes_test": {"num_images": 64, "image_size": 128, "seed": 2},
+    "shapes_parts_train": {
+        "num_images": 32, "image_size": 128, "seed": 3, "instances_per_image": [1, 3], "radius_range": [0.16, 0.26],
+        "class_names": list(SHAPES_PART_WHOLE_CLASSES), "part_classes": [c[1] for c in SHAPES_PART_CATEGORIES],
+    },
+    "shapes_parts_val": {
+        "num_images": 16, "image_size": 128, "seed": 4, "instances_per_image": [1, 3], "radius_range": [0.16, 0.26],
+        "class_names": list(SHAPES_PART_WHOLE_CLASSES), "part_classes": [c[1] for c in SHAPES_PART_CATEGORIES],
+    },
 }
 # Registered name -> (part, split or None for all classes).
 SHAPES_DATASETS: dict[str, tuple[str, Optional[str]]] = {
@@ -93,6 +131,8 @@ SHAPES_DATASETS: dict[str, tuple[str, Optional[str]]] = {
     "shapes_train_base": ("shapes_train", "base"),
     "shapes_val_base": ("shapes_val", "base"),
     "shapes_val_novel": ("shapes_val", "novel"),
+    "shapes_parts_train": ("shapes_parts_train", None),
+    "shapes_parts_val": ("shapes_parts_val", None),
 }
 
 
@@ -121,6 +161,14 @@ def _shape_outline(shape: str, radius: float, angle: float) -> np.ndarray:
         raise ValueError(f"Unknown shape {shape!r}; expected one of {sorted({c[2] for c in SHAPES_CATEGORIES})}.")
     rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
     return radius * points @ rotation.T
+
+
+def _inscribed_radius(shape: str) -> float:
+    """The radius of the largest circle centred at the origin inside ``shape`` of outer radius 1."""
+    vertices = _shape_outline(shape, 1.0, 0.0)
+    edges = np.roll(vertices, -1, axis=0) - vertices
+    t = np.clip(-(vertices * edges).sum(1) / (edges * edges).sum(1), 0.0, 1.0)  # closest point of each edge
+    return float(np.linalg.norm(vertices + t[:, None] * edges, axis=1).min())
 
 
 def _muted_colour(rng: np.random.Generator) -> np.ndarray:
@@ -188,6 +236,8 @@ def generate_shapes(
     seed: int,
     instances_per_image: tuple[int, int] = (2, 5),
     class_names: Optional[Sequence[str]] = None,
+    radius_range: tuple[float, float] = (0.08, 0.18),
+    part_classes: Optional[Sequence[str]] = None,
 ) -> str:
     """Write a synthetic COCO instances dataset: ``output_dir/images/*.png`` and ``output_dir/annotations.json``.
 
@@ -200,6 +250,10 @@ def generate_shapes(
         instances_per_image: ``(min, max)`` instances drawn per image; fewer when they do not fit
             without overlapping.
         class_names: the categories to draw (default: all of ``SHAPES_CATEGORIES``).
+        radius_range: the outer radius of a shape, as fractions of the image's short side.
+        part_classes: names from :data:`SHAPES_PART_CATEGORIES`: each shape then carries one inner
+            part of one of them (annotated with ``part_of`` = the whole's ``id``; see the module
+            docstring). None (default): no parts, and the same bytes as before parts existed.
 
     Returns:
         The path of the annotations json (images' ``file_name`` are relative to ``output_dir/images``).
@@ -218,6 +272,14 @@ def generate_shapes(
             f"generate_shapes got class_names {names}; unknown {unknown}. Expected names from {SHAPES_CLASSES}."
         )
     categories = [c for c in SHAPES_CATEGORIES if c[1] in names]
+    part_names = list(part_classes or [])
+    part_categories = [c for c in SHAPES_PART_CATEGORIES if c[1] in part_names]
+    unknown = sorted(set(part_names) - {c[1] for c in SHAPES_PART_CATEGORIES})
+    if unknown or (part_classes is not None and not part_names):
+        raise ValueError(
+            f"generate_shapes got part_classes {part_names}; unknown {unknown}. Expected names from "
+            f"{[c[1] for c in SHAPES_PART_CATEGORIES]}."
+        )
 
     rng = np.random.default_rng(seed)
     image_dir = os.path.join(output_dir, "images")
@@ -228,7 +290,7 @@ def generate_shapes(
         placed: list[tuple[float, float, float]] = []  # (cx, cy, outer radius)
         for _ in range(int(rng.integers(low, high + 1))):
             category_id, _, shape, colour, texture = categories[int(rng.integers(len(categories)))]
-            radius = rng.uniform(0.08, 0.18) * min(height, width)
+            radius = rng.uniform(*radius_range) * min(height, width)
             outline = _shape_outline(shape, radius, rng.uniform(-0.26, 0.26))  # +-15 degrees
             outer = float(np.linalg.norm(outline, axis=1).max())
             for _attempt in range(50):
@@ -254,6 +316,10 @@ def generate_shapes(
                     "iscrowd": 0,
                 }
             )
+            if part_categories:
+                annotations.append(
+                    _draw_part(rng, canvas, part_categories, whole=annotations[-1], shape=shape, centre=(cx, cy), radius=radius)
+                )
         canvas += rng.normal(0, 3, size=canvas.shape)  # nothing perfectly flat
         file_name = f"{image_id:06d}.png"
         pixels = np.clip(np.round(canvas), 0, 255).astype(np.uint8)
@@ -272,12 +338,47 @@ def generate_shapes(
         "licenses": [],
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": c[0], "name": c[1], "supercategory": "shape"} for c in categories],
+        "categories": [{"id": c[0], "name": c[1], "supercategory": "shape"} for c in categories]
+        + [{"id": c[0], "name": c[1], "supercategory": "part"} for c in part_categories],
     }
     json_file = os.path.join(output_dir, "annotations.json")
     _write_json(json_file, data)
     logger.info("Generated %d shapes images with %d instances in %s", num_images, len(annotations), output_dir)
     return json_file
+
+
+def _draw_part(
+    rng: np.random.Generator,
+    canvas: np.ndarray,
+    part_categories: Sequence[tuple],
+    *,
+    whole: dict,
+    shape: str,
+    centre: tuple[float, float],
+    radius: float,
+) -> dict:
+    """Draw the inner part of ``whole`` (a ``shape`` of outer ``radius`` at ``centre``) on ``canvas``
+    ``[H, W, 3]`` float, in place; returns its annotation (``part_of`` = the whole's ``id``)."""
+    height, width = canvas.shape[:2]
+    category_id, _, part_shape, colour, texture = part_categories[int(rng.integers(len(part_categories)))]
+    inscribed = _inscribed_radius(shape) * radius
+    angle, offset = rng.uniform(0, 2 * np.pi), rng.uniform(0, _PART_OFFSET) * inscribed
+    part_centre = [centre[0] + offset * math.cos(angle), centre[1] + offset * math.sin(angle)]
+    outline = _shape_outline(part_shape, _PART_RADIUS * inscribed, rng.uniform(-0.26, 0.26))
+    polygon = np.round(outline + part_centre, 2).reshape(-1).tolist()
+    rle = mask_util.frPyObjects([polygon], height, width)[0]
+    mask = mask_util.decode(rle).astype(bool)
+    canvas[mask] = _texture(rng, texture, np.asarray(colour, dtype=np.float64), height, width)[mask]
+    return {
+        "id": whole["id"] + 1,
+        "image_id": whole["image_id"],
+        "category_id": category_id,
+        "segmentation": [polygon],
+        "bbox": [float(v) for v in mask_util.toBbox(rle)],
+        "area": float(mask_util.area(rle)),
+        "iscrowd": 0,
+        "part_of": whole["id"],
+    }
 
 
 def write_split_json(json_file: str, class_names: Sequence[str], output_file: str) -> str:
@@ -319,8 +420,9 @@ def ensure_shapes(part: str) -> str:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}-", dir=parent)
     try:
         json_file = generate_shapes(tmp, **SHAPES_PARTS[part])
-        for split, names in SHAPES_SPLITS.items():
-            write_split_json(json_file, names, os.path.join(tmp, _split_json_name(split)))
+        if not SHAPES_PARTS[part].get("part_classes"):  # the base/novel splits are of the plain shapes
+            for split, names in SHAPES_SPLITS.items():
+                write_split_json(json_file, names, os.path.join(tmp, _split_json_name(split)))
         try:
             os.rename(tmp, folder)
         except OSError:
@@ -339,9 +441,12 @@ def shapes_json_file(name: str) -> str:
     return os.path.join(ensure_shapes(part), _split_json_name(split))
 
 
-def _split_classes(split: Optional[str]) -> list[str]:
-    names = SHAPES_CLASSES if split is None else SHAPES_SPLITS[split]
-    return [n for n in SHAPES_CLASSES if n in names]  # ordered by category id, as load_coco_json orders them
+def _part_categories(part: str, split: Optional[str]) -> list[tuple]:
+    """The categories of ``part`` restricted to ``split``, ordered by category id (as load_coco_json orders them)."""
+    params = SHAPES_PARTS[part]
+    names = set(params.get("class_names") or SHAPES_CLASSES) & set(SHAPES_CLASSES if split is None else SHAPES_SPLITS[split])
+    names |= set(params.get("part_classes") or ())
+    return sorted((c for c in SHAPES_CATEGORIES + SHAPES_PART_CATEGORIES if c[1] in names), key=lambda c: c[0])
 
 
 def register_shapes(name: str, *, part: str, split: Optional[str] = None) -> None:
@@ -351,28 +456,39 @@ def register_shapes(name: str, *, part: str, split: Optional[str] = None) -> Non
     metadata gets ``json_file`` and ``image_root`` (unless already set). ``shapes_json_file(name)``
     gives the json path (generating it) without loading.
     """
-    if part not in SHAPES_PARTS or (split is not None and split not in SHAPES_SPLITS):
+    with_parts = bool(SHAPES_PARTS.get(part, {}).get("part_classes"))
+    if part not in SHAPES_PARTS or (split is not None and (split not in SHAPES_SPLITS or with_parts)):
         raise ValueError(
             f"register_shapes({name!r}) got part={part!r}, split={split!r}; expected part in {sorted(SHAPES_PARTS)} "
-            f"and split None or in {sorted(SHAPES_SPLITS)}."
+            f"and split None or in {sorted(SHAPES_SPLITS)} (None for the shapes with parts)."
         )
+    # Shapes with parts keep each annotation's id and its part-of link (Detectron2 drops unknown keys).
+    extra_keys = ["id", "part_of"] if with_parts else None
 
     def load() -> list[dict]:
         folder = ensure_shapes(part)
         json_file, image_root = os.path.join(folder, _split_json_name(split)), os.path.join(folder, "images")
         set_paths_if_missing(name, json_file=json_file, image_root=image_root)
-        return load_coco_json(json_file, image_root, name)
+        return load_coco_json(json_file, image_root, name, extra_annotation_keys=extra_keys)
 
-    classes = _split_classes(split)
-    ids = {c[1]: c[0] for c in SHAPES_CATEGORIES}
+    categories = _part_categories(part, split)
+    classes = [c[1] for c in categories]
+    metadata = {
+        "thing_classes": classes,
+        "thing_dataset_id_to_contiguous_id": {c[0]: i for i, c in enumerate(categories)},
+        "base_classes": list(SHAPES_SPLITS["base"]),
+        "novel_classes": list(SHAPES_SPLITS["novel"]),
+        "evaluator_type": "coco",
+    }
+    if with_parts:
+        part_names = {c[1] for c in SHAPES_PART_CATEGORIES}
+        metadata.update(
+            whole_classes=[c for c in classes if c not in part_names],
+            part_classes=[c for c in classes if c in part_names],
+            evaluator_type="click",
+        )
     DatasetCatalog.register(name, load)
-    MetadataCatalog.get(name).set(
-        thing_classes=classes,
-        thing_dataset_id_to_contiguous_id={ids[c]: i for i, c in enumerate(classes)},
-        base_classes=list(SHAPES_SPLITS["base"]),
-        novel_classes=list(SHAPES_SPLITS["novel"]),
-        evaluator_type="coco",
-    )
+    MetadataCatalog.get(name).set(**metadata)
 
 
 def register_all_shapes() -> None:
