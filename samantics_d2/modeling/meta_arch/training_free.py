@@ -27,7 +27,8 @@ from ...references import ReferenceBank
 from ...yacs_config import check_yacs_config, node_kwargs, yacs_reference_bank
 from ..backbone import EncoderBackbone, build_encoder
 from ..proposals import MaskProposals, PointGridProposals, build_prompt_decoder
-from ..semantic import MemoryBank, MemoryBankConfig, PrototypeClassifier, masks_to_boxes
+from ..semantic import MemoryBank, MemoryBankConfig, PrototypeClassifier, mask_pooling, masks_to_boxes, masks_to_original
+from ..semantic.open_vocab_classifier import OpenVocabClassifier, classify_by_probabilities
 from ..weights import module_fingerprint
 
 __all__ = ["SamProposer", "TrainingFreeSegmenter", "build_sam_proposer", "module_fingerprint", "sam_proposer_from_config"]
@@ -104,6 +105,15 @@ class TrainingFreeSegmenter(nn.Module):
         memory_bank: how references are cropped and pooled.
         prompt_mode: ``"points"`` (the point grid) or ``"gt_boxes"`` (prompt SAM with the
             ground-truth boxes: the mask-quality oracle).
+        open_vocab: label the proposals by class probabilities of CLIP mask embeddings
+            (:class:`~samantics_d2.modeling.semantic.OpenVocabClassifier`: text prototypes of a
+            vocabulary) instead of the DINOv2 cosine: "segment everything with labels". Which
+            prototype bank labels the masks follows from what is given:
+            ``reference_bank`` only: image prototypes (DINOv2 cosine, the default pipeline);
+            ``open_vocab`` only: text prototypes (no ``semantic_encoder`` needed);
+            both: fused, the DINOv2 cosines as a softmax at ``image_logit_scale`` (classes without
+            references: text only); the two label spaces must be equal.
+        image_logit_scale: the logit scale of the image side's softmax in the fused mode.
     """
 
     @configurable
@@ -111,17 +121,22 @@ class TrainingFreeSegmenter(nn.Module):
         self,
         *,
         proposer: SamProposer,
-        semantic_encoder: EncoderBackbone,
+        semantic_encoder: Optional[EncoderBackbone] = None,
         classifier: PrototypeClassifier,
-        reference_bank: ReferenceBank,
+        reference_bank: Optional[ReferenceBank] = None,
         aggregation: str = "mean",
         num_centres: int = 4,
         memory_bank: Optional[MemoryBankConfig] = None,
         prompt_mode: str = "points",
+        open_vocab: Optional[OpenVocabClassifier] = None,
+        image_logit_scale: float = 100.0,
     ):
         super().__init__()
         if prompt_mode not in PROMPT_MODES:
             raise ValueError(f"prompt_mode={prompt_mode!r}; expected one of {PROMPT_MODES}.")
+        self._check_prototype_banks(reference_bank, semantic_encoder, open_vocab)
+        self.open_vocab = open_vocab
+        self.image_logit_scale = float(image_logit_scale)
         self.proposer = proposer
         self.semantic_encoder = semantic_encoder
         self.classifier = classifier
@@ -129,7 +144,10 @@ class TrainingFreeSegmenter(nn.Module):
         self.num_centres = num_centres
         self.memory_bank_config = memory_bank if memory_bank is not None else MemoryBankConfig()
         self.prompt_mode = prompt_mode
-        self.set_reference_bank(reference_bank)
+        self.reference_bank: Optional[ReferenceBank] = None
+        self._prototypes: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        if reference_bank is not None:
+            self.set_reference_bank(reference_bank)
         for p in self.parameters():
             p.requires_grad_(False)
 
@@ -155,9 +173,23 @@ class TrainingFreeSegmenter(nn.Module):
             "reference_bank": bank,
         }
 
+    @staticmethod
+    def _check_prototype_banks(reference_bank, semantic_encoder, open_vocab) -> None:
+        """Image (``reference_bank`` + ``semantic_encoder``), text (``open_vocab``) or both, same classes."""
+        if reference_bank is None and open_vocab is None:
+            raise ValueError("TrainingFreeSegmenter needs a reference_bank (image prototypes), an open_vocab classifier "
+                             "(text prototypes), or both (fused).")
+        if reference_bank is not None and semantic_encoder is None:
+            raise ValueError("TrainingFreeSegmenter: a reference_bank needs the semantic_encoder of its prototypes.")
+        if reference_bank is not None and open_vocab is not None and list(reference_bank.class_names) != open_vocab.class_names:
+            raise ValueError(
+                f"TrainingFreeSegmenter: the fused label spaces differ: references {list(reference_bank.class_names)[:5]}"
+                f"... vs words {open_vocab.class_names[:5]}...; build both for the same class names."
+            )
+
     @property
     def device(self) -> torch.device:
-        return next(self.semantic_encoder.parameters()).device
+        return next(self.proposer.parameters()).device
 
     # ------------------------------------------------------------------ references
 
@@ -171,6 +203,8 @@ class TrainingFreeSegmenter(nn.Module):
 
     def class_names(self) -> list[str]:
         """The output label space."""
+        if self.reference_bank is None:
+            return list(self.open_vocab.class_names)
         return list(self.reference_bank.class_names)
 
     def prepare_references(self) -> None:
@@ -178,6 +212,8 @@ class TrainingFreeSegmenter(nn.Module):
         main process first, the others then load it) and the prototypes in the order of
         :meth:`class_names`. Call it after loading the weights and before the first image."""
         references = self.reference_bank
+        if references is None:  # text prototypes only: built with the config
+            return
         inputs = dict(
             references=references.dataset_dicts,
             backbone=self.semantic_encoder,
@@ -222,7 +258,7 @@ class TrainingFreeSegmenter(nn.Module):
         if self._prototypes is None:  # a caller without the preparation step (Detectron2's DefaultPredictor)
             logger.info("TrainingFreeSegmenter: preparing the references before the first image (call "
                         "prepare_references() after loading the weights to do it ahead).")
-        prototypes, valid = self.prepare_prototypes()
+        prototypes, valid = self.prepare_prototypes() if self.reference_bank is not None else (None, None)
         return [{"instances": self._segment(x, prototypes, valid)} for x in batched_inputs]
 
     def _segment(self, x: dict, prototypes: torch.Tensor, valid: torch.Tensor) -> Instances:
@@ -235,6 +271,8 @@ class TrainingFreeSegmenter(nn.Module):
                                  "loader with DetectionMapper(is_train=True, augmentations=[]).")
             boxes = x["instances"].gt_boxes.tensor
         proposals = self.proposer(image, boxes=boxes)  # low-res, SAM input frame
+        if self.open_vocab is not None:
+            return self._instances(self._classify_open_vocab(image, proposals, prototypes, valid), height, width)
 
         dense_input, fits = self.semantic_encoder.prepare_with_fits([image])
         features = self.semantic_encoder(dense_input)[self.semantic_encoder.dense_feature][0]  # [C, h, w]
@@ -248,6 +286,37 @@ class TrainingFreeSegmenter(nn.Module):
             prototypes=prototypes,
             prototype_valid=valid,
         )
+        return self._instances(kept, height, width)
+
+    def _classify_open_vocab(self, image: torch.Tensor, proposals, prototypes: Optional[torch.Tensor],
+                             valid: Optional[torch.Tensor]):
+        """The proposals labelled by the open-vocabulary classifier (text prototypes, fused with the
+        DINOv2 prototypes' softmax when there are references): :func:`classify_by_probabilities`."""
+        image_probabilities = has_image_side = None
+        if prototypes is not None:  # fused: the DINOv2 side as [P, K + 1] probabilities
+            dense_input, fits = self.semantic_encoder.prepare_with_fits([image])
+            features = self.semantic_encoder(dense_input)[self.semantic_encoder.dense_feature][0].float()
+            weights = self.classifier.mask_weights(
+                proposals.mask_logits.float(), mask_fit=proposals.fit, feature_fit=fits[0],
+                grid_size=tuple(features.shape[-2:]), patch_size=self.semantic_encoder.preprocess.patch_size,
+            )
+            pooled, _ = mask_pooling(features, weights)  # [P, C]
+            cosine = torch.einsum("pc,kmc->pkm", torch.nn.functional.normalize(pooled, dim=-1),
+                                  torch.nn.functional.normalize(prototypes.float(), dim=-1))
+            cosine = cosine.masked_fill(~valid[None], float("-inf")).amax(dim=2)  # [P, K]; -inf: no reference
+            has_image_side = valid.any(dim=1)
+            logits = torch.cat([self.image_logit_scale * cosine, cosine.new_zeros((len(cosine), 1))], dim=1)
+            image_probabilities = [logits.softmax(dim=1)]  # background: logit 0 (cosine 0)
+        masks = proposals.original_masks()  # [P, H, W] on the image CLIP sees
+        probabilities = self.open_vocab([image], [masks], image_probabilities=image_probabilities,
+                                        has_image_side=has_image_side)[0]
+        kept = classify_by_probabilities(self.classifier, probabilities, proposals.mask_logits > 0,
+                                         iou_pred=proposals.iou_pred)
+        final = masks_to_original(proposals.mask_logits[kept.indices].float(), proposals.fit, antialias=True)
+        return kept._replace(masks=final, boxes=masks_to_boxes(final, convention=self.classifier.box_convention))
+
+    def _instances(self, kept, height: int, width: int) -> Instances:
+        """``kept`` (ClassifiedProposals with masks on the original grid) as Instances at ``height`` x ``width``."""
         masks = kept.masks  # [K, h0, w0] bool, the original image grid
         if masks.shape[-2:] != (height, width):  # the input was resized by the mapper
             if len(masks):
