@@ -108,7 +108,7 @@ def _official_toy(width: int, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def test_every_family_dispatch_reads_the_catalog():
     families = set(catalog.FAMILIES)
-    assert families == {"sam", "hq_sam", "sam2", "dinov2", "clip"}
+    assert families == {"sam", "hq_sam", "sam2", "dinov2", "clip", "clip_convnext", "clip_resnet"}
     assert set(BACKBONE_CLASSES) == families and set(CONVERTERS) == families
     assert set(PROMPT_DECODER_CLASSES) == {"sam", "hq_sam", "sam2"}
     assert set(PREPROCESS) == set(WEIGHTS) == set(catalog.WEIGHTS)

@@ -352,6 +352,23 @@ register(
         guess_order=40,
     )
 )
+# CLIP files (OpenAI TorchScript .pt, open_clip .bin/.safetensors): the image tower under visual.*, the
+# text tower (loaded by text_prototypes.load_clip_text_weights from the same file) dropped here.
+_CLIP_LAYOUT = CheckpointLayout(
+    encoder_prefix="visual.",
+    other_prefixes=("transformer.", "token_embedding.", "ln_final."),
+    other_names=(
+        "positional_embedding",
+        "text_projection",
+        "logit_scale",
+        "logit_bias",
+        "attn_mask",
+        # OpenAI TorchScript archives also carry these as tensors (dropped by open_clip too)
+        "input_resolution",
+        "context_length",
+        "vocab_size",
+    ),
+)
 register(
     FamilySpec(
         name="clip",
@@ -360,24 +377,39 @@ register(
         # open_clip / OpenAI CLIP: Resize(S, bicubic) + CenterCrop(S), OpenAI statistics.
         preprocess=_center_crop(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, patch_size=32, crop_pct=1.0),
         # the vision tower; the text tower is dropped
-        layout=CheckpointLayout(
-            encoder_prefix="visual.",
-            other_prefixes=("transformer.", "token_embedding.", "ln_final."),
-            other_names=(
-                "positional_embedding",
-                "text_projection",
-                "logit_scale",
-                "logit_bias",
-                "attn_mask",
-                # OpenAI TorchScript archives also carry these as tensors (dropped by open_clip too)
-                "input_resolution",
-                "context_length",
-                "vocab_size",
-            ),
-        ),
+        layout=_CLIP_LAYOUT,
         signature=lambda keys: "visual.conv1.weight" in keys or "visual.class_embedding" in keys,
         tiny=dict(width=32, layers=2, output_dim=32),
         guess_order=30,
+    )
+)
+# Convolutional CLIPs (mask pooling of their dense map, then CLIP's own head: issue 14). Same file
+# layout as the ViT CLIPs; Resize(S, bicubic) + CenterCrop(S) with OpenAI statistics (open_clip's
+# preprocessing for these models), S per tag; stride 32.
+register(
+    FamilySpec(
+        name="clip_convnext",
+        description="open_clip ConvNeXt CLIP (.bin/.safetensors: visual.trunk.* (timm), visual.head.*, text tower)",
+        backbone="samantics_d2.modeling.backbone.clip:CLIPConvNeXtBackbone",
+        preprocess=_center_crop(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, patch_size=32, crop_pct=1.0),
+        layout=_CLIP_LAYOUT,
+        signature=lambda keys: "visual.trunk.stem.0.weight" in keys and "visual.head.mlp.fc1.weight" in keys,
+        tiny=dict(depths=(1, 1, 1, 1), dims=(16, 16, 32, 32), output_dim=32, image_size=64),
+        guess_order=25,
+    )
+)
+register(
+    FamilySpec(
+        name="clip_resnet",
+        description="OpenAI ResNet CLIP (TorchScript .pt or open_clip .bin: visual.conv1-3, visual.layerN, "
+        "visual.attnpool.*, text tower)",
+        backbone="samantics_d2.modeling.backbone.clip:CLIPResNetBackbone",
+        preprocess=_center_crop(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, patch_size=32, crop_pct=1.0),
+        layout=_CLIP_LAYOUT,
+        # before "clip" (30): a ResNet CLIP file also has visual.conv1.weight
+        signature=lambda keys: "visual.attnpool.c_proj.weight" in keys,
+        tiny=dict(layers=(1, 1, 1, 1), width=8, output_dim=32, image_size=64),
+        guess_order=25,
     )
 )
 
@@ -425,9 +457,24 @@ def _clip_tags() -> list[WeightSpec]:
         ("vit_l14", "ViT-L-14.pt", "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836", 224, 14),
         ("vit_l14_336", "ViT-L-14-336px.pt", "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02", 336, 14),
     ]
-    return [
+    specs = [
         WeightSpec(f"clip_{v}_openai", "clip", v, f, f"{base}{sha}/{f}", sha, size, patch) for v, f, sha, size, patch in rows
     ]
+    rn50x16_sha = "52378b407f34354e150460fe41077663dd5b39c54cd0bfd2b27167a4a06ec9aa"
+    specs.append(
+        WeightSpec("clip_rn50x16_openai", "clip_resnet", "rn50x16", "RN50x16.pt", f"{base}{rn50x16_sha}/RN50x16.pt",
+                   rn50x16_sha, 384, 32)
+    )
+    # open_clip's pretrained tag convnext_large_d_320 / laion2b_s29b_b131k_ft_soup (Hugging Face hub; no
+    # published SHA-256). Every open_clip hub repository names its file open_clip_pytorch_model.bin:
+    # placed under $SAMANTICS_WEIGHTS with the repository's name so that files of two models cannot collide.
+    hub = "laion/CLIP-convnext_large_d_320.laion2B-s29B-b131K-ft-soup"
+    specs.append(
+        WeightSpec("clip_convnext_large_d_320_laion2b", "clip_convnext", "convnext_large_d_320",
+                   "CLIP-convnext_large_d_320.laion2B-s29B-b131K-ft-soup.bin",
+                   f"https://huggingface.co/{hub}/resolve/main/open_clip_pytorch_model.bin", None, 320, 32)
+    )
+    return specs
 
 
 register(tags=_sam_tags() + _sam2_tags() + _dinov2_tags() + _clip_tags())

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ...references.store import StoredFeatures, default_store_path, load_or_build_features
 from ...version import __version__
-from ..backbone.clip import CLIP_VARIANTS
+from ..backbone.clip import CLIP_EMBED_DIMS
 from ..catalog import WEIGHTS, get_family, get_weight_spec
 from ..weights import (
     Converted,
@@ -152,14 +152,18 @@ OPENAI_IMAGENET_TEMPLATES: tuple[str, ...] = (
 )
 SINGLE_TEMPLATE: tuple[str, ...] = ("a photo of a {}.",)  # CLIP's one-template baseline
 
-# Text towers of open_clip's model configs ViT-B-32, ViT-B-16, ViT-L-14, ViT-L-14-336
-# (open_clip/model_configs/*.json "text_cfg"): context 77, vocabulary 49408, heads = width // 64;
-# the output size is the model's embed_dim, the image tower's ``output_dim`` (CLIP_VARIANTS).
+# Text towers of open_clip's model configs ViT-B-32, ViT-B-16, ViT-L-14, ViT-L-14-336, RN50x16 and
+# convnext_large_d_320 (open_clip/model_configs/*.json "text_cfg"): context 77, vocabulary 49408,
+# heads = width // 64; the output size is the model's embed_dim, the image tower's ``output_dim``
+# (backbone.clip.CLIP_EMBED_DIMS). ``quick_gelu``: the activation the weights were trained with
+# (OpenAI's: QuickGELU; open_clip's LAION ConvNeXt: GELU).
 CLIP_TEXT_VARIANTS: dict[str, dict[str, int]] = {
-    "vit_b32": dict(width=512, layers=12),
-    "vit_b16": dict(width=512, layers=12),
-    "vit_l14": dict(width=768, layers=12),
-    "vit_l14_336": dict(width=768, layers=12),
+    "vit_b32": dict(width=512, layers=12, quick_gelu=True),
+    "vit_b16": dict(width=512, layers=12, quick_gelu=True),
+    "vit_l14": dict(width=768, layers=12, quick_gelu=True),
+    "vit_l14_336": dict(width=768, layers=12, quick_gelu=True),
+    "rn50x16": dict(width=768, layers=12, quick_gelu=True),
+    "convnext_large_d_320": dict(width=768, layers=16, quick_gelu=False),
 }
 _CONTEXT_LENGTH = 77  # open_clip's SimpleTokenizer default and every OpenAI CLIP model's
 _VOCAB_SIZE = 49408  # the BPE vocabulary of open_clip's SimpleTokenizer (bundled with open_clip)
@@ -208,12 +212,12 @@ class CLIPTextEncoder(nn.Module):
         variant: a :data:`CLIP_TEXT_VARIANTS` name, the same as the image tower's
             (:class:`~samantics_d2.modeling.backbone.clip.CLIPBackbone`).
         size: ``"full"`` or ``"tiny"`` (2 layers, width 32, output 32: the tiny image tower's space).
-        quick_gelu: OpenAI's weights were trained with QuickGELU (default True), as the image tower.
+        quick_gelu: QuickGELU (OpenAI's weights) or GELU; default: the variant's (``CLIP_TEXT_VARIANTS``).
     """
 
     weight_family = "clip"
 
-    def __init__(self, *, variant: str = "vit_b32", size: str = "full", quick_gelu: bool = True) -> None:
+    def __init__(self, *, variant: str = "vit_b32", size: str = "full", quick_gelu: Optional[bool] = None) -> None:
         super().__init__()
         from open_clip.transformer import LayerNorm, QuickGELU, TextTransformer
 
@@ -223,7 +227,8 @@ class CLIPTextEncoder(nn.Module):
             raise ValueError(f"CLIPTextEncoder got size={size!r}; expected 'full' or 'tiny'.")
         self.variant, self.size = variant, size
         dims = dict(_TINY_TEXT) if size == "tiny" else dict(CLIP_TEXT_VARIANTS[variant])
-        output_dim = get_family("clip").tiny["output_dim"] if size == "tiny" else CLIP_VARIANTS[variant]["output_dim"]
+        output_dim = get_family("clip").tiny["output_dim"] if size == "tiny" else CLIP_EMBED_DIMS[variant]
+        quick_gelu = CLIP_TEXT_VARIANTS[variant]["quick_gelu"] if quick_gelu is None else quick_gelu
         self.encoder = TextTransformer(
             context_length=_CONTEXT_LENGTH,
             vocab_size=_VOCAB_SIZE,
@@ -284,7 +289,7 @@ def load_clip_text_weights(
     text = os.fspath(weights)
     if text in WEIGHTS and not os.path.isfile(text):
         spec = get_weight_spec(text)
-        if spec.family != "clip" or spec.variant != encoder.variant:
+        if spec.variant not in CLIP_TEXT_VARIANTS or spec.variant != encoder.variant:
             raise WeightsError(
                 f"Weight tag {text!r} is a {spec.family!r}/{spec.variant!r} checkpoint, but the text tower is "
                 f"CLIPTextEncoder variant {encoder.variant!r}. Pick the CLIP tag of the image tower's variant."
@@ -315,7 +320,7 @@ def build_clip_text_encoder(
         weights: a file (or tag) to load; ``pretrained=True`` loads ``tag``'s own file.
     """
     spec = get_weight_spec(tag)
-    if spec.family != "clip":
+    if spec.variant not in CLIP_TEXT_VARIANTS:
         raise ValueError(f"Weight tag {tag!r} is a {spec.family!r} encoder; a text tower needs a CLIP tag.")
     encoder = CLIPTextEncoder(variant=spec.variant, size=size)
     source = weights if weights is not None else (tag if pretrained else None)
