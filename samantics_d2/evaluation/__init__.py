@@ -2,6 +2,7 @@
 linear-probe protocol (:mod:`.linear_probe`), prompted recognition as Open-Vocabulary SAM
 evaluates it (:mod:`.prompted_recognition`), and
 Detectron2's ``LVISEvaluator`` made to run on today's NumPy."""
+from .click import ClickEvaluator, click_metrics
 from .classification import (
     ClassificationEvaluator,
     accuracy_from_topk,
@@ -16,6 +17,8 @@ from .lvis import LVISEvaluator
 from .prompted_recognition import PromptedRecognitionEvaluator, prompted_recognition_metrics
 
 __all__ = [
+    "ClickEvaluator",
+    "click_metrics",
     "ClassificationEvaluator",
     "LVISEvaluator",
     "ProbeGridOutput",
