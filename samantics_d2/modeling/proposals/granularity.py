@@ -21,6 +21,7 @@ Signature (stable; H5's click meta-architecture builds on it)::
     .prepare_image(image_features) -> dict                                  (decoder.prepare_image)
     .decode_prepared(image, fit, *, points [N, 2], point_labels [N], box [4] | None) -> GranularityMasks
     .forward(image_features, fit, *, points, point_labels, box=None) -> GranularityMasks
+    .describe(mask_logits [K, Hm, Wm], iou_pred [K], fit) -> GranularityMasks   (given masks, unselected)
     GranularityMasks(mask_logits [K, Hm, Wm], iou_pred [K], stability [K], areas [K], part_of [K, K],
         prompt_index [K], mask_index [K], fit); len(), .original_masks(threshold=0.0), .parents()
 
@@ -361,15 +362,32 @@ class MultiGranularityDecoder(nn.Module):
         areas = masks[index].flatten(1).sum(dim=1)
         # small to large; ties: higher predicted IoU first (index is in decreasing predicted IoU)
         index = index[torch.argsort(areas, stable=True)]
-        kept_masks = masks[index]
+        return self.describe(logits[index], iou[index], fit, prompt_index=prompt_index[index], mask_index=mask_index[index])
+
+    def describe(
+        self,
+        mask_logits: torch.Tensor,
+        iou_pred: torch.Tensor,
+        fit: ImageFit,
+        *,
+        prompt_index: Optional[torch.Tensor] = None,
+        mask_index: Optional[torch.Tensor] = None,
+    ) -> GranularityMasks:
+        """:class:`GranularityMasks` of given masks, in the given order, unselected: their stability,
+        areas and part-of relation (``mask_logits [K, Hm, Wm]``, ``iou_pred [K]``; indices default
+        to prompt 0, masks ``0 .. K - 1``)."""
+        region = _image_region(fit, tuple(mask_logits.shape[-2:]))
+        in_image = mask_logits[(slice(None), *region)]
+        masks = in_image > 0
+        K, device = mask_logits.shape[0], mask_logits.device
         return GranularityMasks(
-            mask_logits=logits[index],
-            iou_pred=iou[index],
-            stability=stability_score(in_image[index], offset=self.stability_score_offset),
-            areas=kept_masks.flatten(1).sum(dim=1),
-            part_of=part_of_matrix(kept_masks, threshold=self.part_threshold),
-            prompt_index=prompt_index[index],
-            mask_index=mask_index[index],
+            mask_logits=mask_logits,
+            iou_pred=iou_pred,
+            stability=stability_score(in_image, offset=self.stability_score_offset),
+            areas=masks.flatten(1).sum(dim=1),
+            part_of=part_of_matrix(masks, threshold=self.part_threshold),
+            prompt_index=prompt_index if prompt_index is not None else torch.zeros(K, dtype=torch.long, device=device),
+            mask_index=mask_index if mask_index is not None else torch.arange(K, device=device),
             fit=fit,
         )
 
