@@ -5,10 +5,16 @@
         --n-ref 10 --seed 0 [--categories novel|base|all|"name,name"] [--order random|largest] \\
         [--min-area 1024 --max-box-iou 0.5 ...] [--contact-sheets DIR --image-root DIR]
 
+    # the RefSAM authors' evaluation references (create_eval_jsons.py), exactly:
+    python tools/create_reference_json.py --input instances_train2017.json --output refsam_eval_seed42.json \\
+        --preset refsam_eval --seed 42      # 10 per class (their n_ref); seeds 42, 123, 33
+
 The selection (see ``samantics_d2/data/reference_sets.py``) is reproducible from its parameters:
 the same input and options give byte-identical output. The parameters and the categories left
 short of ``--n-ref`` go into the json's ``info`` and into ``<output stem>.selection.json``.
 Every filter of ``ReferenceSelection`` is an option (``--max-area none`` removes a bound).
+``--preset NAME`` uses a preset rule of ``samantics_d2/data/reference_presets.py`` instead (its own
+filters, which the filter options do not change; ``--n-ref`` and ``--seed`` default to the preset's).
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import logging
 import sys
 from typing import Any, Callable, Optional, Sequence, Union
 
+from samantics_d2.data.reference_presets import REFERENCE_PRESETS
 from samantics_d2.data.reference_sets import (
     ReferenceSelection,
     select_references,
@@ -56,8 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="'all', 'novel' / 'base' (the COCO-FSOD split of the 80 COCO classes) or comma-separated names.",
     )
     defaults = ReferenceSelection()
-    parser.add_argument("--n-ref", type=int, default=defaults.n_ref, help="references per category.")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the random order.")
+    parser.add_argument(
+        "--preset", choices=sorted(REFERENCE_PRESETS), default=None,
+        help="a published rule instead of ReferenceSelection (refsam_eval: the RefSAM authors' evaluation "
+        "references, create_eval_jsons.py; seeds 42, 123, 33).",
+    )
+    parser.add_argument("--n-ref", type=int, default=None,
+                        help=f"references per category (default {defaults.n_ref}, or the preset's).")
+    parser.add_argument("--seed", type=int, default=None,
+                        help=f"seed of the random order (default {defaults.seed}, or the preset's).")
     parser.add_argument("--order", choices=("random", "largest"), default=defaults.order, help="candidate order.")
     filters = parser.add_argument_group("filters (ReferenceSelection fields; 'none' removes an optional bound)")
     for f in dataclasses.fields(ReferenceSelection):
@@ -95,12 +109,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         datefmt="%H:%M:%S",
     )
     progress = not args.quiet and sys.stderr.isatty()
-    params: dict[str, Any] = {f.name: getattr(args, f.name) for f in dataclasses.fields(ReferenceSelection)}
+    params: dict[str, Any] = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(ReferenceSelection) if f.name not in ("n_ref", "seed")
+    }
+    shots = {k: v for k, v in (("n_ref", args.n_ref), ("seed", args.seed)) if v is not None}
+    if args.preset is not None:
+        changed = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(ReferenceSelection)
+                   if f.name in params and params[f.name] != f.default]
+        if changed:
+            parser.error(f"{', '.join(changed)} do not apply to --preset {args.preset} (it has its own filters); "
+                         "drop them, or drop --preset to use ReferenceSelection.")
     try:
-        selection = ReferenceSelection(**params)
-        reference_set = select_references(
-            args.input, selection, categories=_categories(args.categories), progress=progress
-        )
+        if args.preset is not None:
+            reference_set = REFERENCE_PRESETS[args.preset](**shots).select(
+                args.input, categories=_categories(args.categories), progress=progress
+            )
+        else:
+            selection = ReferenceSelection(**params, **shots)
+            reference_set = select_references(
+                args.input, selection, categories=_categories(args.categories), progress=progress
+            )
         output = write_reference_json(reference_set, args.output)
         sheets = []
         if args.contact_sheets:

@@ -146,12 +146,17 @@ class RefSAMEvalSelection:
         return {"preset": self.preset, **dataclasses.asdict(self),
                 "excluded_annotation_ids": list(self.excluded_annotation_ids)}
 
+    def select(self, coco_dict_or_path: Union[Mapping[str, Any], str, os.PathLike], *,
+               categories: "CategorySpec" = None, progress: bool = False) -> ReferenceSet:
+        """:func:`select_refsam_eval_references` with this selection."""
+        return select_refsam_eval_references(coco_dict_or_path, self, categories=categories, progress=progress)
+
     @classmethod
     def from_dict(cls, params: Mapping[str, Any]) -> "RefSAMEvalSelection":
         """The inverse of :meth:`to_dict`; unknown keys are an error naming the valid ones."""
         params = dict(params)
         if params.pop("preset", cls.preset) != cls.preset:
-            raise ValueError(f"RefSAMEvalSelection.from_dict got preset={params!r}; expected {cls.preset!r}.")
+            raise ValueError(f"RefSAMEvalSelection.from_dict got another preset's parameters; expected {cls.preset!r}.")
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(params) - set(names))
         if unknown:
