@@ -134,3 +134,9 @@ def register_all_builtin(root: Optional[str] = None) -> list[str]:
 
 
 register_all_builtin()
+
+
+# COCO panoptic val2017 for the click benchmarks (samantics_d2/data/panoptic.py; with Detectron2 its own registration stays).
+from .panoptic import register_all_panoptic  # noqa: E402
+
+register_all_panoptic(_root_from_env())
