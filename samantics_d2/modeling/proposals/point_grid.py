@@ -23,17 +23,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, fields
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ...utils.checks import raise_if_problems
 from ..preprocess import ImageFit
-from ..semantic.mask_ops import remove_small_regions
+from ..semantic.mask_ops import mask_pooling, remove_small_regions
 from .prompt_decoder import PromptDecoder
 
 __all__ = [
+    "MASK_EMBEDDINGS",
     "MaskProposals",
     "POINT_LAYOUTS",
     "PointGridProposals",
@@ -46,6 +48,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 POINT_LAYOUTS = ("input_linspace", "cell_centres")
+#: per-proposal SAM embeddings :class:`PointGridProposals` can return (``mask_embeddings=``)
+MASK_EMBEDDINGS = ("mask_token", "image_pooled")
 
 
 @dataclass
@@ -61,6 +65,11 @@ class MaskProposals:
         points: ``[P, 2]`` (x, y) of the prompt in original-image pixels (box centres for box prompts).
         fit: how the image was fitted into the encoder input.
         prompt_boxes: ``[P, 4]`` XYXY original-image box prompts (box mode), None for point prompts.
+        mask_tokens: ``[P, C]`` SAM's mask embedding of each proposal: the two-way transformer's
+            output of the mask token that made the mask, from the decoder call that made it
+            (``mask_embeddings`` with ``"mask_token"``; else None).
+        image_pooled: ``[P, C]`` SAM's image embedding (the decoder's input) averaged under each
+            mask on the embedding grid (``mask_embeddings`` with ``"image_pooled"``; else None).
     """
 
     mask_logits: torch.Tensor
@@ -69,6 +78,8 @@ class MaskProposals:
     points: torch.Tensor
     fit: ImageFit
     prompt_boxes: Optional[torch.Tensor] = None
+    mask_tokens: Optional[torch.Tensor] = None
+    image_pooled: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return int(self.mask_logits.shape[0])
@@ -202,6 +213,10 @@ class PointGridProposals(nn.Module):
             once on the low-resolution grid, :func:`~samantics_d2.modeling.semantic.remove_small_regions`),
             before the box NMS. Removed pixels get logit -10, filled ones +10. 0: off.
         max_proposals: keep at most this many, highest predicted IoU first (None: all).
+        mask_embeddings: SAM embeddings returned with every proposal (:data:`MASK_EMBEDDINGS`):
+            ``"mask_token"`` (the decoder's mask token output, from the same batched decoder
+            call) and/or ``"image_pooled"`` (SAM's image embedding averaged under the mask);
+            empty (default): none, the proposals are as without the option.
 
     Point-grid proposals whose mask is empty inside the image are always dropped; the others are
     returned in decreasing predicted IoU (ties: grid order).
@@ -222,9 +237,13 @@ class PointGridProposals(nn.Module):
         box_nms_thresh: Optional[float] = None,
         max_proposals: Optional[int] = None,
         min_region_area: float = 0.0,
+        mask_embeddings: Sequence[str] = (),
     ) -> None:
         super().__init__()
         problems = []
+        unknown = [name for name in mask_embeddings if name not in MASK_EMBEDDINGS]
+        if unknown or isinstance(mask_embeddings, str):
+            problems.append(f"mask_embeddings={mask_embeddings!r} must be a sequence of names from {MASK_EMBEDDINGS}")
         if not isinstance(decoder, PromptDecoder):
             problems.append(f"decoder must be a PromptDecoder (build_prompt_decoder(backbone)); got {type(decoder).__name__}")
         if points_per_side < 1:
@@ -254,19 +273,46 @@ class PointGridProposals(nn.Module):
         self.box_nms_thresh = box_nms_thresh
         self.max_proposals = max_proposals
         self.min_region_area = float(min_region_area)
+        self.mask_embeddings = tuple(mask_embeddings)
 
     def _decode(
-        self, image_features, fit: ImageFit, *, mask_iou_floor: Optional[float] = None, **prompts
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple]:
-        """Best mask per prompt: ``(logits [P, Hm, Wm], iou [P], stability [P], image region)``; masks of
-        predicted IoU ``<= mask_iou_floor`` are ``-inf`` (not computed, see ``PromptDecoder.decode``)."""
-        logits, iou = self.decoder.decode(
-            image_features, points_per_batch=self.points_per_batch, best_only=True, mask_iou_floor=mask_iou_floor, **prompts
+        self, image_features, fit: ImageFit, *, mask_iou_floor: Optional[float] = None, multimask_output: bool, **prompts
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple, dict]:
+        """Best mask per prompt: ``(logits [P, Hm, Wm], iou [P], stability [P], image region, embeddings)``;
+        masks of predicted IoU ``<= mask_iou_floor`` are ``-inf`` (not computed, see ``PromptDecoder.decode``);
+        ``embeddings``: the :class:`MaskProposals` fields of ``mask_embeddings``, ``[P, C]`` each."""
+        image = self.decoder.prepare_image(image_features)  # what decoder.decode does, with the image kept
+        sparse, dense = self.decoder.embed_prompts(**prompts)
+        logits, iou, *tokens = self.decoder.decode_embeddings(
+            image, sparse, dense, multimask_output=multimask_output, points_per_batch=self.points_per_batch,
+            best_only=True, mask_iou_floor=mask_iou_floor, return_mask_tokens="mask_token" in self.mask_embeddings,
         )
         logits, iou = logits[:, 0], iou[:, 0]
         region = _image_region(fit, tuple(logits.shape[-2:]))
         stability = stability_score(logits[(slice(None), *region)], offset=self.stability_score_offset)
-        return logits, iou, stability, region
+        embeddings = {"mask_tokens": tokens[0][:, 0]} if tokens else {}
+        if "image_pooled" in self.mask_embeddings:
+            embeddings["image_pooled"] = image["embedding"][0]  # [C, h, w], pooled once the proposals are kept
+        return logits, iou, stability, region, embeddings
+
+    @staticmethod
+    def _image_pooled(embedding: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
+        """``embedding [C, h, w]`` averaged under ``mask_logits [P, Hm, Wm] > 0`` (the share of each
+        embedding cell the mask covers as its weight; ``Hm`` a multiple of ``h``) -> ``[P, C]`` float32
+        (zeros for empty masks)."""
+        if mask_logits.shape[0] == 0:
+            return embedding.new_zeros((0, embedding.shape[0]), dtype=torch.float32)
+        weights = F.adaptive_avg_pool2d((mask_logits > 0).float(), tuple(embedding.shape[-2:]))
+        return mask_pooling(embedding.float(), weights)[0]
+
+    def _with_embeddings(self, proposals: MaskProposals, embeddings: dict, index: Optional[torch.Tensor]) -> MaskProposals:
+        """``proposals`` with the ``mask_embeddings`` of the prompts ``index`` (None: all)."""
+        if "mask_tokens" in embeddings:
+            tokens = embeddings["mask_tokens"]
+            proposals.mask_tokens = tokens if index is None else tokens[index]
+        if "image_pooled" in embeddings:
+            proposals.image_pooled = self._image_pooled(embeddings["image_pooled"], proposals.mask_logits)
+        return proposals
 
     def forward(
         self,
@@ -293,11 +339,12 @@ class PointGridProposals(nn.Module):
             if boxes.ndim != 2 or boxes.shape[-1] != 4:
                 raise ValueError(f"PointGridProposals got boxes of shape {tuple(boxes.shape)}; expected [B, 4] XYXY.")
             boxes = boxes.to(device=device, dtype=torch.float32)
-            logits, iou, stability, _ = self._decode(
+            logits, iou, stability, _, embeddings = self._decode(
                 image_features, fit, boxes=fit.boxes_to_input(boxes), multimask_output=self.box_multimask_output
             )
             centres = (boxes[:, :2] + boxes[:, 2:]) / 2
-            return MaskProposals(logits, iou, stability, centres, fit, prompt_boxes=boxes)
+            proposals = MaskProposals(logits, iou, stability, centres, fit, prompt_boxes=boxes)
+            return self._with_embeddings(proposals, embeddings, None)
 
         if self.point_layout == "input_linspace":
             input_points = input_linspace_grid(self.points_per_side, fit.valid_box, device=device)
@@ -306,7 +353,7 @@ class PointGridProposals(nn.Module):
             points = point_grid(self.points_per_side, fit.original_size, device=device)
             input_points = fit.points_to_input(points)
         labels = torch.ones(points.shape[0], 1, dtype=torch.int64, device=device)
-        logits, iou, stability, region = self._decode(
+        logits, iou, stability, region, embeddings = self._decode(
             image_features,
             fit,
             points=input_points[:, None],
@@ -323,6 +370,7 @@ class PointGridProposals(nn.Module):
             keep &= stability >= self.stability_score_thresh
         index = keep.nonzero()[:, 0]
         index = index[torch.sort(iou[index], descending=True, stable=True).indices]
+        kept_before_cleaning = index
         if self.min_region_area > 0:
             logits = logits[index]
             in_image = self._clean_small_regions(logits, fit, region)
@@ -335,7 +383,10 @@ class PointGridProposals(nn.Module):
             index = index[nms(mask_boxes, iou[index].float(), self.box_nms_thresh)]
         if self.max_proposals is not None:
             index = index[: self.max_proposals]
-        return MaskProposals(logits[index], iou[index], stability[index], points[index], fit)
+        proposals = MaskProposals(logits[index], iou[index], stability[index], points[index], fit)
+        if "mask_tokens" in embeddings and self.min_region_area > 0:  # prompts were re-indexed above
+            embeddings["mask_tokens"] = embeddings["mask_tokens"][kept_before_cleaning]
+        return self._with_embeddings(proposals, embeddings, index)
 
     def _clean_small_regions(self, logits: torch.Tensor, fit: ImageFit, region: tuple) -> torch.Tensor:
         """Apply ``min_region_area`` to ``logits [P, Hm, Wm]`` in place, inside the image ``region``;
@@ -357,4 +408,5 @@ class PointGridProposals(nn.Module):
             f"multimask_output={self.multimask_output}, pred_iou_thresh={self.pred_iou_thresh}, "
             f"stability_score_thresh={self.stability_score_thresh}, box_nms_thresh={self.box_nms_thresh}, "
             f"max_proposals={self.max_proposals}, min_region_area={self.min_region_area}"
+            + (f", mask_embeddings={self.mask_embeddings}" if self.mask_embeddings else "")
         )

@@ -28,6 +28,10 @@ computed once per image where it is shared, the per-prompt products are folded t
 few tokens, and only the kept masks are upscaled. The chunk loop has no host-device
 synchronisation unless ``mask_iou_floor`` asks to skip masks (one per chunk).
 
+``decode(..., return_mask_tokens=True)`` also returns each mask's SAM mask embedding (the two-way
+transformer's output of the mask token that made it) from the same call, on either path; without
+the option the outputs are those of the plain call, bit for bit.
+
 The prompt encoder always stays in float32 (its upstream code builds float32 padding points and
 coordinate encodings); the mask decoder follows ``.to(dtype)`` and its outputs are in its dtype.
 """
@@ -159,16 +163,18 @@ class PromptDecoder(nn.Module):
         multimask_output: bool,
         best_only: bool,
         mask_iou_floor: Optional[float],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One chunk: ``[B, M, Hm, Wm]`` logits (``-inf`` where skipped by ``mask_iou_floor``), ``[B, M]`` IoU."""
+        return_mask_tokens: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """One chunk: ``[B, M, Hm, Wm]`` logits (``-inf`` where skipped by ``mask_iou_floor``), ``[B, M]`` IoU
+        and, with ``return_mask_tokens``, the ``[B, M, C]`` mask tokens of those masks (else None)."""
         shared_dense = dense.shape[0] == 1 or dense.stride(0) == 0
-        rows = None
+        rows, tokens = None, None
         # inference only: training keeps the upstream modules' calls (autograd through them), and so do
         # decoders whose modules have forward hooks (they must see the calls they hook)
         shared = self.shared_image_decoding and shared_dense and not torch.is_grad_enabled()
         shared = shared and not _has_forward_hooks(self.mask_decoder)
         if shared and supports_shared_image(self.mask_decoder):
-            logits, iou, rows = decode_shared_image(
+            logits, iou, rows, *extra = decode_shared_image(
                 self.mask_decoder,
                 image_embedding=image["embedding"],
                 image_pe=image["pe"],
@@ -178,21 +184,59 @@ class PromptDecoder(nn.Module):
                 high_res_features=self._high_res_features(image),
                 best_only=best_only,
                 mask_iou_floor=mask_iou_floor,
+                return_mask_tokens=return_mask_tokens,
             )
+            tokens = extra[0] if extra else None
             logits = self._postprocess_logits(logits)
         else:
-            logits, iou = self._decode_chunk(image, sparse, dense, multimask_output)
+            if return_mask_tokens:
+                logits, iou, tokens = self._decode_chunk_with_tokens(image, sparse, dense, multimask_output)
+            else:
+                logits, iou = self._decode_chunk(image, sparse, dense, multimask_output)
             if best_only and iou.shape[1] > 1:
                 best = iou.argmax(dim=1, keepdim=True)  # [B, 1]
                 iou = iou.gather(1, best)
                 logits = logits.gather(1, best[:, :, None, None].expand(-1, -1, *logits.shape[-2:]))
+                if tokens is not None:
+                    tokens = tokens.gather(1, best[:, :, None].expand(-1, -1, tokens.shape[-1]))
         if mask_iou_floor is not None:
             if rows is not None:
                 full = logits.new_full((iou.shape[0], *logits.shape[1:]), float("-inf"))
                 full[rows] = logits
                 logits = full
             logits = logits.masked_fill((iou <= mask_iou_floor)[:, :, None, None], float("-inf"))
-        return logits, iou
+        return logits, iou, tokens
+
+    def _decode_chunk_with_tokens(
+        self, image: Mapping[str, torch.Tensor], sparse: torch.Tensor, dense: torch.Tensor, multimask_output: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_decode_chunk` plus the mask tokens of its masks ``[B, M, C]``, read from the upstream
+        two-way transformer's output (``hs``) by forward hooks held for this one call."""
+        decoder = self.mask_decoder
+        captured: dict[str, torch.Tensor] = {}
+        hooks = [
+            decoder.transformer.register_forward_hook(lambda m, i, out: captured.__setitem__("hs", out[0])),
+            decoder.iou_prediction_head.register_forward_hook(lambda m, i, out: captured.__setitem__("iou", out)),
+        ]
+        try:
+            logits, iou = self._decode_chunk(image, sparse, dense, multimask_output)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        first = 2 if getattr(decoder, "pred_obj_scores", False) else 1  # after the IoU (and object score) token
+        mask_tokens = captured["hs"][:, first : first + decoder.num_mask_tokens]
+        return logits, iou, self._select_mask_tokens(mask_tokens, captured["iou"], multimask_output)
+
+    def _select_mask_tokens(
+        self, mask_tokens: torch.Tensor, iou_all: torch.Tensor, multimask_output: bool
+    ) -> torch.Tensor:
+        """The mask tokens of the masks the upstream forward returns: every mask token's transformer output
+        ``[B, T, C]`` and the IoU head's output ``[B, T]`` -> ``[B, M, C]`` (SAM, SAM 2: tokens 1..3, or
+        token 0 for a single mask; sam2 reports token 0 even where its stability fallback returns another
+        mask, and so do we)."""
+        if multimask_output:
+            return mask_tokens[:, 1 : 1 + _DECODER["num_multimask_outputs"]]
+        return mask_tokens[:, :1]
 
     def _mask_decoder_call(self, image, sparse, dense, multimask_output, **family_options) -> tuple:
         """The upstream ``mask_decoder(...)`` on one chunk, with the family's extra options."""
@@ -317,7 +361,8 @@ class PromptDecoder(nn.Module):
         points_per_batch: int = 256,
         best_only: bool = False,
         mask_iou_floor: Optional[float] = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return_mask_tokens: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
         """The chunk loop of :meth:`decode` on embedded prompts.
 
         Args:
@@ -330,20 +375,25 @@ class PromptDecoder(nn.Module):
         m = 1 if best_only else self.num_masks(multimask_output)
         if count == 0:
             empty = sparse.new_zeros((0, m, self.mask_size, self.mask_size))
-            return empty, sparse.new_zeros((0, m))
-        logits, scores = [], []
+            no_tokens = (sparse.new_zeros((0, m, self.embed_dim)),) if return_mask_tokens else ()
+            return (empty, sparse.new_zeros((0, m)), *no_tokens)
+        logits, scores, tokens = [], [], []
         for start in range(0, count, points_per_batch):
             chunk = slice(start, start + points_per_batch)
-            chunk_logits, chunk_iou = self._decode_chunk_selected(
+            chunk_logits, chunk_iou, chunk_tokens = self._decode_chunk_selected(
                 image,
                 sparse[chunk],
                 dense[chunk],
                 multimask_output=multimask_output,
                 best_only=best_only,
                 mask_iou_floor=mask_iou_floor,
+                return_mask_tokens=return_mask_tokens,
             )
             logits.append(chunk_logits)
             scores.append(chunk_iou)
+            tokens.append(chunk_tokens)
+        if return_mask_tokens:
+            return torch.cat(logits), torch.cat(scores), torch.cat(tokens)
         return torch.cat(logits), torch.cat(scores)
 
     def decode(
@@ -357,7 +407,8 @@ class PromptDecoder(nn.Module):
         points_per_batch: int = 256,
         best_only: bool = False,
         mask_iou_floor: Optional[float] = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return_mask_tokens: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
         """Masks for ``P`` prompts on one image.
 
         Args:
@@ -376,10 +427,15 @@ class PromptDecoder(nn.Module):
             mask_iou_floor: masks whose predicted IoU is ``<= mask_iou_floor`` are returned as
                 ``-inf`` logits, and with ``shared_image_decoding`` not computed (for callers that
                 drop them anyway; one host-device synchronisation per chunk). None: all masks.
+            return_mask_tokens: also return each mask's SAM mask embedding: the two-way
+                transformer's output of the mask token that made the mask (the decoder's
+                hypernetwork input), from the same decoder call as the masks (off by default:
+                the two outputs below are then unchanged).
 
         Returns:
             ``mask_logits [P, M, Hm, Wm]`` (``Hm = Wm = 4 * S / 16``, covering the whole input
-            square) and ``iou_pred [P, M]``, in the decoder's dtype and device.
+            square) and ``iou_pred [P, M]``, in the decoder's dtype and device; with
+            ``return_mask_tokens``, third: ``mask_tokens [P, M, C]`` (``C = embed_dim``).
         """
         image = self.prepare_image(image_features)
         sparse, dense = self.embed_prompts(points=points, point_labels=point_labels, boxes=boxes)
@@ -391,6 +447,7 @@ class PromptDecoder(nn.Module):
             points_per_batch=points_per_batch,
             best_only=best_only,
             mask_iou_floor=mask_iou_floor,
+            return_mask_tokens=return_mask_tokens,
         )
 
     def extra_repr(self) -> str:
@@ -532,6 +589,16 @@ class HQSAMPromptDecoder(PromptDecoder):
         return self._mask_decoder_call(
             image, sparse, dense, multimask_output, hq_token_only=self.hq_token_only, interm_embeddings=[image["interm"]]
         )
+
+    def _select_mask_tokens(self, mask_tokens, iou_all, multimask_output):
+        # MaskDecoderHQ.forward: the HQ token alone (hq_token_only), else the SAM token of its SAM mask
+        # (the best of tokens 1..3 by predicted IoU, or token 0) that it adds the HQ mask to
+        if self.hq_token_only:
+            return mask_tokens[:, -1:]
+        if not multimask_output:
+            return mask_tokens[:, :1]
+        best = iou_all[:, 1 : mask_tokens.shape[1] - 1].argmax(dim=1) + 1  # [B]
+        return mask_tokens.gather(1, best[:, None, None].expand(-1, 1, mask_tokens.shape[-1]))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", vit_dim={self.vit_dim}, interm_feature={self.interm_feature!r}"

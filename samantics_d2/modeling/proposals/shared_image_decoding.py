@@ -207,7 +207,8 @@ def decode_shared_image(
     high_res_features: Optional[Sequence[torch.Tensor]] = None,
     best_only: bool = False,
     mask_iou_floor: Optional[float] = None,
-) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    return_mask_tokens: bool = False,
+) -> tuple:
     """The upstream mask decoder's masks and predicted IoU for ``B`` prompts on one image.
 
     Args:
@@ -223,11 +224,14 @@ def decode_shared_image(
         mask_iou_floor: the masks of prompts whose kept masks all have a predicted IoU
             ``<= mask_iou_floor`` are not computed (for callers that drop them anyway); one
             host-device synchronisation. None: every prompt's masks.
+        return_mask_tokens: also return the two-way transformer's output of the mask token of
+            every returned mask (its "mask embedding"; sam2's single-mask output: token 0, as
+            sam2's ``sam_tokens_out``, also where the stability fallback returns another mask).
 
     Returns:
         ``masks [R, M, 4h, 4w]``, ``iou_pred [B, M]`` (``M`` as the upstream forward returns, 1
         with ``best_only``) and ``rows [R]``, the prompts whose masks were computed (None: all,
-        ``R = B``).
+        ``R = B``); with ``return_mask_tokens``, fourth: ``mask_tokens [B, M, C]`` (every prompt's).
     """
     b = sparse_embeddings.shape[0]
     _, c, h, w = image_embedding.shape
@@ -274,4 +278,8 @@ def decode_shared_image(
         stable = stable >= mask_decoder.dynamic_multimask_stability_thresh
         masks = torch.where(stable[:, None, None, None], masks[:, :1], masks[:, 1:])
         chosen_iou = torch.where(stable[:, None], chosen_iou[:, :1], chosen_iou[:, 1:])
-    return masks, chosen_iou, rows
+    if not return_mask_tokens:
+        return masks, chosen_iou, rows
+    token_index = chosen[:, :1] if dynamic else chosen
+    tokens = mask_tokens_out.gather(1, token_index[:, :, None].expand(-1, -1, mask_tokens_out.shape[-1]))
+    return masks, chosen_iou, rows, tokens
