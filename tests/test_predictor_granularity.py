@@ -9,6 +9,7 @@ import torch
 from samantics_d2.modeling.backbone import build_encoder
 from samantics_d2.modeling.preprocess import ImageFit
 from samantics_d2.modeling.proposals import build_prompt_decoder
+from samantics_d2.modeling.semantic import masks_to_original
 from samantics_d2.modeling.proposals.granularity import (
     GranularityMasks,
     MultiGranularityDecoder,
@@ -61,7 +62,7 @@ def test_parents_and_indexing():
     part_of = torch.tensor([[False, True, True], [False, False, True], [False, False, False]])
     result = GranularityMasks(
         mask_logits=torch.zeros(3, 4, 4), iou_pred=torch.tensor([0.1, 0.2, 0.3]), stability=torch.zeros(3),
-        areas=torch.tensor([1, 2, 3]), part_of=part_of, prompt_index=torch.zeros(3, dtype=torch.long),
+        masks=torch.zeros(3, 4, 4, dtype=torch.bool), areas=torch.tensor([1, 2, 3]), part_of=part_of, prompt_index=torch.zeros(3, dtype=torch.long),
         mask_index=torch.arange(3), fit=ImageFit((4, 4), (4, 4), (1.0, 1.0), (0.0, 0.0), (0, 0, 4, 4)),
     )
     assert result.parents().tolist() == [1, 2, -1]
@@ -131,8 +132,11 @@ def test_selection_is_deduplicated_sorted_and_capped(tiny):
     for k in range(len(result)):
         match = [c for c in range(len(iou)) if torch.equal(logits[c], result.mask_logits[k])]
         assert match and torch.isclose(iou[match[0]], result.iou_pred[k])
-    assert torch.equal(result.part_of, part_of_matrix(masks, threshold=0.8))
-    assert result.original_masks().shape == (len(result), 90, 120)
+    # areas, order and part-of on the masks as the image shows them
+    assert result.masks.shape == (len(result), 90, 120)
+    torch.testing.assert_close(result.masks, masks_to_original(result.mask_logits, fit))
+    assert torch.equal(result.areas, result.masks.flatten(1).sum(1))
+    assert torch.equal(result.part_of, part_of_matrix(result.masks, threshold=0.8))
 
 
 def test_errors_name_the_problem(tiny):

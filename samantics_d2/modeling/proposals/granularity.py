@@ -22,7 +22,7 @@ Signature (stable; H5's click meta-architecture builds on it)::
     .decode_prepared(image, fit, *, points [N, 2], point_labels [N], box [4] | None) -> GranularityMasks
     .forward(image_features, fit, *, points, point_labels, box=None) -> GranularityMasks
     .describe(mask_logits [K, Hm, Wm], iou_pred [K], fit) -> GranularityMasks   (given masks, unselected)
-    GranularityMasks(mask_logits [K, Hm, Wm], iou_pred [K], stability [K], areas [K], part_of [K, K],
+    GranularityMasks(mask_logits [K, Hm, Wm], iou_pred [K], stability [K], masks [K, H, W], areas [K], part_of [K, K],
         prompt_index [K], mask_index [K], fit); len(), .original_masks(threshold=0.0), .parents()
 
 Candidate prompts (all in the encoder-input pixel frame, ``fit`` maps original pixels there):
@@ -47,12 +47,13 @@ Selection, on the low-resolution masks inside the image area (``logit > 0``):
 2. deduplication: candidates in decreasing predicted IoU (ties: prompt order, then mask order);
    a candidate whose mask IoU with an already kept one is ``> dedup_iou`` is dropped (greedy
    mask NMS);
-3. the first ``max_masks`` survivors are kept, then sorted by area, small to large (ties: higher
-   predicted IoU first).
+3. the first ``max_masks`` survivors are kept and resampled onto the image
+   (:func:`~samantics_d2.modeling.semantic.masks_to_original`); masks empty there are dropped, the
+   others sorted by area on the image, small to large (ties: higher predicted IoU first).
 
 Part-of relation: ``part_of[i, j]`` is True when mask ``i`` is part of mask ``j``: ``i != j``, ``i`` is
 strictly smaller than ``j`` (in pixels) and at least ``part_threshold`` of ``i``'s pixels lie in
-``j`` (``|m_i & m_j| >= part_threshold * |m_i|``). Since the masks are sorted by area, ``part_of`` is
+``j`` (``|m_i & m_j| >= part_threshold * |m_i|``), on the image-grid masks. Since the masks are sorted by area, ``part_of`` is
 strictly upper triangular; :meth:`GranularityMasks.parents` gives the smallest mask each is part of.
 """
 from __future__ import annotations
@@ -82,7 +83,9 @@ class GranularityMasks:
         iou_pred: ``[K]`` the decoder's predicted IoU.
         stability: ``[K]`` SAM's stability score (at ``stability_score_offset``) on the low-res
             logits inside the image area.
-        areas: ``[K]`` int64 mask pixels on the low-res grid inside the image area (non-decreasing).
+        masks: ``[K, H, W]`` bool masks on the original image grid (the logits resampled once,
+            :func:`~samantics_d2.modeling.semantic.masks_to_original`).
+        areas: ``[K]`` int64 pixels of ``masks`` (non-decreasing after selection).
         part_of: ``[K, K]`` bool, ``part_of[i, j]``: mask ``i`` is part of mask ``j`` (module
             docstring).
         prompt_index: ``[K]`` int64: the candidate prompt a mask comes from (0: the click set
@@ -94,6 +97,7 @@ class GranularityMasks:
     mask_logits: torch.Tensor
     iou_pred: torch.Tensor
     stability: torch.Tensor
+    masks: torch.Tensor
     areas: torch.Tensor
     part_of: torch.Tensor
     prompt_index: torch.Tensor
@@ -116,8 +120,9 @@ class GranularityMasks:
         return GranularityMasks(**values)
 
     def original_masks(self, *, threshold: float = 0.0) -> torch.Tensor:
-        """``[K, H, W]`` bool masks on the original image grid
-        (:func:`~samantics_d2.modeling.semantic.masks_to_original`)."""
+        """``[K, H, W]`` bool masks on the original image grid (:attr:`masks` for threshold 0)."""
+        if threshold == 0.0:
+            return self.masks
         return masks_to_original(self.mask_logits.float(), self.fit, threshold=threshold)
 
     def parents(self) -> torch.Tensor:
@@ -359,10 +364,15 @@ class MultiGranularityDecoder(nn.Module):
             keep &= iou > self.min_iou
         index = torch.nonzero(keep).squeeze(1)
         index = index[greedy_mask_nms(masks[index], iou[index], self.dedup_iou)][: self.max_masks]
-        areas = masks[index].flatten(1).sum(dim=1)
-        # small to large; ties: higher predicted IoU first (index is in decreasing predicted IoU)
-        index = index[torch.argsort(areas, stable=True)]
-        return self.describe(logits[index], iou[index], fit, prompt_index=prompt_index[index], mask_index=mask_index[index])
+        original = masks_to_original(logits[index].float(), fit)  # the few kept masks only
+        areas = original.flatten(1).sum(dim=1)
+        # small to large on the image; ties: higher predicted IoU first (index is in decreasing predicted
+        # IoU); masks empty on the image grid (a few positive low-res pixels between samples) are dropped
+        order = torch.argsort(areas, stable=True)
+        order = order[areas[order] > 0]
+        index = index[order]
+        return self.describe(logits[index], iou[index], fit, prompt_index=prompt_index[index],
+                             mask_index=mask_index[index], masks=original[order])
 
     def describe(
         self,
@@ -372,18 +382,22 @@ class MultiGranularityDecoder(nn.Module):
         *,
         prompt_index: Optional[torch.Tensor] = None,
         mask_index: Optional[torch.Tensor] = None,
+        masks: Optional[torch.Tensor] = None,
     ) -> GranularityMasks:
-        """:class:`GranularityMasks` of given masks, in the given order, unselected: their stability,
-        areas and part-of relation (``mask_logits [K, Hm, Wm]``, ``iou_pred [K]``; indices default
-        to prompt 0, masks ``0 .. K - 1``)."""
+        """:class:`GranularityMasks` of given masks, in the given order, unselected: their masks on the
+        image, stability, areas and part-of relation (``mask_logits [K, Hm, Wm]``, ``iou_pred [K]``;
+        indices default to prompt 0, masks ``0 .. K - 1``; ``masks``: their ``masks_to_original``
+        when already computed)."""
         region = _image_region(fit, tuple(mask_logits.shape[-2:]))
         in_image = mask_logits[(slice(None), *region)]
-        masks = in_image > 0
+        if masks is None:
+            masks = masks_to_original(mask_logits.float(), fit)
         K, device = mask_logits.shape[0], mask_logits.device
         return GranularityMasks(
             mask_logits=mask_logits,
             iou_pred=iou_pred,
             stability=stability_score(in_image, offset=self.stability_score_offset),
+            masks=masks,
             areas=masks.flatten(1).sum(dim=1),
             part_of=part_of_matrix(masks, threshold=self.part_threshold),
             prompt_index=prompt_index if prompt_index is not None else torch.zeros(K, dtype=torch.long, device=device),
