@@ -9,7 +9,7 @@
 # image, unaugmented references, a box-area reference pool, batch 16, evaluation over every class
 # with top-100 per image. `published_recipe()` + `published_schedule()` below give the authors'
 # recipe (configs/ref_sam/published/*), keeping our two fixes (RGB input, references paired with GT by
-# category id); `published_defects()` turns those off too.
+# category id), each with a named option to turn it off (published_recipe's docstring).
 #
 # Train:     python train_net.py --config-file configs/ref_sam/hq_sam_vit_b_coco.py
 # Evaluate:  python train_net.py --config-file ... --eval-only train.init_checkpoint=<model_final.pth>
@@ -148,40 +148,65 @@ train.output_dir = "./output/ref_sam/hq_sam_vit_b_coco"
 COCO_TRAIN_IMAGES = 117266  # COCO train2017 images with annotations (the authors filter empty ones too)
 
 
-def published_recipe(model, dataloader, *, test_max_categories=None) -> None:
-    """The model, training sampling and evaluation of the authors' code (reference_sam/: RefSAMDetector,
-    COCORefSegTrainDataset, work_configs/RefSAM_det_coco_{base,large,huge}.py), over whatever SAM and
-    sizes ``model`` has (call it after use_sam / use_tiny_sam). Our two fixes stay on (RGB input,
-    references paired with GT by category id): published_defects() turns them off.
-
-    - neck: 1x1 conv + GroupNorm per block, every level at the block's own stride (16);
-    - encoder FFN 2 x d_model (512), decoder FFN as set (1024); -2 w/h bias on the first box branch only;
-    - training: 4 present categories per image, no negative, references through the target's
-      augmentations (an independent random flip), reference pool filtered by the mask area;
-    - evaluation, the "standard test": one random test-set reference per present class, drawn per
-      image (seeded by (0, image_id) so reruns agree), at most ``test_max_categories`` classes per image
-      (the authors' per-size caps: None ViT-B, 8 ViT-L, 6 ViT-H), top-100 per (image, queried class).
-    """
+def published_model(model) -> None:
+    """The authors' head over whatever SAM and sizes ``model`` has (call it after use_sam / use_tiny_sam):
+    1x1 conv + GroupNorm per block with every level at the block's own stride (16); encoder FFN
+    2 x d_model (512; the decoder's stays as set, 1024); -2 w/h bias on the first box branch only."""
     model.neck.strides = None
     model.transformer.encoder_d_ffn = 2 * model.d_model
     model.transformer.size_bias_layers = "first"
-    model.topk_scope = "class"
-    model.query_classes = "image_references"
-    model.reference_bank = None  # the standard test takes each image's own references
+
+
+def published_training(dataloader) -> None:
+    """The authors' training sampling: 4 present categories per image and no negative, references
+    through the target's augmentations (an independent random flip), reference pool filtered by the
+    mask area. Our fixes stay on: RGB (``image_format="BGR"``: the published defect) and references
+    paired with GT by category id (``category_sampling="set_order"`` + ``model.reference_pairing=
+    "sorted_position"``: the published defect)."""
     mapper = dataloader.train.mapper
     mapper.max_categories = 4
     mapper.num_negatives = 0
     mapper.pool_area = "mask"
     mapper.reference_augmentations = mapper.augmentations
+    mapper.image_format = "RGB"
+    mapper.category_sampling = "shuffled"
+
+
+def standard_test(model, dataloader, *, test_max_categories=None) -> None:
+    """The authors' evaluation, the "standard test": one random test-set reference per present class,
+    drawn per image (seeded by (0, image_id) so reruns agree), at most ``test_max_categories`` classes
+    per image (their per-size caps: None ViT-B, 8 ViT-L, 6 ViT-H), top-100 per (image, queried class)."""
+    model.topk_scope = "class"
+    model.query_classes = "image_references"
+    model.reference_bank = None  # each image's own references
     dataloader.test.mapper = L(RefSAMMapper)(
         dataset_names="${..dataset.names}",
         augmentations=[],
         max_categories=test_max_categories,
         num_negatives=0,
-        min_area=mapper.min_area,
+        min_area=dataloader.train.mapper.min_area,
         pool_area="mask",
         seed=0,
+        image_format="RGB",
+        category_sampling="shuffled",
     )
+
+
+def published_recipe(model, dataloader, *, test_max_categories=None) -> None:
+    """The authors' code (reference_sam/: RefSAMDetector, COCORefSegTrainDataset,
+    work_configs/RefSAM_det_coco_{base,large,huge}.py) but for our two fixes: published_model,
+    published_training and standard_test. To reproduce the published defects too (command-line
+    overrides):
+
+    - BGR images normalised with RGB statistics:
+      ``dataloader.train.mapper.image_format=BGR dataloader.test.mapper.image_format=BGR``;
+    - references paired with GT by position (references in ``set`` order of their labels, GT sorted):
+      ``model.reference_pairing=sorted_position dataloader.train.mapper.category_sampling=set_order
+      dataloader.test.mapper.category_sampling=set_order``.
+    """
+    published_model(model)
+    published_training(dataloader)
+    standard_test(model, dataloader, test_max_categories=test_max_categories)
 
 
 def published_schedule(dataloader, train, *, batch_size: int, images_per_epoch: int = COCO_TRAIN_IMAGES):
@@ -195,13 +220,3 @@ def published_schedule(dataloader, train, *, batch_size: int, images_per_epoch: 
     train.checkpointer = dict(period=per_epoch, max_to_keep=5)
     return L(MultiStepParamScheduler)(values=[1.0, 0.1], milestones=[40 * per_epoch, 50 * per_epoch])
 
-
-def published_defects(model, dataloader) -> None:
-    """Also reproduce the two published defects our recipes fix: BGR images normalised with RGB
-    statistics, and references paired with GT by position (references in ``set`` order of their
-    labels, GT in sorted order). Only to reproduce the published numbers exactly."""
-    for mapper in (dataloader.train.mapper, dataloader.test.mapper):  # RefSAMMapper or DetectionMapper
-        mapper.image_format = "BGR"
-        if "dataset_names" in mapper:  # a RefSAMMapper: references in set order of their labels
-            mapper.category_sampling = "set_order"
-    model.reference_pairing = "sorted_position"

@@ -228,15 +228,16 @@ class RefSAMMapper:
             "annotation_id": ann.get("id"),
         }
 
-    def _categories(self, present: list[int], rng) -> list[int]:
-        """The present categories that get a reference, in the order of the references."""
+    def _categories(self, labels: list[int], rng) -> list[int]:
+        """The present categories (``labels``: of the target's instances, in order) that get a
+        reference, in the order of the references."""
         if self.category_sampling == "set_order":  # the authors': set order, a random subset of indices kept
-            ordered = list(set(present))
+            ordered = list(set(labels))  # the set built from the instances' labels in order, as theirs
             if self.max_categories is not None and len(ordered) > self.max_categories:
                 keep = set(int(i) for i in rng.permutation(len(ordered))[: self.max_categories])
                 ordered = [c for i, c in enumerate(ordered) if i in keep]
             return ordered
-        return [int(c) for c in rng.permutation(sorted(present))][: self.max_categories]
+        return [int(c) for c in rng.permutation(sorted(set(labels)))][: self.max_categories]
 
     def __call__(self, dataset_dict: dict) -> dict:
         dataset_dict = copy.deepcopy(dataset_dict)
@@ -246,8 +247,7 @@ class RefSAMMapper:
         image_id = dataset_dict.get("image_id")
         rng = self._rng(image_id)
         out = self.target_mapper(dataset_dict)
-        present = sorted({int(c) for c in out["instances"].gt_classes.tolist()})  # after the augmentations
-        present = self._categories(present, rng)
+        present = self._categories([int(c) for c in out["instances"].gt_classes.tolist()], rng)  # after augmentations
         absent = sorted(self.allowed - set(out["instances"].gt_classes.tolist()))
         absent = [int(c) for c in rng.permutation(absent)][: self.num_negatives] if absent else []
         references = []
