@@ -1,6 +1,7 @@
-# Linear probe on sam2.1_hiera_t features (mean of the 256-d neck map at 1024 px), the paper's protocol (configs/common/linear_probe.py).
+# Linear probe on sam2.1_hiera_t features (mean of the 256-d neck map at 1024 px), the paper's protocol and the authors' resizing (configs/common/linear_probe.py).
 from ..common.linear_probe import dataloader, encoder, job, model, train
 
 encoder.tag = "sam2.1_hiera_t"
 job.poolings = ["neck_mean"]
+job.preprocess = dict(fit="resize_square", interpolation="bilinear")  # the authors' Resize((1024, 1024))
 train.output_dir = "./output/linear_probe/sam2_1_hiera_t"

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from ..d2 import DatasetCatalog, MetadataCatalog, comm
 from ..modeling.linear_probe.feature_cache import PooledEncoder, build_feature_cache
 from ..modeling.linear_probe.probe import (
-    PAPER_PROTOCOL,
+    OUR_PROTOCOL,
     CachedFeatures,
     FeatureSource,
     ProbeTrainingConfig,
@@ -80,6 +80,45 @@ def _rank_predictions(heads: Mapping[str, nn.Module], probes: Sequence[dict], so
     return {name: torch.cat(v).cpu().numpy() for name, v in ranked.items()}, losses, labels_np
 
 
+def _build_optimizer(config: ProbeTrainingConfig, params, lr: float) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def _after_epoch(config: ProbeTrainingConfig, probes: Sequence[dict], active: list[int], heads: Mapping[str, nn.Module],
+                 optimizers: Sequence[torch.optim.Optimizer], schedulers: Optional[Sequence[Any]],
+                 source: FeatureSource, rows: np.ndarray, best: list[float], waits: list[int], epoch: int,
+                 mixed: bool, device: torch.device) -> list[int]:
+    """The monitored loss of each active probe -> plateau schedule step and early stopping (Lightning's
+    order: EarlyStopping on the validation end, the epoch's scheduler step after it). Returns the
+    probes that keep training."""
+    watched = [probes[i] for i in active]
+    for head in heads.values():
+        head.eval()
+    with torch.autocast(device.type, dtype=torch.float16, enabled=mixed):
+        _, losses, _ = _rank_predictions(heads, watched, source, rows, batch_size=config.eval_batch_size, k=1)
+    for head in heads.values():
+        head.train()
+    keep = []
+    for i in active:
+        name, loss = probes[i]["name"], losses[probes[i]["name"]]
+        stop = False
+        if config.early_stopping_patience is not None:
+            if loss < best[i]:
+                best[i], waits[i] = loss, 0
+            else:
+                waits[i] += 1
+            stop = waits[i] >= config.early_stopping_patience or not math.isfinite(loss)
+        if config.schedule == "plateau":
+            schedulers[i].step(loss)
+        logger.info("Epoch %d: %s %s loss %.4f, lr %g%s.", epoch + 1, name, config.monitor, loss,
+                    optimizers[i].param_groups[0]["lr"], ", early stop" if stop else "")
+        if not stop:
+            keep.append(i)
+    return keep
+
+
 @dataclass
 class ProbeGridOutput:
     """What :func:`train_probe_grid` returns: the JSON-able ``results`` and the trained ``heads``."""
@@ -94,7 +133,7 @@ def train_probe_grid(
     val: FeatureSource,
     poolings: Sequence[str],
     num_classes: int,
-    config: ProbeTrainingConfig = PAPER_PROTOCOL,
+    config: ProbeTrainingConfig = OUR_PROTOCOL,
     device: Union[str, torch.device] = "cpu",
     output_dir: Optional[str] = None,
     class_names: Optional[Sequence[str]] = None,
@@ -106,7 +145,8 @@ def train_probe_grid(
         train, val: feature sources (:class:`CachedFeatures` or :class:`EncoderFeatures`).
         poolings: the poolings to probe (each must be in both sources).
         num_classes: C, the size of each probe's output.
-        config: optimisation, grid and selection (:data:`PAPER_PROTOCOL` by default).
+        config: optimisation, grid and selection (:data:`OUR_PROTOCOL` by default; :data:`PAPER_PROTOCOL`:
+            the authors' recipe).
         output_dir: if given, ``linear_probe_results.json``, the chosen probe's weights
             (``linear_probe_head.pth``, loadable into :class:`LinearProbe`) and its validation
             confusion matrix / per-class accuracy are written there, atomically.
@@ -139,45 +179,81 @@ def train_probe_grid(
     train_rows, holdout_rows = holdout_split(train.labels, config.holdout_fraction, config.seed)
     if len(train_rows) == 0 or len(val.labels) == 0:
         raise ValueError(f"Nothing to train or evaluate on: {len(train_rows)} training rows, {len(val.labels)} val rows.")
-    layers = nn.ModuleList([_init_linear(train.feature_dims[p["pooling"]], num_classes, config.seed) for p in probes])
+    layers = nn.ModuleList([
+        _init_linear(train.feature_dims[p["pooling"]], num_classes, config.seed, config.head_init) for p in probes
+    ])
     layers.to(device)
     heads = {p["name"]: layer for p, layer in zip(probes, layers)}
-    groups = [{"params": list(heads[p["name"]].parameters()), "lr": p["lr"]} for p in probes]
-    if config.optimizer == "adam":
-        optimizer = torch.optim.Adam(groups, lr=config.learning_rates[0], weight_decay=config.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(groups, lr=config.learning_rates[0], momentum=config.momentum,
-                                    weight_decay=config.weight_decay)
+    # One optimizer (and scheduler, scaler) per probe: Adam/SGD act per parameter, so this is what
+    # training each probe alone gives, and the plateau schedule / early stopping can act per probe.
+    optimizers = [_build_optimizer(config, heads[p["name"]].parameters(), p["lr"]) for p in probes]
     steps_per_epoch = math.ceil(len(train_rows) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     if config.schedule == "cosine":
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
+        schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
+                      for o in optimizers]
+    elif config.schedule == "plateau":
+        schedulers = [torch.optim.lr_scheduler.ReduceLROnPlateau(o, mode="min", factor=config.plateau_factor,
+                                                                 patience=config.plateau_patience) for o in optimizers]
     else:
-        scheduler = None
+        schedulers = None
+    mixed = config.precision == "16-mixed" and device.type == "cuda"
+    if config.precision == "16-mixed" and not mixed:
+        logger.warning("precision='16-mixed' needs CUDA (float16 autocast and gradient scaling; Lightning refuses it "
+                       "on %s too): the probes train in float32.", device.type)
+    scalers = [torch.amp.GradScaler("cuda") for _ in probes] if mixed else None
+    if config.monitor == "holdout" and config.watches_loss and len(holdout_rows) == 0:
+        raise ValueError("monitor='holdout' but no training rows are held out; set holdout_fraction > 0.")
+    monitor_source, monitor_rows = (val, np.arange(len(val.labels))) if config.monitor == "val" else (train, holdout_rows)
     logger.info("Training %d linear probes (%s) on %d rows (%d held out), %d epochs x %d steps.",
                 len(probes), ", ".join(p["name"] for p in probes), len(train_rows), len(holdout_rows),
                 config.epochs, steps_per_epoch)
     final_loss: dict[str, float] = {}
+    epochs_trained = {p["name"]: 0 for p in probes}
+    best_monitor = [math.inf] * len(probes)
+    epochs_without_improvement = [0] * len(probes)
+    active = list(range(len(probes)))  # probes still training (early stopping removes them)
     layers.train()
     for epoch in range(config.epochs):
         order = _epoch_order(train_rows, config.seed, epoch)
         loss_sums = torch.zeros(len(probes), device=device)
         for start in range(0, len(order), config.batch_size):
             features, labels = train.batch(order[start : start + config.batch_size])
-            losses = torch.stack([
-                F.cross_entropy(heads[p["name"]](features[p["pooling"]]), labels) for p in probes
-            ])
-            optimizer.zero_grad(set_to_none=True)
-            losses.sum().backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            loss_sums += losses.detach() * len(labels)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=mixed):
+                losses = torch.stack([
+                    F.cross_entropy(heads[probes[i]["name"]](features[probes[i]["pooling"]]), labels) for i in active
+                ])
+            for i in active:
+                optimizers[i].zero_grad(set_to_none=True)
+            if mixed:
+                torch.stack([scalers[i].scale(loss) for i, loss in zip(active, losses)]).sum().backward()
+            else:
+                losses.sum().backward()
+            for i in active:
+                if mixed:
+                    scalers[i].unscale_(optimizers[i])
+                if config.grad_clip_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(heads[probes[i]["name"]].parameters(), config.grad_clip_norm)
+                if mixed:
+                    scalers[i].step(optimizers[i])
+                    scalers[i].update()
+                else:
+                    optimizers[i].step()
+                if config.schedule == "cosine":
+                    schedulers[i].step()
+            loss_sums[active] += losses.detach().float() * len(labels)
         epoch_loss = (loss_sums / max(len(order), 1)).tolist()
-        final_loss = {p["name"]: float(v) for p, v in zip(probes, epoch_loss)}
+        for i in active:
+            final_loss[probes[i]["name"]] = float(epoch_loss[i])
+            epochs_trained[probes[i]["name"]] = epoch + 1
         best = min(final_loss, key=final_loss.get)
         logger.info("Epoch %d/%d: mean training loss %s (lowest %s).", epoch + 1, config.epochs,
-                    ", ".join(f"{k}={v:.4f}" for k, v in final_loss.items()), best)
+                    ", ".join(f"{probes[i]['name']}={epoch_loss[i]:.4f}" for i in active), best)
+        if config.watches_loss:
+            active = _after_epoch(config, probes, active, heads, optimizers, schedulers, monitor_source, monitor_rows,
+                                  best_monitor, epochs_without_improvement, epoch, mixed, device)
+            if not active:
+                break
     layers.eval()
 
     k = max(config.topk)
@@ -189,8 +265,9 @@ def train_probe_grid(
                                                                 batch_size=config.eval_batch_size, k=k)
     ks = config.topk
     records = []
-    for p in probes:
-        record = dict(p, final_train_loss=final_loss[p["name"]])
+    for p, optimizer in zip(probes, optimizers):
+        record = dict(p, final_train_loss=final_loss[p["name"]], epochs_trained=epochs_trained[p["name"]],
+                      final_lr=float(optimizer.param_groups[0]["lr"]))
         if len(holdout_rows):
             accuracy = accuracy_from_topk(held_ranked[p["name"]], held_labels, ks=ks)
             record["holdout"] = {**{f"top{k_}": v for k_, v in accuracy.items()}, "loss": held_loss[p["name"]]}
@@ -211,6 +288,7 @@ def train_probe_grid(
         **({"encoder": run_info["encoder_tag"]} if run_info and "encoder_tag" in run_info else {}),
         "run": dict(run_info or {}),
         "config": dataclasses.asdict(config),
+        "precision_used": "16-mixed" if mixed else "32",
         "num_classes": num_classes,
         "rows": {"train": int(len(train_rows)), "holdout": int(len(holdout_rows)), "val": int(len(val_labels))},
         "probes": records,
@@ -244,7 +322,7 @@ def run_linear_probe(
     cache_root: str,
     output_dir: str,
     normalization: str = "imagenet",
-    config: Union[ProbeTrainingConfig, Mapping[str, Any]] = PAPER_PROTOCOL,
+    config: Union[ProbeTrainingConfig, Mapping[str, Any]] = OUR_PROTOCOL,
     device: Union[str, torch.device] = "cpu",
     weights_hash: Optional[str] = None,
     shard_size: int = 4096,
@@ -252,15 +330,22 @@ def run_linear_probe(
     num_workers: int = 0,
     autocast_dtype: Optional[torch.dtype] = None,
     preload: bool = True,
+    preprocess: Optional[Mapping[str, Any]] = None,
 ) -> dict[str, Any]:
     """Cache the features of two registered datasets (all ranks), train the grid (main process).
 
     Returns the results on the main process, ``{}`` elsewhere. See :func:`build_feature_cache`
-    and :func:`train_probe_grid` for the arguments.
+    and :func:`train_probe_grid` for the arguments; ``preprocess`` changes fields of the encoder's
+    preprocessing (:class:`PooledEncoder`'s ``preprocess_changes``). With ``config.precision="16-mixed"``
+    on CUDA and no ``autocast_dtype``, the encoder runs under float16 autocast (Lightning's 16-mixed);
+    the cache stores float16 features either way (what a float16 autocast Linear reads).
     """
     if isinstance(config, Mapping):
         config = ProbeTrainingConfig(**config)
-    pooled = PooledEncoder(encoder=encoder, poolings=poolings, normalization=normalization)
+    if autocast_dtype is None and config.precision == "16-mixed" and torch.device(device).type == "cuda":
+        autocast_dtype = torch.float16
+    pooled = PooledEncoder(encoder=encoder, poolings=poolings, normalization=normalization,
+                           preprocess_changes=preprocess)
     if weights_hash is None:  # hash the weights once for both splits (a full pass over every parameter)
         weights_hash = module_fingerprint(encoder)
     caches = {}

@@ -123,7 +123,9 @@ class PooledEncoder(nn.Module):
     entries the poolings read (the ``EncoderBackbone`` interface), and ``preprocess``: a
     ``PreprocessSpec`` (or pass ``preprocess``). ``normalization="imagenet"`` replaces the encoder's
     pixel mean/std by ImageNet's (the paper's protocol); ``"encoder"`` keeps the encoder's own.
-    The encoder's parameters are frozen and it always stays in eval mode.
+    ``preprocess_changes`` replaces fields of that spec (e.g. ``{"fit": "resize_square",
+    "interpolation": "bilinear"}``: the authors' squashing of SAM inputs); they are part of the cache
+    provenance (:meth:`describe`). The encoder's parameters are frozen and it always stays in eval mode.
     ``round_to=torch.float16`` rounds the pooled features as the feature cache stores them.
     """
 
@@ -135,6 +137,7 @@ class PooledEncoder(nn.Module):
         preprocess: Optional[PreprocessSpec] = None,
         normalization: str = "encoder",
         round_to: Optional[torch.dtype] = None,
+        preprocess_changes: Optional[Mapping[str, Any]] = None,
     ):
         super().__init__()
         if not poolings:
@@ -147,6 +150,12 @@ class PooledEncoder(nn.Module):
                 f"{type(encoder).__name__} has no PreprocessSpec 'preprocess' attribute and none was passed "
                 f"(got {spec!r}); pass preprocess=preprocess_spec(<weight tag>)."
             )
+        if preprocess_changes:
+            fields = {f.name for f in dataclasses.fields(PreprocessSpec)} - {"tag"}
+            unknown = sorted(set(preprocess_changes) - fields)
+            if unknown:
+                raise ValueError(f"preprocess_changes has unknown fields {unknown}; PreprocessSpec fields: {sorted(fields)}.")
+            spec = spec.replace(**dict(preprocess_changes))
         if normalization == "imagenet":
             spec = spec.replace(pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD)
         self.encoder = encoder.eval().requires_grad_(False)

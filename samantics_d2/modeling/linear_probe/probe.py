@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Protocol, Sequence, Union
 
 import numpy as np
 import torch
@@ -30,6 +30,8 @@ from .feature_cache import FeatureCache, PooledEncoder
 
 __all__ = [
     "GRID_PROTOCOL",
+    "HEAD_INITS",
+    "OUR_PROTOCOL",
     "PAPER_PROTOCOL",
     "CachedFeatures",
     "EncoderFeatures",
@@ -42,6 +44,14 @@ logger = logging.getLogger(__name__)
 
 
 
+HEAD_INITS: dict[str, str] = {
+    "normal": "weights ~ N(0, 0.01^2), zero bias (DINOv2's linear evaluation; our default)",
+    "torch_default": "nn.Linear's own initialisation: weights and bias ~ U(-1/sqrt(D), 1/sqrt(D)) (the authors' train.py)",
+}
+SCHEDULES = ("constant", "cosine", "plateau")
+PRECISIONS = ("32", "16-mixed")
+
+
 @dataclass(frozen=True)
 class ProbeTrainingConfig:
     """How the probes are trained.
@@ -51,12 +61,25 @@ class ProbeTrainingConfig:
         optimizer: ``"adam"`` or ``"sgd"`` (with ``momentum``).
         weight_decay: L2 penalty of the optimizer.
         epochs, batch_size: passes over the training rows, rows per step (the last batch may be smaller).
-        schedule: ``"constant"`` or ``"cosine"`` (per step, to 0 at the end).
+        schedule: ``"constant"``, ``"cosine"`` (per step, to 0 at the end) or ``"plateau"``
+            (``torch.optim.lr_scheduler.ReduceLROnPlateau`` on the ``monitor`` loss after every epoch:
+            the learning rate times ``plateau_factor`` once the loss has not improved for more than
+            ``plateau_patience`` epochs).
         holdout_fraction: share of each class's training rows held out to choose the best probe
             (0: no held-out part; only allowed with a single probe).
         seed: seeds the held-out split, the probe initialisation and the order of the rows.
         eval_batch_size: rows per step when computing accuracies.
         topk: accuracies reported.
+        head_init: one of :data:`HEAD_INITS` (seeded by ``seed`` either way).
+        grad_clip_norm: clip each probe's gradient (weight and bias together) to this L2 norm
+            (``torch.nn.utils.clip_grad_norm_``, as Lightning's ``gradient_clip_val``); None: no clipping.
+        early_stopping_patience: stop a probe once its ``monitor`` loss has not decreased for this
+            many epochs in a row, or is not finite (Lightning's ``EarlyStopping``, min_delta 0); None: never.
+        monitor: the rows whose mean cross-entropy drives ``"plateau"`` and early stopping:
+            ``"val"`` (the authors': ImageNet val, also the reported split) or ``"holdout"``.
+        precision: ``"32"`` or ``"16-mixed"`` (autocast float16 + a gradient scaler per probe, as
+            Lightning's ``precision="16-mixed"``; CUDA only: elsewhere the probes train in float32 and the
+            results say so, as Lightning refuses 16-mixed on CPU).
     """
 
     learning_rates: tuple[float, ...] = (1e-3,)
@@ -70,6 +93,13 @@ class ProbeTrainingConfig:
     seed: int = 0
     eval_batch_size: int = 4096
     topk: tuple[int, ...] = (1, 5)
+    head_init: str = "normal"
+    grad_clip_norm: Optional[float] = None
+    plateau_factor: float = 0.5
+    plateau_patience: int = 5
+    early_stopping_patience: Optional[int] = None
+    monitor: str = "val"
+    precision: str = "32"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "learning_rates", tuple(float(lr) for lr in self.learning_rates))
@@ -79,25 +109,62 @@ class ProbeTrainingConfig:
             problems.append(f"learning_rates={self.learning_rates} must be non-empty and positive")
         if self.optimizer not in ("adam", "sgd"):
             problems.append(f"optimizer={self.optimizer!r} must be 'adam' or 'sgd'")
-        if self.schedule not in ("constant", "cosine"):
-            problems.append(f"schedule={self.schedule!r} must be 'constant' or 'cosine'")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"schedule={self.schedule!r} must be one of {SCHEDULES}")
         if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
             problems.append(f"epochs={self.epochs}, batch_size={self.batch_size}, eval_batch_size="
                             f"{self.eval_batch_size} must be >= 1")
         if not 0.0 <= self.holdout_fraction < 1.0:
             problems.append(f"holdout_fraction={self.holdout_fraction} must be in [0, 1)")
+        if self.head_init not in HEAD_INITS:
+            problems.append(f"head_init={self.head_init!r} must be one of {sorted(HEAD_INITS)}")
+        if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
+            problems.append(f"grad_clip_norm={self.grad_clip_norm!r} must be > 0 or None")
+        if not 0.0 < self.plateau_factor < 1.0 or self.plateau_patience < 0:
+            problems.append(f"plateau_factor={self.plateau_factor} must be in (0, 1) and plateau_patience="
+                            f"{self.plateau_patience} >= 0")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            problems.append(f"early_stopping_patience={self.early_stopping_patience!r} must be >= 1 or None")
+        if self.monitor not in ("val", "holdout"):
+            problems.append(f"monitor={self.monitor!r} must be 'val' or 'holdout'")
+        elif self.monitor == "holdout" and self.holdout_fraction <= 0 and self.watches_loss:
+            problems.append("monitor='holdout' needs holdout_fraction > 0")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision={self.precision!r} must be one of {PRECISIONS}")
         raise_if_problems("Invalid ProbeTrainingConfig", problems)
 
+    @property
+    def watches_loss(self) -> bool:
+        """Whether training reads the ``monitor`` loss after every epoch (plateau schedule or early stopping)."""
+        return self.schedule == "plateau" or self.early_stopping_patience is not None
 
-# "There is no SAMantics!": Linear(d, classes), Adam 1e-3, 10 epochs, batch 128, no augmentation,
-# trained on all of train (pair it with normalization="imagenet" in the encoder).
-PAPER_PROTOCOL = ProbeTrainingConfig()
+
+# Ours (the default): N(0, 0.01^2) head, constant learning rate, no clipping, float32 probes.
+OUR_PROTOCOL = ProbeTrainingConfig()
+# "There is no SAMantics!" as linprob_img_encoders/train.py trains it: Linear(d, classes) with PyTorch's
+# init, Adam 1e-3, 10 epochs, batch 128, gradients clipped to norm 1.0, ReduceLROnPlateau (0.5, patience 5)
+# and early stopping (patience 7) on the val loss, 16-bit mixed precision, trained on all of train
+# (pair it with normalization="imagenet" and the authors' resizing, configs/linear_probe/*).
+PAPER_PROTOCOL = ProbeTrainingConfig(
+    head_init="torch_default", grad_clip_norm=1.0, schedule="plateau", plateau_factor=0.5, plateau_patience=5,
+    early_stopping_patience=7, monitor="val", precision="16-mixed",
+)
 # A DINOv2-style sweep: five learning rates chosen on 10% of train.
 GRID_PROTOCOL = ProbeTrainingConfig(learning_rates=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2), holdout_fraction=0.1)
 
 
-def _init_linear(in_features: int, num_classes: int, seed: int) -> nn.Linear:
-    """``nn.Linear`` with weights ~ N(0, 0.01^2) from ``seed`` and zero bias (as DINOv2's linear eval)."""
+def _init_linear(in_features: int, num_classes: int, seed: int, init: str = "normal") -> nn.Linear:
+    """``nn.Linear(in_features, num_classes)`` initialised by ``init`` (:data:`HEAD_INITS`) from ``seed``.
+
+    ``"torch_default"`` draws exactly what ``torch.manual_seed(seed); nn.Linear(...)`` draws, without
+    touching the global random state.
+    """
+    if init not in HEAD_INITS:
+        raise ValueError(f"Unknown head init {init!r}; expected one of {sorted(HEAD_INITS)}.")
+    if init == "torch_default":
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)  # the CPU generator only (nn.Linear draws on it)
+            return nn.Linear(in_features, num_classes)
     layer = nn.Linear(in_features, num_classes)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -217,7 +284,10 @@ class LinearProbe(nn.Module):
         in_features: the pooled feature size; default from ``backbone.output_shape()`` (or one
             forward pass on a blank image when the output is not listed there).
         round_features_to: e.g. ``torch.float16`` to see features exactly as the feature cache stores them.
-        init_seed: seed of the head's N(0, 0.01^2) initialisation.
+        init_seed: seed of the head's initialisation.
+        head_init: one of :data:`HEAD_INITS` (``"normal"``: N(0, 0.01^2); ``"torch_default"``: the authors').
+        preprocess: changes to the encoder's preprocessing (:class:`PreprocessSpec` fields, e.g. the
+            authors' ``{"fit": "resize_square", "interpolation": "bilinear"}`` for SAM); None: the encoder's own.
     """
 
     @configurable
@@ -231,16 +301,18 @@ class LinearProbe(nn.Module):
         in_features: Optional[int] = None,
         round_features_to: Optional[torch.dtype] = None,
         init_seed: int = 0,
+        head_init: str = "normal",
+        preprocess: Optional[Mapping[str, Any]] = None,
     ):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes={num_classes}; a classifier needs at least 2 classes.")
         self.encoder = PooledEncoder(encoder=backbone, poolings=[pooling], normalization=normalization,
-                                     round_to=round_features_to)
+                                     round_to=round_features_to, preprocess_changes=preprocess)
         self.pooling = pooling
         if in_features is None:
             in_features = self._feature_size()
-        self.head = _init_linear(in_features, num_classes, init_seed)
+        self.head = _init_linear(in_features, num_classes, init_seed, head_init)
 
     @classmethod
     def from_config(cls, cfg) -> dict:
