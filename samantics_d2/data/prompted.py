@@ -250,7 +250,10 @@ def lvis_base_novel_split(json_file: str) -> tuple[list[int], list[int]]:
     ``load_lvis_json`` maps them), for :class:`~samantics_d2.evaluation.PromptedRecognitionEvaluator`
     on ``lvis_v1_val`` (OVSAM's configs: ``base_classes=LVIS_BASE_IDS, novel_classes=LVIS_RARE_IDS``).
     """
-    categories = read_json(json_file, what="an LVIS json with categories").get("categories", [])
+    categories = read_json(
+        json_file, what="an LVIS v1 json with categories (lvis_v1_val.json from https://www.lvisdataset.org under "
+        "$DETECTRON2_DATASETS/lvis/, datasets/README.md)"
+    ).get("categories", [])
     frequencies = {c["id"]: c.get("frequency") for c in categories}
     unknown = sorted(i for i, f in frequencies.items() if f not in ("f", "c", "r"))[:5]
     if not categories or unknown:

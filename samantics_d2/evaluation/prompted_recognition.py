@@ -23,11 +23,13 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from ..d2 import BitMasks, DatasetEvaluator, comm
-from ..data.prompted import centre_points, long_side_shape, prompts_from_instances
+from ..d2 import BitMasks, DatasetEvaluator, MetadataCatalog, comm
+from ..data.prompted import centre_points, long_side_shape, lvis_base_novel_split, prompts_from_instances
+from ..references.bank import dataset_class_names
 
 __all__ = [
     "PromptedRecognitionEvaluator",
+    "build_prompted_recognition_evaluator",
     "centre_points",
     "long_side_shape",
     "prompted_recognition_metrics",
@@ -198,3 +200,25 @@ class PromptedRecognitionEvaluator(DatasetEvaluator):
         )
         logger.info("Prompted recognition over %d images: %s", len(records), results)
         return {"prompted_recognition": results}
+
+
+def build_prompted_recognition_evaluator(dataset_name: str) -> PromptedRecognitionEvaluator:
+    """The evaluator of a registered dataset, its label space and split resolved from the metadata:
+
+    - ``base_class_ids`` / ``novel_class_ids`` when the metadata has them (``coco_2017_val_ov65``:
+      the 48 / 17 split), with ``thing_classes``;
+    - an LVIS dataset (``evaluator_type == "lvis"``, ``lvis_v1_val``): the classes and OVSAM's split
+      (base = frequent + common, novel = rare) read from its json's categories;
+    - otherwise (``shapes_val``...): its ``thing_classes``, no split.
+
+    Raises:
+        FileNotFoundError: the LVIS json is absent (named, with where it comes from).
+    """
+    meta = MetadataCatalog.get(dataset_name)
+    if meta.get("base_class_ids") is not None:
+        return PromptedRecognitionEvaluator(num_classes=len(meta.thing_classes), base_classes=meta.base_class_ids,
+                                            novel_classes=meta.novel_class_ids)
+    if meta.get("evaluator_type") == "lvis":
+        base, novel = lvis_base_novel_split(meta.json_file)  # every category is base or novel
+        return PromptedRecognitionEvaluator(num_classes=len(base) + len(novel), base_classes=base, novel_classes=novel)
+    return PromptedRecognitionEvaluator(num_classes=len(dataset_class_names(dataset_name)))

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from .classifier import ClassifiedProposals, PrototypeClassifier
+from .clip_recognition import MaskRecognizer, fuse_class_probabilities, open_vocab_probabilities
 from .text_prototypes import TextPrototypes
 
 __all__ = ["OpenVocabClassifier", "classify_by_probabilities", "probability_rows"]
@@ -33,119 +34,122 @@ __all__ = ["OpenVocabClassifier", "classify_by_probabilities", "probability_rows
 logger = logging.getLogger(__name__)
 
 
-def _prototype_matrix(value: Union[TextPrototypes, torch.Tensor, None], what: str) -> Optional[torch.Tensor]:
-    """``[K, D]`` float32 rows of ``value`` (a :class:`TextPrototypes` or a tensor), or None."""
-    if value is None:
-        return None
-    matrix = value.embeddings if isinstance(value, TextPrototypes) else value
-    if not isinstance(matrix, torch.Tensor) or matrix.ndim != 2:
-        raise ValueError(f"OpenVocabClassifier got {what} of shape {getattr(matrix, 'shape', type(matrix))}; "
-                         "expected [K, D] embeddings (or TextPrototypes).")
-    return matrix.detach().float()
-
-
 class OpenVocabClassifier(nn.Module):
     """Class probabilities ``[N, K + 1]`` (the last column: background) of the masks of images.
 
     Args:
-        recognizer: the CLIP mask recognizer (crops through a CLIP ViT, or mask pooling of a
-            convolutional CLIP's dense features).
-        class_names: the ``K`` output classes.
-        text_prototypes: ``[K, D]`` L2-normalised CLIP text prototypes of ``class_names`` (or
-            :class:`TextPrototypes`, whose class names must equal them), in the recognizer's space.
-        reference_prototypes: ``[K, D]`` prototypes of annotated examples in the recognizer's space;
-            a class without examples has an all-zero row (it then gets no probability from them).
-        logit_scale: CLIP's logit scale (OpenAI's models: 100).
-        background: the background entry of the softmax (see ``open_vocab_probabilities``).
+        recognizer: the CLIP mask recognizer
+            (:class:`~samantics_d2.modeling.semantic.clip_recognition.CropRecognizer`: crops through a
+            CLIP ViT; :class:`~samantics_d2.modeling.semantic.clip_recognition.DensePoolRecognizer`:
+            mask pooling of a convolutional CLIP).
+        text_prototypes: the CLIP text prototypes of the ``K`` classes (:class:`TextPrototypes`,
+            built with the config from the same CLIP model as the recognizer); their class names are
+            the label space.
+        class_names: the label space without text prototypes (reference prototypes only).
+        reference_prototypes: ``[R, D]`` prototypes of annotated examples in the recognizer's space,
+            with ``reference_classes [R]`` (int64, the class of each row; a class may have several
+            rows or none).
+        best_synonym: a class scores as its best synonym (OVSAM); False: its prototype (the mean
+            over synonyms).
+        logit_scale: CLIP's logit scale (OpenAI's models and OVSAM: 100).
+        background: the background entry of the softmax: None (none), a cosine (float) or a
+            ``[D]`` embedding (``open_vocab_probabilities``).
         text_weight: weight of the text distribution in the fusion, one value or one per class
-            (``[K]``; e.g. base vs novel classes); classes without reference examples use 1.
+            (``[K]``: e.g. base vs novel classes); classes without examples use 1 (text only).
     """
 
     def __init__(
         self,
         *,
-        recognizer: nn.Module,
-        class_names: Sequence[str],
-        text_prototypes: Union[TextPrototypes, torch.Tensor, None] = None,
+        recognizer: MaskRecognizer,
+        text_prototypes: Optional[TextPrototypes] = None,
+        class_names: Optional[Sequence[str]] = None,
         reference_prototypes: Optional[torch.Tensor] = None,
+        reference_classes: Optional[torch.Tensor] = None,
+        best_synonym: bool = True,
         logit_scale: float = 100.0,
-        background: Union[float, str, None] = None,
+        background: Union[None, float, torch.Tensor] = None,
         text_weight: Union[float, Sequence[float]] = 0.5,
     ) -> None:
         super().__init__()
-        self.class_names = list(class_names)
-        if isinstance(text_prototypes, TextPrototypes) and list(text_prototypes.class_names) != self.class_names:
-            raise ValueError(
-                f"OpenVocabClassifier: the text prototypes are of classes {text_prototypes.class_names[:5]}... but "
-                f"class_names are {self.class_names[:5]}...; build the prototypes from the same vocabulary."
-            )
-        text = _prototype_matrix(text_prototypes, "text_prototypes")
-        reference = _prototype_matrix(reference_prototypes, "reference_prototypes")
-        if text is None and reference is None:
+        if (text_prototypes is None) == (class_names is None):
+            raise ValueError("OpenVocabClassifier: give text_prototypes (their classes are the label space) or, with "
+                             "reference prototypes only, class_names; not both, not neither.")
+        if (reference_prototypes is None) != (reference_classes is None):
+            raise ValueError("OpenVocabClassifier: reference_prototypes [R, D] and reference_classes [R] go together.")
+        if text_prototypes is None and reference_prototypes is None:
             raise ValueError("OpenVocabClassifier needs text_prototypes, reference_prototypes, or both.")
-        for name, matrix in (("text_prototypes", text), ("reference_prototypes", reference)):
-            if matrix is not None and matrix.shape[0] != len(self.class_names):
-                raise ValueError(f"OpenVocabClassifier: {name} has {matrix.shape[0]} rows for "
-                                 f"{len(self.class_names)} classes; expected one row per class.")
+        self.class_names = list(text_prototypes.class_names if text_prototypes is not None else class_names)
+        K = len(self.class_names)
+        text = text_classes = None
+        if text_prototypes is not None:
+            text = text_prototypes.synonym_embeddings if best_synonym else text_prototypes.embeddings
+            text_classes = text_prototypes.synonym_class if best_synonym else torch.arange(K)
+        if reference_prototypes is not None:
+            reference_classes = torch.as_tensor(reference_classes, dtype=torch.long)
+            if (reference_prototypes.ndim != 2 or reference_classes.shape != reference_prototypes.shape[:1]
+                    or bool(((reference_classes < 0) | (reference_classes >= K)).any())):
+                raise ValueError(
+                    f"OpenVocabClassifier got reference_prototypes {tuple(reference_prototypes.shape)} and "
+                    f"reference_classes {tuple(reference_classes.shape)}; expected [R, D] and [R] ids in [0, {K})."
+                )
         weight = torch.as_tensor(text_weight, dtype=torch.float32)
-        if weight.ndim == 0:
-            weight = weight.expand(len(self.class_names)).clone()
-        if weight.shape != (len(self.class_names),) or not bool(((weight >= 0) & (weight <= 1)).all()):
+        weight = weight.expand(K).clone() if weight.ndim == 0 else weight
+        if weight.shape != (K,) or not bool(((weight >= 0) & (weight <= 1)).all()):
             raise ValueError(f"OpenVocabClassifier got text_weight={text_weight!r}; expected one value in [0, 1] or "
-                             f"one per class ({len(self.class_names)}).")
+                             f"one per class ({K}).")
         self.recognizer = recognizer
+        self.best_synonym = bool(best_synonym)
         self.logit_scale = float(logit_scale)
         self.background = background
-        # non-persistent: built from the vocabulary with the config, never part of a checkpoint
-        self.register_buffer("text_prototypes", text, persistent=False)
-        self.register_buffer("reference_prototypes", reference, persistent=False)
+        # non-persistent: built from the vocabulary / examples with the config, never in a checkpoint
+        for name, value in (("text_prototypes", text), ("text_classes", text_classes),
+                            ("reference_prototypes", reference_prototypes), ("reference_classes", reference_classes)):
+            self.register_buffer(name, None if value is None else value.detach().clone(), persistent=False)
         self.register_buffer("text_weight", weight, persistent=False)
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def fusion_weight(self, has_image_side: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``[K]`` text weights of the fusion: ``text_weight``, and 1 for classes without an image side
-        (``has_image_side [K]`` bool; default: the classes with a nonzero reference prototype)."""
-        if has_image_side is None:
-            has_image_side = self.reference_prototypes.abs().sum(dim=1) > 0
-        return torch.where(has_image_side.to(self.text_weight.device), self.text_weight,
-                           torch.ones_like(self.text_weight))
+    def _probabilities(self, embeddings: torch.Tensor, prototypes: torch.Tensor, classes: torch.Tensor,
+                       logit_scale: float) -> torch.Tensor:
+        return open_vocab_probabilities(embeddings, prototypes, logit_scale=logit_scale, background=self.background,
+                                        prototype_classes=classes, num_classes=self.num_classes)
 
     def probabilities(
         self, embeddings: torch.Tensor, *, image_probabilities: Optional[torch.Tensor] = None,
         has_image_side: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """``[N, K + 1]`` class probabilities of ``embeddings [N, D]`` (the recognizer's, normalised).
+        """``[N, K + 1]`` class probabilities of ``embeddings [N, D]`` (the recognizer's).
 
         Args:
-            image_probabilities: ``[N, K + 1]`` probabilities from another image-reference classifier
-                (instead of ``reference_prototypes``), fused with the text side.
+            image_probabilities: ``[N, K + 1]`` probabilities from another image-prototype classifier
+                (instead of ``reference_prototypes``: e.g. DINOv2's), fused with the text side.
             has_image_side: ``[K]`` bool, the classes ``image_probabilities`` knows (the others: text only).
         """
-        from .clip_recognition import fuse_class_probabilities, open_vocab_probabilities  # (H2's module, landing)
-
-        text = reference = None
+        text = image = None
         if self.text_prototypes is not None:
-            text = open_vocab_probabilities(embeddings, self.text_prototypes, logit_scale=self.logit_scale,
-                                            background=self.background)
+            text = self._probabilities(embeddings, self.text_prototypes, self.text_classes, self.logit_scale)
         if image_probabilities is not None:
             if self.reference_prototypes is not None:
                 raise ValueError("OpenVocabClassifier has reference_prototypes; give no image_probabilities as well.")
-            reference = image_probabilities
+            image = image_probabilities
         elif self.reference_prototypes is not None:
-            reference = open_vocab_probabilities(embeddings, self.reference_prototypes, logit_scale=self.logit_scale,
-                                                 background=self.background)
-        if reference is None:
-            return text
-        if text is None:
-            return reference
-        return fuse_class_probabilities(text, reference, text_weight=self.fusion_weight(has_image_side))
+            image = self._probabilities(embeddings, self.reference_prototypes, self.reference_classes, self.logit_scale)
+            has_image_side = torch.zeros(self.num_classes, dtype=torch.bool, device=embeddings.device)
+            has_image_side[self.reference_classes.to(embeddings.device)] = True
+        if image is None or text is None:
+            return text if image is None else image
+        if has_image_side is None:
+            has_image_side = torch.ones(self.num_classes, dtype=torch.bool)
+        weight = torch.where(has_image_side.to(self.text_weight.device), self.text_weight,
+                             torch.ones_like(self.text_weight))
+        return fuse_class_probabilities(text, image, text_weight=weight)
 
     def forward(
         self, images: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], *,
-        image_probabilities: Optional[Sequence[Optional[torch.Tensor]]] = None,
+        image_probabilities: Optional[Sequence[torch.Tensor]] = None,
         has_image_side: Optional[torch.Tensor] = None,
     ) -> list[torch.Tensor]:
         """Probabilities of the masks of each image.
@@ -153,26 +157,24 @@ class OpenVocabClassifier(nn.Module):
         Args:
             images: per image, uint8 ``[3, H_i, W_i]`` RGB.
             masks: per image, bool ``[N_i, H_i, W_i]``.
-            image_probabilities: per image, ``[N_i, K + 1]`` or None (see :meth:`probabilities`).
+            image_probabilities: per image ``[N_i, K + 1]`` (see :meth:`probabilities`), or None.
 
         Returns:
-            per image ``[N_i, K + 1]`` float.
+            per image ``[N_i, K + 1]`` float32.
         """
         if len(images) != len(masks):
             raise ValueError(f"OpenVocabClassifier got {len(images)} images and {len(masks)} mask sets.")
         out = []
         for i, (image, image_masks) in enumerate(zip(images, masks)):  # one recognizer call per image (sizes differ)
-            if len(image_masks) == 0:
-                out.append(torch.zeros((0, self.num_classes + 1), device=image_masks.device))
-                continue
-            embeddings = self.recognizer(image[None], [image_masks])[0]
+            embeddings = self.recognizer(image[None], [image_masks])[0]  # [N_i, D]: all masks at once
             extra = None if image_probabilities is None else image_probabilities[i]
             out.append(self.probabilities(embeddings, image_probabilities=extra, has_image_side=has_image_side))
         return out
 
     def extra_repr(self) -> str:
         sides = [s for s, m in (("text", self.text_prototypes), ("reference", self.reference_prototypes)) if m is not None]
-        return f"classes={self.num_classes}, prototypes={'+'.join(sides)}, logit_scale={self.logit_scale}"
+        return (f"classes={self.num_classes}, prototypes={'+'.join(sides)}, best_synonym={self.best_synonym}, "
+                f"logit_scale={self.logit_scale}")
 
 
 def probability_rows(probabilities: torch.Tensor) -> torch.Tensor:

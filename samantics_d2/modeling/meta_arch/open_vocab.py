@@ -1,0 +1,159 @@
+"""Prompted open-vocabulary recognition: the Open-Vocabulary SAM system, training-free.
+
+:class:`OpenVocabPromptedSegmenter`: SAM / HQ-SAM / SAM 2 prompted with boxes or points (all prompts
+of an image in one prompt-decoder call), each mask labelled by an
+:class:`~samantics_d2.modeling.semantic.OpenVocabClassifier` (CLIP mask embeddings against text
+prototypes, reference prototypes, or both fused). Its input and output are those of
+:class:`~samantics_d2.evaluation.PromptedRecognitionEvaluator` (OVSAM's protocol); docs/open_vocabulary.md
+shows the use. The vocabulary and its text prototypes come built with the config; nothing is looked
+up or cached in ``forward``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+import torch.nn as nn
+
+from ...d2 import META_ARCH_REGISTRY, Boxes, Instances
+from ..preprocess import ImageFit
+from ..semantic.mask_ops import masks_to_boxes
+from ..semantic.open_vocab_classifier import OpenVocabClassifier
+from .training_free import SamProposer
+
+__all__ = ["OpenVocabPromptedSegmenter", "fit_to_size"]
+
+logger = logging.getLogger(__name__)
+
+_PROMPT_KEYS = ("boxes", "points")
+
+
+def fit_to_size(fit: ImageFit, size: tuple[int, int]) -> ImageFit:
+    """``fit`` (of an image resized from ``size`` = ``(H, W)``) as the fit of the ``size`` image: the
+    same encoder input, so masks come back at ``size`` in one resampling."""
+    (h, w), (height, width) = fit.original_size, size
+    sy, sx = fit.scale
+    return dataclasses.replace(fit, original_size=(int(height), int(width)), scale=(sy * h / height, sx * w / width))
+
+
+@META_ARCH_REGISTRY.register()
+class OpenVocabPromptedSegmenter(nn.Module):
+    """Prompted recognition: SAM's mask for each box or point prompt, with a label and a score.
+
+    Input (per image, :class:`~samantics_d2.data.prompted.PromptedRecognitionMapper`): ``image``
+    (uint8 ``[3, h, w]`` RGB, the image SAM sees, e.g. resized to long side 1024), ``height`` /
+    ``width`` (the original size, default ``h`` / ``w``), and ``prompts``: ``{"boxes": [N, 4] XYXY}``
+    or ``{"points": [N, 2] (x, y)}`` in ``image``'s pixels (points: pixel indices, one foreground
+    click each).
+
+    Output (per image): ``{"instances": Instances((height, width))}``, one row per prompt in input
+    order: ``pred_masks`` bool ``[N, height, width]``, ``pred_boxes`` (of the masks), ``pred_classes``
+    int64 ``[N]`` (``K`` = background, only with ``predict_background``), ``scores`` ``[N]`` (the
+    label's probability), ``mask_scores`` ``[N]`` (SAM's predicted IoU), and the prompts echoed as
+    ``prompt_boxes`` / ``prompt_points`` (as given).
+
+    Args:
+        proposer: the SAM image encoder and its prompt decoder (:func:`build_sam_proposer`; its point
+            grid is not used: the prompts come with the input).
+        classifier: the open-vocabulary classifier (:class:`OpenVocabClassifier`).
+        point_multimask_output: a point prompt takes the best of SAM's three masks by predicted IoU
+            (SAM's advice for one ambiguous click); False: the single-mask output.
+        box_multimask_output: the same for box prompts (default False, SAM's single mask for boxes).
+        predict_background: the label may be background (id ``K``); False (OVSAM): the best of the
+            ``K`` classes, as OVSAM drops the background column before its argmax.
+        points_per_batch: prompts per mask-decoder call (memory bound).
+    """
+
+    def __init__(
+        self,
+        *,
+        proposer: SamProposer,
+        classifier: OpenVocabClassifier,
+        point_multimask_output: bool = True,
+        box_multimask_output: bool = False,
+        predict_background: bool = False,
+        points_per_batch: int = 256,
+    ) -> None:
+        super().__init__()
+        self.proposer = proposer
+        self.classifier = classifier
+        self.point_multimask_output = bool(point_multimask_output)
+        self.box_multimask_output = bool(box_multimask_output)
+        self.predict_background = bool(predict_background)
+        if points_per_batch < 1:
+            raise ValueError(f"OpenVocabPromptedSegmenter got points_per_batch={points_per_batch}; expected >= 1.")
+        self.points_per_batch = int(points_per_batch)
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def class_names(self) -> list[str]:
+        """The output label space."""
+        return list(self.classifier.class_names)
+
+    @property
+    def device(self) -> torch.device:
+        return self.proposer.proposals.decoder.device
+
+    def _decode(self, features: dict, fit: ImageFit, prompts: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Best mask logits ``[N, Hm, Wm]`` and predicted IoU ``[N]`` of all prompts of one image, one call."""
+        decoder = self.proposer.proposals.decoder
+        given = [k for k in _PROMPT_KEYS if k in prompts]
+        if len(given) != 1:
+            raise ValueError(f"OpenVocabPromptedSegmenter: 'prompts' must hold exactly one of {_PROMPT_KEYS}; got "
+                             f"{sorted(prompts)}. Build the loader with PromptedRecognitionMapper.")
+        device = decoder.device
+        if given[0] == "boxes":
+            boxes = prompts["boxes"].to(device=device, dtype=torch.float32).reshape(-1, 4)
+            logits, iou = decoder.decode(features, boxes=fit.boxes_to_input(boxes), multimask_output=self.box_multimask_output,
+                                         points_per_batch=self.points_per_batch, best_only=True)
+        else:
+            points = prompts["points"].to(device=device, dtype=torch.float32).reshape(-1, 2)
+            labels = torch.ones(points.shape[0], 1, dtype=torch.int64, device=device)
+            logits, iou = decoder.decode(features, points=fit.points_to_input(points)[:, None], point_labels=labels,
+                                         multimask_output=self.point_multimask_output,
+                                         points_per_batch=self.points_per_batch, best_only=True)
+        return logits[:, 0], iou[:, 0]
+
+    def forward(self, batched_inputs: list[dict]) -> list[dict]:
+        if self.training:
+            raise RuntimeError("OpenVocabPromptedSegmenter has nothing to train: use it in eval mode (--eval-only).")
+        for x in batched_inputs:
+            if "prompts" not in x:
+                raise ValueError(f"OpenVocabPromptedSegmenter: input {x.get('file_name', '<no file_name>')!r} has no "
+                                 "'prompts'; build the loader with PromptedRecognitionMapper(prompt='box' or 'point').")
+        backbone = self.proposer.backbone
+        images = [x["image"] for x in batched_inputs]
+        pixels, fits = backbone.prepare_with_fits(images)
+        features = backbone(pixels)  # one encoder forward for the batch
+        seen_masks, logits_per_image, iou_per_image = [], [], []
+        for i, (x, fit) in enumerate(zip(batched_inputs, fits)):
+            logits, iou = self._decode({k: v[i] for k, v in features.items()}, fit, x["prompts"])
+            logits_per_image.append(logits)
+            iou_per_image.append(iou)
+            seen_masks.append(fit.mask_to_original(logits.float()) > 0)  # [N, h, w]: the image CLIP sees
+        probabilities = self.classifier(images, seen_masks)
+        results = []
+        for x, fit, logits, iou, probs in zip(batched_inputs, fits, logits_per_image, iou_per_image, probabilities):
+            height, width = int(x.get("height", fit.original_size[0])), int(x.get("width", fit.original_size[1]))
+            results.append({"instances": self._instances(x["prompts"], fit_to_size(fit, (height, width)), logits, iou,
+                                                         probs)})
+        return results
+
+    def _instances(self, prompts: dict, fit: ImageFit, logits: torch.Tensor, iou: torch.Tensor,
+                   probs: torch.Tensor) -> Instances:
+        num_classes = self.classifier.num_classes
+        candidates = probs if self.predict_background else probs[:, :num_classes]
+        scores, classes = candidates.max(dim=1) if len(probs) else (probs.new_zeros(0), probs.new_zeros(0, dtype=torch.long))
+        masks = fit.mask_to_original(logits.float()) > 0 if len(logits) else logits.new_zeros((0, *fit.original_size),
+                                                                                              dtype=torch.bool)
+        result = Instances(fit.original_size)
+        result.pred_masks = masks
+        result.pred_boxes = Boxes(masks_to_boxes(masks))
+        result.pred_classes = classes.long()
+        result.scores = scores.float()
+        result.mask_scores = iou.float()
+        for key in _PROMPT_KEYS:
+            if key in prompts:
+                setattr(result, f"prompt_{key}", prompts[key].to(masks.device).float())
+        return result
