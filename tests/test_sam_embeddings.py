@@ -1,0 +1,160 @@
+"""SAM-embedding memory banks (issue 16, item 2): embeddings per instance from GT boxes and clicks,
+whole/part mining, seeded K-means centres, unknown decisions, and the cache (reuse only when nothing
+changed)."""
+from __future__ import annotations
+
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from samantics_d2.d2 import BoxMode
+from samantics_d2.modeling.backbone import build_encoder
+from samantics_d2.modeling.meta_arch.training_free import build_sam_proposer
+from samantics_d2.modeling.semantic import sam_embeddings
+from samantics_d2.modeling.semantic.sam_embeddings import (
+    ROLES,
+    MiningConfig,
+    SamMaskEmbedder,
+    classify_embeddings,
+    load_or_build_instance_embeddings,
+    mine_whole_part,
+    sam_memory_bank,
+    top1_accuracy,
+)
+
+THING_CLASSES = ["red square", "green square", "white disc"]  # the last one: a part class
+
+
+def _square(x0, y0, x1, y1):
+    return {"bbox": [x0, y0, x1 - x0, y1 - y0], "bbox_mode": BoxMode.XYWH_ABS,
+            "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]]}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Three 64x64 images: a red or green square (whole) with a white square inside (its part)."""
+    root = tmp_path_factory.mktemp("sam_embeddings")
+    dicts = []
+    for i, (colour, category, box) in enumerate([((220, 30, 30), 0, (8, 8, 40, 40)), ((30, 200, 40), 1, (20, 16, 60, 56)),
+                                                 ((220, 30, 30), 0, (24, 4, 60, 44))]):
+        image = np.full((64, 64, 3), 90, np.uint8)
+        x0, y0, x1, y1 = box
+        image[y0:y1, x0:x1] = colour
+        cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
+        image[cy - 6 : cy + 6, cx - 6 : cx + 6] = 245
+        path = root / f"{i}.png"
+        Image.fromarray(image).save(path)
+        whole = {"id": 10 * i + 1, "category_id": category, **_square(*box)}
+        part = {"id": 10 * i + 2, "category_id": 2, "part_of": 10 * i + 1, **_square(cx - 6, cy - 6, cx + 6, cy + 6)}
+        dicts.append({"file_name": str(path), "height": 64, "width": 64, "image_id": i, "annotations": [whole, part]})
+    return dicts
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    torch.manual_seed(0)
+    proposer = build_sam_proposer(backbone=build_encoder("sam_vit_b", size="tiny"), points_per_batch=64)
+    torch.manual_seed(1)
+    return SamMaskEmbedder(backbone=proposer.backbone, proposals=proposer.proposals,
+                           semantic_encoder=build_encoder("dinov2_vits14", size="tiny")).eval()
+
+
+def test_mining_marks_whole_and_parts():
+    instance = torch.zeros(20, 20, dtype=torch.bool)
+    instance[2:18, 2:18] = True  # 256 px
+    whole, part, outside, tiny = (torch.zeros(20, 20, dtype=torch.bool) for _ in range(4))
+    whole[3:18, 2:18] = True  # IoU 240/256
+    part[6:12, 6:12] = True  # 36 px inside
+    outside[0:20, 0:20] = True  # the image: IoU 0.64, but not the best
+    tiny[5, 5] = True
+    roles = mine_whole_part(torch.stack([part, whole, outside, tiny]), instance, MiningConfig())
+    assert roles.tolist() == [ROLES["part"], ROLES["whole"], ROLES["none"], ROLES["none"]]
+    # no output reaches whole_iou: no whole; a part must lie inside the instance
+    shifted = torch.roll(part, shifts=12, dims=1)  # columns 18..23 wrap: half outside
+    roles = mine_whole_part(torch.stack([part, shifted]), instance, MiningConfig(whole_iou=0.9))
+    assert roles.tolist() == [ROLES["part"], ROLES["none"]]
+
+
+def test_classify_with_threshold_and_background():
+    prototypes = torch.tensor([[[1.0, 0, 0], [0.8, 0.6, 0]], [[0, 1.0, 0], [0, 0, 0]]])
+    valid = torch.tensor([[True, True], [True, False]])
+    features = torch.tensor([[2.0, 0.1, 0], [0.1, 1.0, 0.0], [0.0, 0.1, 1.0], [0.5, 0.5, 0.0]])
+    classes, cosine = classify_embeddings(features, prototypes, valid)
+    assert classes.tolist() == [0, 1, 1, 0]  # the last one: 0.8/0.6 centre of class 0
+    torch.testing.assert_close(cosine[3], torch.tensor(0.7 * 2**0.5), rtol=1e-5, atol=1e-6)
+    classes, _ = classify_embeddings(features, prototypes, valid, unknown_threshold=0.5)
+    assert classes.tolist() == [0, 1, -1, 0]
+    classes, _ = classify_embeddings(features, prototypes, valid, background=torch.tensor([[1.0, 1.0, 0.0]]))
+    assert classes.tolist() == [0, 1, 1, -1]  # the diagonal one is closer to the background centre
+    assert top1_accuracy(classes, torch.tensor([0, 1, 1, 0])) == 75.0
+
+
+def test_embeddings_of_boxes_and_clicks(dataset, embedder):
+    stored = sam_embeddings.instance_embeddings(
+        dataset, embedder=embedder, thing_classes=THING_CLASSES, classes=THING_CLASSES[:2],
+        mining=MiningConfig(whole_iou=0.0, background_points_per_side=3),
+    )
+    t = stored.tensors
+    assert t["box/mask_token"].shape == (6, 32) and t["box/image_pooled"].shape == (6, 32)
+    assert t["box/semantic_pooled"].shape[0] == 6
+    # parts are labelled with their whole's class
+    assert t["box/class_ids"].tolist() == [0, 0, 1, 1, 0, 0] and t["box/is_part"].tolist() == [False, True] * 3
+    assert [r["annotation_id"] for r in stored.records] == [1, 2, 11, 12, 21, 22]
+    assert t["click/mask_token"].shape == (9, 32) and t["click/whole_row"].tolist() == [0] * 3 + [2] * 3 + [4] * 3
+    assert (t["click/role"] == ROLES["whole"]).sum() == 3  # whole_iou=0: every click has its whole
+    assert t["background/mask_token"].shape[1] == 32 and t["box/iou_gt"].shape == (6,)
+    # the box rows are the decoder's tokens for those boxes (one decoder call per image)
+    with torch.no_grad():
+        out = embedder(np.asarray(Image.open(dataset[1]["file_name"]).convert("RGB")), boxes=torch.tensor([[20.0, 16, 60, 56]]))
+    torch.testing.assert_close(t["box/mask_token"][2], out["mask_token"][0, 0])
+
+
+def test_bank_centres_are_seeded(dataset):
+    g = torch.Generator().manual_seed(0)
+    stored = sam_embeddings.StoredFeatures(
+        tensors={"box/mask_token": torch.randn(40, 8, generator=g), "box/class_ids": torch.arange(40) % 2,
+                 "box/is_part": torch.arange(40) % 5 == 0},
+        provenance={"kind": "test"}, class_names=["a", "b"], records=[{"annotation_id": i} for i in range(40)],
+    )
+    bank = sam_memory_bank(stored, "mask_token")
+    assert len(bank) == 32 and bank.class_ids.tolist() == sorted(bank.class_ids.tolist())
+    a, valid = bank.prototypes(aggregation="kmeans", num_centres=3, seed=7)
+    b, _ = bank.prototypes(aggregation="kmeans", num_centres=3, seed=7)
+    c, _ = bank.prototypes(aggregation="kmeans", num_centres=3, seed=8)
+    assert a.shape == (2, 3, 8) and bool(valid.all()) and torch.equal(a, b) and not torch.equal(a, c)
+    assert len(sam_memory_bank(stored, "mask_token", parts=True)) == 40
+    with pytest.raises(KeyError, match="image_pooled"):
+        sam_memory_bank(stored, "image_pooled")
+
+
+def test_cache_is_reused_only_when_nothing_changed(dataset, embedder, tmp_path):
+    embedder = SamMaskEmbedder(backbone=embedder.backbone, proposals=embedder.proposals)  # SAM only: faster
+    path = tmp_path / "bank.safetensors"
+    options = dict(embedder=embedder, thing_classes=THING_CLASSES, classes=THING_CLASSES[:2], path=path, clicks=False)
+    with mock.patch.object(sam_embeddings, "instance_embeddings", wraps=sam_embeddings.instance_embeddings) as compute:
+        first = load_or_build_instance_embeddings(dataset, **options)
+        again = load_or_build_instance_embeddings(dataset, **options)
+        assert compute.call_count == 1 and torch.equal(first.tensors["box/mask_token"], again.tensors["box/mask_token"])
+        moved = [dict(d, annotations=[dict(d["annotations"][0], bbox=[9, 8, 32, 32]), d["annotations"][1]]) if i == 0 else d
+                 for i, d in enumerate(dataset)]
+        load_or_build_instance_embeddings(moved, **options)  # an annotation changed
+        assert compute.call_count == 2
+        relinked = [dict(d, annotations=[d["annotations"][0], dict(d["annotations"][1], part_of=None)]) if i == 2 else d
+                    for i, d in enumerate(dataset)]
+        load_or_build_instance_embeddings(relinked, **options)  # a part-of link changed
+        assert compute.call_count == 3
+        with torch.no_grad():
+            embedder.proposals.decoder.mask_decoder.mask_tokens.weight[0, 0] += 1.0
+        try:
+            load_or_build_instance_embeddings(dataset, **options)  # the weights changed
+        finally:
+            with torch.no_grad():
+                embedder.proposals.decoder.mask_decoder.mask_tokens.weight[0, 0] -= 1.0
+        assert compute.call_count == 4
+        load_or_build_instance_embeddings(dataset, **options, mining=MiningConfig(whole_iou=0.7))  # an option changed
+        assert compute.call_count == 5
+        load_or_build_instance_embeddings(dataset, **options)  # the file now holds the last build: recomputed
+        assert compute.call_count == 6
