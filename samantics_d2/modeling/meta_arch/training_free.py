@@ -10,13 +10,23 @@ The label space and the reference set come resolved, as a
 :class:`~samantics_d2.references.ReferenceBank` built with the config
 (:func:`~samantics_d2.references.build_reference_bank`). The prototypes come from its references through a
 :class:`~samantics_d2.modeling.semantic.MemoryBank` ("compute_embeds"), computed by
-:meth:`TrainingFreeSegmenter.prepare_references` once the weights are loaded (train_net and the tools
-call it before the first image) and stored with their provenance by the references store, then
-reused while the references, encoder and weights are the same.
+:meth:`TrainingFreeSegmenter.prepare_references` once the weights are loaded and stored with their
+provenance by the references store, then reused while the references, encoder and weights are the
+same. ``forward`` only does math: it never prepares them. One step prepares them, after the model is
+built and its weights loaded: :func:`samantics_d2.references.prepare_references` (``train_net.py``
+calls it before evaluating, the tools before the first image). With Detectron2's yacs path::
+
+    predictor = DefaultPredictor(cfg)           # build_model + DetectionCheckpointer(...).load(MODEL.WEIGHTS)
+    prepare_references(predictor.model)         # from samantics_d2.references
+    outputs = predictor(bgr_image)
+
+Loading weights into the semantic encoder afterwards (``load_state_dict``, ``DetectionCheckpointer``)
+discards the prepared features, and ``forward`` raises until they are prepared again.
 """
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any, Mapping, Optional
 
 import torch
@@ -148,6 +158,8 @@ class TrainingFreeSegmenter(nn.Module):
         self._prototypes: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         if reference_bank is not None:
             self.set_reference_bank(reference_bank)
+        if semantic_encoder is not None:  # its weights loaded later: the prepared features are stale
+            semantic_encoder.register_load_state_dict_pre_hook(_DiscardPreparedReferences(self))
         for p in self.parameters():
             p.requires_grad_(False)
 
@@ -245,9 +257,20 @@ class TrainingFreeSegmenter(nn.Module):
 
     def prepare_prototypes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The prototypes ``[K, M, D]`` and validity ``[K, M]`` in the order of :meth:`class_names`
-        (prepared by :meth:`prepare_references` when not yet)."""
+        (prepared by :meth:`prepare_references` when not yet: for callers outside ``forward``)."""
         if self._prototypes is None:
             self.prepare_references()
+        return self._prototypes
+
+    def prepared_prototypes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`prepare_prototypes` as ``forward`` reads them: prepared already, or a ``RuntimeError``."""
+        if self._prototypes is None:
+            raise RuntimeError(
+                "TrainingFreeSegmenter: the reference features are not prepared (never, or the semantic encoder's "
+                "weights were loaded since). Call samantics_d2.references.prepare_references(model) (or "
+                "model.prepare_references()) after building the model and loading its weights, before the first "
+                "image; with Detectron2's DefaultPredictor: prepare_references(predictor.model)."
+            )
         return self._prototypes
 
     # ------------------------------------------------------------------ inference
@@ -255,10 +278,7 @@ class TrainingFreeSegmenter(nn.Module):
     def forward(self, batched_inputs: list[dict]) -> list[dict]:
         if self.training:
             raise RuntimeError("TrainingFreeSegmenter has nothing to train: use it in eval mode (--eval-only).")
-        if self._prototypes is None:  # a caller without the preparation step (Detectron2's DefaultPredictor)
-            logger.info("TrainingFreeSegmenter: preparing the references before the first image (call "
-                        "prepare_references() after loading the weights to do it ahead).")
-        prototypes, valid = self.prepare_prototypes() if self.reference_bank is not None else (None, None)
+        prototypes, valid = self.prepared_prototypes() if self.reference_bank is not None else (None, None)
         return [{"instances": self._segment(x, prototypes, valid)} for x in batched_inputs]
 
     def _segment(self, x: dict, prototypes: torch.Tensor, valid: torch.Tensor) -> Instances:
@@ -329,3 +349,18 @@ class TrainingFreeSegmenter(nn.Module):
         result.scores = kept.scores
         result.pred_classes = kept.classes
         return result
+
+
+class _DiscardPreparedReferences:
+    """Load-state-dict pre-hook of a segmenter's semantic encoder: when the loaded state holds any of
+    the encoder's keys, the segmenter's prepared prototypes no longer match its weights and are
+    dropped (``forward`` then asks for :func:`~samantics_d2.references.prepare_references`). Holds
+    the segmenter weakly (the encoder is its child)."""
+
+    def __init__(self, segmenter: "TrainingFreeSegmenter"):
+        self._segmenter = weakref.ref(segmenter)
+
+    def __call__(self, module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+        segmenter = self._segmenter()
+        if segmenter is not None and any(key.startswith(prefix) for key in state_dict):
+            segmenter._prototypes = None
