@@ -22,13 +22,15 @@ def shapes(tmp_path_factory):
 
 def _segmenter(references, classes, bank_path):
     torch.manual_seed(0)
-    return TrainingFreeSegmenter(
+    segmenter = TrainingFreeSegmenter(
         proposer=build_sam_proposer(backbone=build_encoder("sam_vit_b", size="tiny", input_size=128),
                                     points_per_side=4, pred_iou_thresh=None),
         semantic_encoder=build_encoder("dinov2_vits14", size="tiny"),
         classifier=PrototypeClassifier(),
         reference_bank=build_reference_bank(references=references, reference_classes=classes, cache_path=str(bank_path)),
     ).eval()
+    segmenter.prepare_references()  # after building (and loading), before the first image
+    return segmenter
 
 
 @pytest.mark.parametrize("with_references", [True, False])

@@ -27,6 +27,7 @@ from samantics_d2.d2 import (
 from samantics_d2.data.io import read_image
 from samantics_d2.modeling.backbone import BACKBONE_CLASSES, EncoderBackbone, build_encoder
 from samantics_d2.modeling.meta_arch import TinySegmenter
+from samantics_d2.references import prepare_references
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLES = sorted(p for p in (ROOT / "configs" / "yacs").glob("*.yaml") if not p.name.startswith("Base-"))
@@ -67,6 +68,7 @@ def test_example_builds_and_predicts(path, shapes_image, tmp_path):
     torch.manual_seed(0)
     predictor = DefaultPredictor(cfg)  # build_model(cfg) + MODEL.WEIGHTS ("": none) + test-time resize
     model = predictor.model
+    prepare_references(model)  # reference features with the loaded weights (a no-op for models without)
     assert type(model).__name__ == cfg.MODEL.META_ARCHITECTURE and not model.training
     assert {p.device.type for p in model.parameters()} == {"cpu"}
     bgr, rgb = shapes_image

@@ -364,10 +364,11 @@ def load_config(config_file: str, opts: Sequence[str] = ()):
 
 def build_segmenter(cfg, config_file: str = "the config"):
     """The config's :class:`TrainingFreeSegmenter` with ``train.init_checkpoint`` loaded (as train_net
-    --eval-only loads it), in eval mode on ``train.device``."""
+    --eval-only loads it), in eval mode on ``train.device``, its reference features prepared."""
     from samantics_d2.checkpoint import load_init_checkpoint
     from samantics_d2.d2 import instantiate
     from samantics_d2.modeling.meta_arch import TrainingFreeSegmenter
+    from samantics_d2.references import prepare_references
 
     segmenter = instantiate(cfg.model)
     if not isinstance(segmenter, TrainingFreeSegmenter):
@@ -375,7 +376,10 @@ def build_segmenter(cfg, config_file: str = "the config"):
                          "TrainingFreeSegmenter (configs/training_free/*.py).")
     if cfg.train.init_checkpoint:
         load_init_checkpoint(segmenter, cfg.train.init_checkpoint, training=False)
-    return segmenter.to(cfg.train.device).eval()
+    segmenter = segmenter.to(cfg.train.device).eval()
+    with torch.no_grad():
+        prepare_references(segmenter)  # the memory bank and prototypes, built once, shared by both pipelines
+    return segmenter
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, *, example: str) -> None:
@@ -576,7 +580,7 @@ class NaiveBaseline:
         return torch.cat(pooled), torch.cat(valid)
 
     def __call__(self, batched_inputs: list[dict]) -> list[dict]:
-        prototypes, prototype_valid = self.segmenter.prepare_prototypes()
+        prototypes, prototype_valid = self.segmenter.prepared_prototypes()
         device = prototypes.device
         outputs = []
         for x in batched_inputs:
@@ -721,7 +725,7 @@ class StageOrderBaseline:
         return masks[order], merged[order], classes[keep][order]
 
     def __call__(self, batched_inputs: list[dict]) -> list[dict]:
-        prototypes, prototype_valid = self.segmenter.prepare_prototypes()
+        prototypes, prototype_valid = self.segmenter.prepared_prototypes()
         outputs = []
         for x in batched_inputs:
             image = x["image"]
@@ -871,9 +875,7 @@ def run_training_free(args: argparse.Namespace) -> int:
     segmenter = build_segmenter(cfg, args.config_file)
     baseline_name, baseline_class = BASELINES[args.baseline]
     baseline = globals()[baseline_class](segmenter)  # checks that it can reproduce the config's stages
-    with torch.no_grad():
-        segmenter.prepare_references()  # the memory bank and prototypes, built once, shared by both pipelines
-        prototypes, prototype_valid = segmenter.prepare_prototypes()
+    prototypes, prototype_valid = segmenter.prepared_prototypes()
     inputs = list(itertools.islice((x for batch in instantiate(cfg.dataloader.test) for x in batch), args.images))
     output_dir = args.output_dir or tempfile.mkdtemp(prefix="benchmark_training_free.")
     tensors = list(segmenter.parameters()) + list(segmenter.buffers()) + [prototypes, prototype_valid]

@@ -1,0 +1,90 @@
+"""Reference features are prepared in one step after building and loading, never inside ``forward``
+(issue 11, item 3): ``forward`` on an unprepared model raises and names the step; loading the
+semantic encoder's weights afterwards (``DetectionCheckpointer``) discards them; the yacs
+``DefaultPredictor`` path works with the documented ``prepare_references(predictor.model)``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from samantics_d2 import add_samantics_config
+from samantics_d2.d2 import DefaultPredictor, DetectionCheckpointer, get_cfg
+from samantics_d2.modeling.backbone import build_encoder
+from samantics_d2.modeling.meta_arch.training_free import TrainingFreeSegmenter, build_sam_proposer
+from samantics_d2.modeling.semantic import MemoryBank, PrototypeClassifier
+from samantics_d2.references import build_reference_bank, prepare_references
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE = {"image": torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)),
+         "height": 64, "width": 64}
+
+
+def _model(tmp_path) -> TrainingFreeSegmenter:
+    torch.manual_seed(0)
+    return TrainingFreeSegmenter(
+        proposer=build_sam_proposer(backbone=build_encoder("sam_vit_b", size="tiny", input_size=64),
+                                    points_per_side=2, pred_iou_thresh=None),
+        semantic_encoder=build_encoder("dinov2_vits14", size="tiny"),
+        classifier=PrototypeClassifier(),
+        reference_bank=build_reference_bank(references="shapes_train_ref1_seed0",
+                                            cache_path=str(tmp_path / "bank.safetensors")),
+    ).eval()
+
+
+def test_forward_never_prepares_and_names_the_step(tmp_path, monkeypatch):
+    model = _model(tmp_path)
+    built = []
+    monkeypatch.setattr(MemoryBank, "build", lambda **kw: built.append(kw))  # would be the preparation
+    with pytest.raises(RuntimeError, match=r"prepare_references\(model\)"), torch.no_grad():
+        model([IMAGE])
+    assert not built and not (tmp_path / "bank.safetensors").exists()
+
+
+def test_loading_the_semantic_encoder_discards_prepared_features(tmp_path):
+    model = _model(tmp_path)
+    prepare_references(model)
+    before, _ = model.prepared_prototypes()
+    with torch.no_grad():
+        model([IMAGE])  # prepared: runs
+
+    # A checkpoint of the proposer only (e.g. a trained tiny SAM): the features stay valid.
+    proposer_only = tmp_path / "proposer.pth"
+    torch.save({"model": {k: v for k, v in model.state_dict().items() if k.startswith("proposer.")}}, proposer_only)
+    DetectionCheckpointer(model).load(str(proposer_only))
+    assert torch.equal(model.prepared_prototypes()[0], before)
+
+    # Other DINOv2 weights through DetectionCheckpointer: stale until prepared again.
+    torch.manual_seed(1)
+    other = build_encoder("dinov2_vits14", size="tiny").state_dict()
+    full = tmp_path / "full.pth"
+    torch.save({"model": {**model.state_dict(), **{f"semantic_encoder.{k}": v for k, v in other.items()}}}, full)
+    DetectionCheckpointer(model).load(str(full))
+    with pytest.raises(RuntimeError, match="weights were loaded since"), torch.no_grad():
+        model([IMAGE])
+    prepare_references(model)
+    after, _ = model.prepared_prototypes()
+    assert after.shape == before.shape and not torch.allclose(after, before)
+
+    model.semantic_encoder.load_state_dict(other)  # loading into the encoder itself counts too
+    with pytest.raises(RuntimeError, match="prepare_references"):
+        model.prepared_prototypes()
+
+
+def test_default_predictor_with_the_documented_preparation(tmp_path):
+    cfg = get_cfg()
+    add_samantics_config(cfg)
+    cfg.merge_from_file(str(ROOT / "configs" / "yacs" / "training_free_shapes.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.SAMANTICS.TRAINING_FREE.MEMORY_BANK_PATH = str(tmp_path / "bank.safetensors")
+    cfg.MODEL.SAMANTICS.TRAINING_FREE.REFERENCES, cfg.MODEL.SAMANTICS.TRAINING_FREE.SHOTS = "shapes_train_ref1_seed0", 1
+    cfg.MODEL.SAMANTICS.PROPOSALS.POINTS_PER_SIDE = 2  # small and fast: only the preparation step is tested
+    cfg.INPUT.MIN_SIZE_TEST = cfg.INPUT.MAX_SIZE_TEST = 64
+    torch.manual_seed(0)
+    predictor = DefaultPredictor(cfg)
+    image = torch.randint(0, 255, (64, 64, 3), dtype=torch.uint8).numpy()
+    with pytest.raises(RuntimeError, match="prepare_references"):
+        predictor(image)
+    prepare_references(predictor.model)
+    assert predictor(image)["instances"].image_size == (64, 64)
