@@ -9,6 +9,7 @@
     add_samantics_config(cfg)               # our keys, under cfg.MODEL.SAMANTICS
     cfg.merge_from_file("configs/yacs/training_free_shapes.yaml")
     model = build_model(cfg)                # or DefaultPredictor(cfg), DefaultTrainer(cfg)
+    prepare_references(model)               # samantics_d2.references: reference features, after loading weights
 
 Every registered meta-architecture and backbone has Detectron2's ``@configurable`` ``__init__`` and
 a ``from_config`` classmethod: called with a config it reads the keys below, otherwise it takes
