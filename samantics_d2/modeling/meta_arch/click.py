@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -42,11 +42,12 @@ from ...d2 import META_ARCH_REGISTRY, BitMasks
 from ...utils.clicks import NO_CLICK, click_points, next_clicks, point_boxes
 from ..backbone import EncoderBackbone
 from ..preprocess import ImageFit
+from ..proposals.prompt_decoder import build_prompt_decoder
 from ..proposals.granularity import GranularityMasks, MultiGranularityDecoder
 from ..semantic.classifier import prototype_scores
 from ..semantic.mask_ops import mask_pooling
 
-__all__ = ["ClickSegmenter", "fit_to_size"]
+__all__ = ["ClickSegmenter", "build_click_segmenter", "fit_to_size"]
 
 logger = logging.getLogger(__name__)
 
@@ -223,6 +224,22 @@ class ClickSegmenter(nn.Module):
             _, best, matched = prototype_scores(pooled, prototypes.to(pooled), valid)
             classes = torch.where(has_weight & matched, best, torch.full_like(best, -1)).cpu()
         return result.original_masks().cpu(), result.iou_pred.float().cpu(), classes
+
+
+def build_click_segmenter(
+    *,
+    backbone: EncoderBackbone,
+    decoder_weights: Optional[str] = None,
+    decoder_options: Optional[Mapping[str, Any]] = None,
+    granularity_options: Optional[Mapping[str, Any]] = None,
+    **options: Any,
+) -> ClickSegmenter:
+    """A :class:`ClickSegmenter` over ``backbone``: its prompt decoder (:func:`build_prompt_decoder` with
+    ``decoder_weights``, the backbone's own checkpoint: a weight tag or path; None: random) in a
+    :class:`MultiGranularityDecoder` with ``granularity_options``; ``options`` go to ClickSegmenter."""
+    decoder = build_prompt_decoder(backbone, weights=decoder_weights, **dict(decoder_options or {}))
+    granularity = MultiGranularityDecoder(decoder=decoder, **dict(granularity_options or {}))
+    return ClickSegmenter(backbone=backbone, granularity=granularity, **options)
 
 
 def _pad_and_stack(
