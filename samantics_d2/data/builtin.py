@@ -140,3 +140,8 @@ register_all_builtin()
 from .panoptic import register_all_panoptic  # noqa: E402
 
 register_all_panoptic(_root_from_env())
+
+# BDD100K instance segmentation from its official JSON layout (samantics_d2/data/bdd100k.py).
+from .bdd100k import register_all_bdd100k  # noqa: E402
+
+register_all_bdd100k(_root_from_env())
