@@ -31,12 +31,11 @@ import copy
 import logging
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.ndimage import distance_transform_edt
 
 from ..d2 import BoxMode, load_coco_json
+from ..utils.clicks import click_points
 from ..utils.io import read_json
 from .mapper import DetectionMapper
 
@@ -108,35 +107,10 @@ def long_side_shape(height: int, width: int, long_side: int = 1024) -> tuple[int
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
-def centre_points(masks: torch.Tensor) -> torch.Tensor:
-    """The centre point of each mask: the pixel farthest from the border of the zero-padded mask.
-
-    Args:
-        masks: ``[N, H, W]`` bool (or 0/1) masks.
-
-    Returns:
-        ``[N, 2]`` float32 ``(x, y)`` pixel indices (column, row). The distance is Euclidean, to the
-        nearest pixel outside the mask, the image border counting as outside (one row/column of
-        zeros padded on every side). Ties: the first pixel in row-major order. An empty mask gives
-        ``(0, 0)`` (OVSAM's ``argmax`` of an all-zero map).
-    """
-    if masks.dim() != 3:
-        raise ValueError(f"centre_points expects masks [N, H, W]; got shape {tuple(masks.shape)}.")
-    points = torch.zeros((len(masks), 2), dtype=torch.float32)
-    masks_np = masks.detach().cpu().numpy().astype(bool)
-    for i, mask in enumerate(masks_np):
-        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-        if rows.size == 0:
-            continue
-        # The distance transform inside the box padded by one zero pixel equals the full one (the
-        # nearest outside pixel is never farther than the ring around the box), and row-major order
-        # within the box is row-major order within the image, so ties resolve the same way.
-        y0, x0 = rows[0], cols[0]
-        box = np.pad(mask[y0 : rows[-1] + 1, x0 : cols[-1] + 1], 1)
-        distance = distance_transform_edt(box)[1:-1, 1:-1]
-        y, x = np.unravel_index(int(np.argmax(distance)), distance.shape)
-        points[i, 0], points[i, 1] = x0 + x, y0 + y
-    return points
+# The centre point rule is the click benchmarks' first click: one implementation, in the leaf module
+# samantics_d2.utils.clicks (the pixel farthest from the border of the zero-padded mask, exact EDT, first
+# pixel in row-major order on ties, (0, 0) for an empty mask).
+centre_points = click_points
 
 
 def prompts_from_instances(
