@@ -204,13 +204,19 @@ class ClickPrediction:
 
 
 def _decoder_features(tag: str, size: str) -> list[str]:
-    """The backbone outputs the prompt decoder of ``tag`` reads (from a backbone built on the meta device)."""
-    with torch.device("meta"):
+    """The backbone outputs the prompt decoder of ``tag`` reads, from a probe backbone built on the meta
+    device (no memory, no init), or on the CPU where the upstream constructor reads tensor values
+    (sam2's Hiera computes its drop-path schedule with ``.item()``)."""
+    decoder_cls = get_weight_spec(tag).family_spec.prompt_decoder_class()
+    if decoder_cls is None:
+        raise ValueError(f"Weight tag {tag!r} ({get_weight_spec(tag).family}) has no promptable decoder; give a "
+                         "SAM, HQ-SAM or SAM 2 tag (e.g. 'sam_vit_b', 'sam2.1_hiera_t').")
+    try:
+        with torch.device("meta"):
+            probe = build_encoder(tag, size=size)
+    except (RuntimeError, NotImplementedError):  # a constructor that reads values: build it for real
         probe = build_encoder(tag, size=size)
-        decoder_cls = get_weight_spec(tag).family_spec.prompt_decoder_class()
-        if decoder_cls is None:
-            raise ValueError(f"Weight tag {tag!r} ({get_weight_spec(tag).family}) has no promptable decoder; give a "
-                             "SAM, HQ-SAM or SAM 2 tag (e.g. 'sam_vit_b', 'sam2.1_hiera_t').")
+    with torch.device("meta"):
         return decoder_cls(**decoder_cls.options_for_backbone(probe)).required_features
 
 
