@@ -12,6 +12,8 @@ from .feature_cache import (
 )
 from .probe import (
     GRID_PROTOCOL,
+    HEAD_INITS,
+    OUR_PROTOCOL,
     PAPER_PROTOCOL,
     CachedFeatures,
     EncoderFeatures,
@@ -22,6 +24,8 @@ from .probe import (
 
 __all__ = [
     "GRID_PROTOCOL",
+    "HEAD_INITS",
+    "OUR_PROTOCOL",
     "PAPER_PROTOCOL",
     "POOLINGS",
     "CachedFeatures",
