@@ -1,0 +1,300 @@
+"""The web app's Python API: everything a user does in the browser is one call here.
+
+A :class:`Workspace` holds one training-free model (a LazyConfig whose ``model`` is a
+:class:`~samantics_d2.modeling.meta_arch.TrainingFreeSegmenter`), the user's classes
+(:class:`~samantics_d2.app.classes.ClassBank`) and a working folder (reference images, memory
+banks). The app's tabs call::
+
+    ws = Workspace.from_config("configs/training_free/shapes_tiny.py", folder="output/app")
+    mask = ws.mask_from_box(image, (x0, y0, x1, y1))   # Define classes: SAM turns a box into a mask
+    ws.classes.add_reference("red circle", image, mask)
+    ws.classes.add_words("blue square")                  # needs a config with a CLIP text tower
+    result = ws.segment(image, score_threshold=0.3)      # Segment everything: labelled instances
+    clicks = ws.click(image, points=[(40, 52)], labels=[1])  # Click: masks part to whole, labelled
+
+The model's label space follows the class bank: before a segmentation, :meth:`Workspace.sync`
+gives the model the bank's image references (:func:`~samantics_d2.references.build_reference_bank`
+over dataset dicts, memory bank cached in ``folder`` by provenance) when the bank changed.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_util
+
+from ..checkpoint import load_init_checkpoint
+from ..config import check_override_keys, check_weights_available
+from ..d2 import BoxMode, LazyConfig, instantiate
+from ..data.mapper import segmentation_to_mask
+from ..references import build_reference_bank
+from ..utils.image import read_image
+from ..utils.visualization import draw_instances
+from .classes import ClassBank
+
+__all__ = ["ClickResult", "Segmentation", "Workspace", "WorkspaceError"]
+
+logger = logging.getLogger(__name__)
+
+
+class WorkspaceError(ValueError):
+    """Something the user can fix (shown in the page as a message, not as a stack trace)."""
+
+
+@dataclass
+class Segmentation:
+    """The labelled instances of one image (original size).
+
+    Attributes:
+        masks: ``[N, H, W]`` bool; boxes: ``[N, 4]`` XYXY; scores: ``[N]``; classes: ``[N]`` ids
+        into ``class_names``; overlay: ``[H', W', 3]`` uint8 RGB, the instances scoring at least the
+        threshold drawn (``draw_instances``).
+    """
+
+    masks: np.ndarray
+    boxes: np.ndarray
+    scores: np.ndarray
+    classes: np.ndarray
+    class_names: list[str]
+    overlay: np.ndarray
+
+    def coco_results(self, image_id: int = 1, *, score_threshold: float = 0.0) -> list[dict]:
+        """COCO results (category ids ``1..K`` in ``class_names`` order, RLE masks)."""
+        keep = np.nonzero(self.scores >= score_threshold)[0]
+        if not len(keep):
+            return []
+        rles = mask_util.encode(np.asfortranarray(self.masks[keep].transpose(1, 2, 0).astype(np.uint8)))
+        return [{
+            "image_id": image_id, "category_id": int(self.classes[i]) + 1, "score": float(self.scores[i]),
+            "bbox": BoxMode.convert(self.boxes[i].tolist(), BoxMode.XYXY_ABS, BoxMode.XYWH_ABS),
+            "segmentation": {"size": [int(v) for v in r["size"]], "counts": r["counts"].decode("ascii")},
+        } for i, r in zip(keep, rles)]
+
+
+@dataclass
+class ClickResult:
+    """The labelled masks of one click set, part to whole (small to large).
+
+    Attributes:
+        masks: ``[K, H, W]`` bool; iou_pred, stability: ``[K]``; classes: ``[K]`` ids into
+        ``class_names`` (-1: no label); scores: ``[K]`` label scores; parents: ``[K]`` index of the
+        smallest mask each is part of (-1: none); points, labels: the clicks.
+    """
+
+    masks: np.ndarray
+    iou_pred: np.ndarray
+    stability: np.ndarray
+    classes: np.ndarray
+    scores: np.ndarray
+    parents: np.ndarray
+    class_names: list[str]
+    points: list
+    labels: list
+
+    def name(self, i: int) -> str:
+        return self.class_names[int(self.classes[i])] if self.classes[i] >= 0 else "(no label)"
+
+    def captions(self) -> list[str]:
+        """``"<granularity>: <class> <score> (IoU <predicted>)"`` per mask (distinct, for the page)."""
+        return [f"{i + 1}: {self.name(i)} {self.scores[i]:.2f} (IoU {self.iou_pred[i]:.2f})" for i in range(len(self.masks))]
+
+    def coco_result(self, i: int, image_id: int = 1) -> dict:
+        """Mask ``i`` as one COCO result (category id = class index + 1, 0 when unlabelled)."""
+        rle = mask_util.encode(np.asfortranarray(self.masks[i].astype(np.uint8)))
+        box = [float(v) for v in mask_util.toBbox(rle)]
+        return {"image_id": image_id, "category_id": int(self.classes[i]) + 1, "score": float(self.scores[i]),
+                "bbox": box, "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
+                "class_name": self.name(i), "predicted_iou": float(self.iou_pred[i]), "granularity": i + 1}
+
+    def to_json(self) -> dict:
+        return {"points": self.points, "point_labels": self.labels, "categories": list(self.class_names),
+                "masks": [dict(self.coco_result(i), part_of=int(self.parents[i]), stability=float(self.stability[i]))
+                          for i in range(len(self.masks))]}
+
+
+def _tensor(image: np.ndarray) -> torch.Tensor:
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise WorkspaceError(f"Expected an RGB image [H, W, 3]; got an array of shape {image.shape}.")
+    return torch.from_numpy(np.ascontiguousarray(image[..., :3].astype(np.uint8).transpose(2, 0, 1)))
+
+
+class Workspace:
+    """A model, the user's classes and a working folder (see the module docstring).
+
+    Args:
+        model: a :class:`TrainingFreeSegmenter` (weights loaded, eval mode).
+        folder: where reference images and memory banks are written.
+        predictor: the click predictor (:class:`samantics_d2.predictor.SamanticsPredictor`) over the
+            same SAM; built from ``model`` when None.
+    """
+
+    def __init__(self, *, model: torch.nn.Module, folder: str, predictor=None) -> None:
+        self.model = model.eval()
+        self.folder = folder
+        self.classes = ClassBank()
+        self._synced: Optional[str] = None
+        self._predictor = predictor
+        self._predictor_key: Optional[str] = None
+        self._image_key: Optional[str] = None
+        self.description = type(model).__name__
+        self.lock = threading.Lock()  # one model call at a time (the app serves several events)
+        os.makedirs(folder, exist_ok=True)
+
+    @classmethod
+    def from_config(cls, config_file: str, *, folder: str, overrides: Sequence[str] = (),
+                    checkpoint: Optional[str] = None) -> "Workspace":
+        """Build the model of a training-free LazyConfig (``overrides``: ``key=value``; ``checkpoint``:
+        a tiny SAM trained with train_net.py, or ``train.init_checkpoint``)."""
+        cfg = LazyConfig.load(config_file)
+        check_override_keys(cfg, list(overrides))
+        cfg = LazyConfig.apply_overrides(cfg, list(overrides))
+        check_weights_available(cfg, config_file)
+        seed = cfg.train.get("seed", -1)
+        torch.manual_seed(seed if seed >= 0 else 0)  # random (tiny) encoders: the same in every run
+        model = instantiate(cfg.model)
+        checkpoint = checkpoint or cfg.train.get("init_checkpoint")
+        if checkpoint:
+            load_init_checkpoint(model, checkpoint, training=False)
+        workspace = cls(model=model.to(cfg.train.get("device", "cpu")), folder=folder)
+        workspace.description = f"{config_file}" + (f" + {checkpoint}" if checkpoint else " (random weights: no checkpoint)")
+        return workspace
+
+    # ------------------------------------------------------------------ classes
+
+    def import_config_references(self, *, shots: Optional[int] = None) -> list[str]:
+        """Add the reference set the config was built with (e.g. the shapes references) to the class
+        bank: its first ``shots`` instances per class (None: the reference set's own shots, or all)."""
+        bank = getattr(self.model, "reference_bank", None)
+        if bank is None or not bank.dataset_dicts:
+            raise WorkspaceError("This config has no reference set to import; define the classes yourself.")
+        shots = shots if shots is not None else bank.shots
+        added: dict[str, int] = {}
+        for reference in bank.instances():
+            name = bank.reference_classes[reference.class_id]
+            if shots is not None and added.get(name, 0) >= shots:
+                continue
+            image = reference.read_image()
+            mask = segmentation_to_mask(reference.annotation["segmentation"], *image.shape[:2])
+            try:
+                self.classes.add_reference(name, image, mask)
+            except ValueError as e:  # an empty or duplicated mask in the set: leave it out
+                logger.warning("Reference %s of %r not imported: %s", reference.file_name, name, e)
+                continue
+            added[name] = added.get(name, 0) + 1
+        return list(added)
+
+    def sync(self) -> list[str]:
+        """Give the model the class bank (when it changed since the last call); returns the label space.
+
+        Raises:
+            WorkspaceError: no class is defined, or only word classes and the model has no text tower.
+        """
+        if not len(self.classes):
+            raise WorkspaceError("No class is defined yet: add reference masks or class names in 'Define classes'.")
+        key = self.classes.fingerprint()
+        if key == self._synced:
+            return self.model.class_names()
+        image_classes = self.classes.image_classes()
+        if self.classes.text_classes():
+            raise WorkspaceError(
+                "Classes named by words need a config with a CLIP text tower (configs/open_vocab/*); this model has "
+                "only image prototypes: define the classes by reference masks.")
+        if set(image_classes) != set(self.classes.names):
+            raise WorkspaceError(f"Classes {sorted(set(self.classes.names) - set(image_classes))} have no reference.")
+        dicts = self.classes.reference_dicts(os.path.join(self.folder, "references"))
+        bank = build_reference_bank(references=dicts, reference_classes=image_classes,
+                                    cache_path=os.path.join(self.folder, f"memory_bank-{key}.safetensors"))
+        self.model.set_reference_bank(bank)
+        self.model.prepare_references()
+        self._synced = key
+        return self.model.class_names()
+
+    @torch.no_grad()
+    def mask_from_box(self, image: np.ndarray, box: Sequence[float]) -> np.ndarray:
+        """SAM's mask ``[H, W]`` bool for a box prompt (XYXY pixels of ``image``)."""
+        x0, y0, x1, y1 = (float(v) for v in box)
+        if not (x1 > x0 and y1 > y0):
+            raise WorkspaceError(f"The box {tuple(box)} is empty; draw a box around the object.")
+        with self.lock:
+            proposals = self.model.proposer(_tensor(image).to(self.model.device),
+                                            boxes=torch.tensor([[x0, y0, x1, y1]]))
+        return proposals.original_masks()[0].cpu().numpy()
+
+    # ------------------------------------------------------------------ segment everything
+
+    @torch.no_grad()
+    def segment(self, image: np.ndarray, *, score_threshold: float = 0.3) -> Segmentation:
+        """Every instance of the defined classes in ``image`` (``[H, W, 3]`` uint8 RGB)."""
+        names = self.sync()
+        tensor = _tensor(image)
+        with self.lock:
+            instances = self.model([{"image": tensor.to(self.model.device), "height": tensor.shape[1],
+                                     "width": tensor.shape[2]}])[0]["instances"].to("cpu")
+        masks, boxes = instances.pred_masks.numpy(), instances.pred_boxes.tensor.numpy()
+        scores, classes = instances.scores.numpy(), instances.pred_classes.numpy()
+        keep = scores >= score_threshold
+        overlay = draw_instances(np.asarray(image)[..., :3], masks=masks[keep], boxes=boxes[keep], classes=classes[keep],
+                                 scores=scores[keep], class_names=names)
+        return Segmentation(masks, boxes, scores, classes, list(names), overlay)
+
+    def segment_files(
+        self, files: Iterable[str], *, score_threshold: float = 0.3,
+        progress: Optional[Callable[[int, int, str], None]] = None,
+        cancelled: Optional[Callable[[], bool]] = None,
+    ) -> tuple[dict[str, Segmentation], dict[str, str]]:
+        """Segment image files; an unreadable file is skipped and reported (``{file: reason}``).
+        ``progress(done, total, file)`` is called before each file; ``cancelled()`` stops the loop."""
+        files = list(files)
+        done: dict[str, Segmentation] = {}
+        skipped: dict[str, str] = {}
+        for i, path in enumerate(files):
+            if cancelled is not None and cancelled():
+                break
+            if progress is not None:
+                progress(i, len(files), path)
+            try:
+                image = read_image(path)
+            except (OSError, ValueError) as e:
+                logger.error("Skipping %s: %s", path, e)
+                skipped[path] = str(e)
+                continue
+            done[path] = self.segment(image, score_threshold=score_threshold)
+        return done, skipped
+
+    # ------------------------------------------------------------------ click
+
+    @torch.no_grad()
+    def click(self, image: np.ndarray, *, points: Sequence[Sequence[float]], labels: Sequence[int]) -> ClickResult:
+        """Masks at every granularity for a click set (``points`` (x, y) pixels, ``labels`` 1/0),
+        labelled by the defined classes (:class:`~samantics_d2.predictor.SamanticsPredictor`)."""
+        from ..predictor import SamanticsPredictor
+
+        names = self.sync()
+        image = np.ascontiguousarray(np.asarray(image)[..., :3].astype(np.uint8))
+        with self.lock:
+            if self._predictor is None or self._predictor_key != self._synced:
+                self._predictor = SamanticsPredictor.from_model(self.model)
+                self._predictor_key, self._image_key = self._synced, None
+            key = f"{image.shape}:{hash(image.tobytes())}"
+            if key != self._image_key:
+                self._predictor.set_image(image)
+                self._image_key = key
+            out = self._predictor.predict(points=np.asarray(points, np.float32), point_labels=np.asarray(labels))
+        label = out.labels.get("image")
+        count = len(out.masks)
+        return ClickResult(
+            masks=np.asarray(out.masks, bool), iou_pred=np.asarray(out.iou_pred, np.float32),
+            stability=np.asarray(out.stability, np.float32),
+            classes=label.classes if label is not None else np.full(count, -1),
+            scores=label.scores if label is not None else np.zeros(count, np.float32),
+            parents=np.asarray(out.parents), class_names=list(names),
+            points=[list(map(float, p)) for p in points], labels=[int(v) for v in labels],
+        )
