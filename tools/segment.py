@@ -1,8 +1,20 @@
 #!/usr/bin/env python
-"""Segment and label every instance of your own classes from a few annotated reference images.
+"""Segment and label every instance of your own classes, named by words, by a few annotated
+reference images, or both.
 
     python tools/segment.py --references REF.json --image-root REF_IMAGES --images DIR --output OUT
     python tools/segment.py --references REF_DIR --images DIR --output OUT [--config-file CFG] [key=value ...]
+    python tools/segment.py --classes "cat,dog/puppy,traffic light" --images DIR --output OUT
+    python tools/segment.py --vocabulary FILE --images DIR --output OUT
+    python tools/segment.py --classes "cat,dog" --references REF_DIR --images DIR --output OUT
+
+Words (open vocabulary, docs/open_vocabulary.md): ``--classes`` is a comma-separated list (``/``
+separates the synonyms of one class), ``--vocabulary`` a file with one class per line (synonyms
+separated by ``/`` or ``,``; ``#`` comments) or a named vocabulary (``coco``, ``lvis_v1``,
+``shapes``). The masks are then labelled by CLIP against the text prototypes of these classes.
+With ``--references`` as well, every class is labelled by the fusion of its words and its examples
+(classes without examples: words only); the label space is the words' classes, then the reference
+classes whose names are not among them.
 
 References, either
   * a COCO-format instances JSON (``--image-root`` is the folder its file names are relative to),
@@ -24,7 +36,9 @@ name, size and modification time, the model's config and weights, the references
 ``--score-threshold``) is unchanged; otherwise it is segmented again.
 
 The model is the training-free pipeline of ``--config-file`` (default: SAM 2.1 Hiera-L proposals +
-DINOv2 ViT-L/14 prototypes, weights under $SAMANTICS_WEIGHTS; a relative path that does not exist
+DINOv2 ViT-L/14 prototypes; with words, ``configs/open_vocab/everything_sam2_1_convnext_l.py`` (+ CLIP
+ConvNeXt-L), with words and references ``configs/open_vocab/everything_fused_sam2_1_convnext_l.py``;
+weights under $SAMANTICS_WEIGHTS; a relative path that does not exist
 from the current folder is taken from the project folder); ``key=value`` overrides apply to it, and
 ``train.init_checkpoint`` (when set) is loaded into it, checked (``samantics_d2.checkpoint``).
 To try it without weights, with the demo's tiny models on the synthetic shapes, see the README.
@@ -50,6 +64,7 @@ from samantics_d2.config import check_override_keys, check_weights_available
 from samantics_d2.d2 import BoxMode, DatasetCatalog, LazyConfig, LazyCall, MetadataCatalog, instantiate, setup_logger
 from samantics_d2.data.io import read_image
 from samantics_d2.data.classification import IMAGE_EXTENSIONS
+from samantics_d2.data.vocabularies import get_vocabulary, parse_class_list
 from samantics_d2.modeling.weights import module_fingerprint
 from samantics_d2.references import ReferenceBank, build_reference_bank
 from samantics_d2.utils.io import atomic_path, read_json
@@ -58,6 +73,8 @@ from samantics_d2.utils.visualization import draw_instances
 logger = logging.getLogger("samantics_d2.tools.segment")
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = "configs/common/training_free.py"
+WORDS_CONFIG = "configs/open_vocab/everything_sam2_1_convnext_l.py"
+FUSED_CONFIG = "configs/open_vocab/everything_fused_sam2_1_convnext_l.py"
 MASK_SUFFIX = "_mask.png"
 PREDICTION_FORMAT = 2  # version of predictions/<file>.json (1: a bare list of results, no fingerprint)
 
@@ -144,6 +161,27 @@ def load_references(source: dict, references: str) -> ReferenceBank:
     return bank
 
 
+def label_space(words: list[str], reference_classes: list[str]) -> list[str]:
+    """The classes of a run with words and references: the words' classes, then the reference classes
+    whose names are not among them (a reference class and a word class are one class when their
+    names are equal)."""
+    return list(words) + [name for name in reference_classes if name not in words]
+
+
+def use_words(cfg, *, with_references: bool, config_file: str) -> None:
+    """Check that the config's model labels by words (``model.open_vocab``); without references its
+    semantic encoder (DINOv2, for image prototypes) is not built."""
+    if cfg.model.get("open_vocab") is None:
+        raise ValueError(f"--classes/--vocabulary need a config whose model has an open_vocab classifier (CLIP); "
+                         f"{config_file} has none. Use {WORDS_CONFIG} or {FUSED_CONFIG}.")
+    if not with_references:
+        cfg.model.reference_bank = None
+        cfg.model.semantic_encoder = None
+    elif cfg.model.get("semantic_encoder") is None:
+        raise ValueError(f"--references with words need a config with a semantic_encoder (the image prototypes' "
+                         f"encoder, DINOv2); {config_file} has none. Use {FUSED_CONFIG}.")
+
+
 def resolve_config_file(path: str) -> str:
     """``path`` as given if it exists, else relative to the project folder (where the configs live)."""
     if os.path.isfile(path) or os.path.isabs(path):
@@ -212,18 +250,33 @@ def _finished(pred_file: str, fingerprint: str):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--references", required=True,
+    parser.add_argument("--references", default=None,
                         help="COCO json, <class>/<image> + mask folder, or a registered reference set")
+    word_options = parser.add_mutually_exclusive_group()
+    word_options.add_argument("--classes", default=None,
+                       help='classes named by words: "cat,dog/puppy,traffic light" (/ separates synonyms)')
+    word_options.add_argument("--vocabulary", default=None,
+                       help="a vocabulary file (one class per line) or name (coco, lvis_v1, shapes)")
     parser.add_argument("--image-root", default=None, help="folder of the reference json's file names")
     parser.add_argument("--images", required=True,
                         help="folder of images to segment, or a registered dataset (its images)")
     parser.add_argument("--output", required=True, help="output folder")
-    parser.add_argument("--config-file", default=DEFAULT_CONFIG,
-                        help=f"training-free config (default {DEFAULT_CONFIG})")
+    parser.add_argument("--config-file", default=None,
+                        help=f"training-free config (default {DEFAULT_CONFIG}; with words {WORDS_CONFIG}, with "
+                             f"words and references {FUSED_CONFIG})")
     parser.add_argument("--shots", type=int, default=None, help="references per class to use (default: all)")
     parser.add_argument("--score-threshold", type=float, default=0.3, help="minimum score drawn on the overlays")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="key=value config overrides")
     args = parser.parse_args(argv)
+    if args.references is None and args.classes is None and args.vocabulary is None:
+        parser.error("give --references (annotated examples), --classes / --vocabulary (words), or both")
+    try:
+        words = parse_class_list(args.classes) if args.classes is not None else (
+            get_vocabulary(args.vocabulary) if args.vocabulary is not None else None)
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        parser.error(str(e.args[0] if isinstance(e, KeyError) else e))
+    if args.config_file is None:
+        args.config_file = DEFAULT_CONFIG if words is None else (WORDS_CONFIG if args.references is None else FUSED_CONFIG)
     os.makedirs(args.output, exist_ok=True)
     setup_logger(args.output, name="samantics_d2")
 
@@ -247,15 +300,25 @@ def main(argv: list[str] | None = None) -> int:
     cfg = LazyConfig.load(config_file)
     check_override_keys(cfg, args.opts)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    if words is not None:
+        use_words(cfg, with_references=args.references is not None, config_file=config_file)
     check_weights_available(cfg, config_file)
-    source = reference_source(args.references, args.image_root, args.output)
-    bank = load_references(source, args.references)
-    classes = bank.reference_classes  # the label space: the reference classes
-    refs_key = references_key(bank.dataset_dicts, classes)
-    cfg.model.reference_bank = LazyCall(build_reference_bank)(
-        **source, shots=args.shots,
-        cache_path=os.path.join(args.output, f"memory_bank-{refs_key[:12]}.safetensors"),
-    )
+    classes, refs_key = list(words or []), None  # the label space
+    if args.references is not None:
+        source = reference_source(args.references, args.image_root, args.output)
+        bank = load_references(source, args.references)
+        refs_key = references_key(bank.dataset_dicts, bank.reference_classes)
+        classes = label_space(classes, bank.reference_classes)
+        if words is not None:
+            source["class_names"] = classes
+        cfg.model.reference_bank = LazyCall(build_reference_bank)(
+            **source, shots=args.shots,
+            cache_path=os.path.join(args.output, f"memory_bank-{refs_key[:12]}.safetensors"),
+        )
+    if words is not None:  # the text prototypes of the label space, built with the model
+        cfg.model.open_vocab.text_prototypes.class_names = classes
+        cfg.model.open_vocab.text_prototypes.name = "segment"
+        logger.info("Classes by words%s: %s", " and references" if args.references else "", ", ".join(classes))
     seed = cfg.train.get("seed", -1)
     torch.manual_seed(seed if seed >= 0 else 0)  # randomly initialised (tiny) encoders are the same in every run
     model = instantiate(cfg.model)

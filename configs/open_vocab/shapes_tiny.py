@@ -27,3 +27,4 @@ dataloader.test.num_workers = 0
 train.output_dir = "./output/open_vocab/shapes_tiny"
 train.seed = 0  # the random CLIP (and its text prototypes) are the same in every run
 train.device = "cpu"
+del sam_trainer  # (imported for its proposer node only)
