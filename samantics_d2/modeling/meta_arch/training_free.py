@@ -38,6 +38,7 @@ from ...yacs_config import check_yacs_config, node_kwargs, yacs_reference_bank
 from ..backbone import EncoderBackbone, build_encoder
 from ..proposals import MaskProposals, PointGridProposals, build_prompt_decoder
 from ..semantic import MemoryBank, MemoryBankConfig, PrototypeClassifier, mask_pooling, masks_to_boxes, masks_to_original
+from ..semantic.clip_recognition import open_vocab_probabilities
 from ..semantic.open_vocab_classifier import OpenVocabClassifier, classify_by_probabilities
 from ..weights import module_fingerprint
 
@@ -121,8 +122,9 @@ class TrainingFreeSegmenter(nn.Module):
             prototype bank labels the masks follows from what is given:
             ``reference_bank`` only: image prototypes (DINOv2 cosine, the default pipeline);
             ``open_vocab`` only: text prototypes (no ``semantic_encoder`` needed);
-            both: fused, the DINOv2 cosines as a softmax at ``image_logit_scale`` (classes without
-            references: text only); the two label spaces must be equal.
+            both: fused, the DINOv2 cosines (a class: its best prototype) as a softmax at
+            ``image_logit_scale`` without background (classes without references: text only); the
+            two label spaces must be equal.
         image_logit_scale: the logit scale of the image side's softmax in the fused mode.
     """
 
@@ -321,12 +323,12 @@ class TrainingFreeSegmenter(nn.Module):
                 grid_size=tuple(features.shape[-2:]), patch_size=self.semantic_encoder.preprocess.patch_size,
             )
             pooled, _ = mask_pooling(features, weights)  # [P, C]
-            cosine = torch.einsum("pc,kmc->pkm", torch.nn.functional.normalize(pooled, dim=-1),
-                                  torch.nn.functional.normalize(prototypes.float(), dim=-1))
-            cosine = cosine.masked_fill(~valid[None], float("-inf")).amax(dim=2)  # [P, K]; -inf: no reference
+            rows = valid.nonzero()  # [R, 2]: (class, prototype) of every valid prototype
+            image_probabilities = [open_vocab_probabilities(  # a class scores by its best prototype; no background
+                pooled, torch.nn.functional.normalize(prototypes[rows[:, 0], rows[:, 1]].float(), dim=-1),
+                logit_scale=self.image_logit_scale, prototype_classes=rows[:, 0], num_classes=len(valid),
+            )]
             has_image_side = valid.any(dim=1)
-            logits = torch.cat([self.image_logit_scale * cosine, cosine.new_zeros((len(cosine), 1))], dim=1)
-            image_probabilities = [logits.softmax(dim=1)]  # background: logit 0 (cosine 0)
         masks = proposals.original_masks()  # [P, H, W] on the image CLIP sees
         probabilities = self.open_vocab([image], [masks], image_probabilities=image_probabilities,
                                         has_image_side=has_image_side)[0]
