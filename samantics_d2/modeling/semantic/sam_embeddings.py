@@ -87,6 +87,11 @@ class SamMaskEmbedder(nn.Module):
         self.proposals = proposals
         self.semantic_encoder = semantic_encoder
 
+    @classmethod
+    def from_proposer(cls, *, proposer: nn.Module, semantic_encoder: Optional[nn.Module] = None) -> "SamMaskEmbedder":
+        """The embedder over a ``SamProposer``'s encoder and proposals (``build_sam_proposer``)."""
+        return cls(backbone=proposer.backbone, proposals=proposer.proposals, semantic_encoder=semantic_encoder)
+
     @property
     def sources(self) -> tuple[str, ...]:
         """The embeddings :meth:`forward` returns."""
