@@ -177,7 +177,7 @@ class _StubDecoder:
                 mask[max(y - 1, 0) : y + 2, max(x - 1, 0) : x + 2] = True
         logits = mask.float()[None] * 2 - 1
         return GranularityMasks(
-            mask_logits=logits, iou_pred=torch.tensor([0.5]), stability=torch.ones(1), areas=mask.sum()[None],
+            mask_logits=logits, iou_pred=torch.tensor([0.5]), stability=torch.ones(1), masks=mask[None], areas=mask.sum()[None],
             part_of=torch.zeros(1, 1, dtype=torch.bool), prompt_index=torch.zeros(1, dtype=torch.long),
             mask_index=torch.zeros(1, dtype=torch.long), fit=fit,
         )  # fmt: skip
