@@ -262,7 +262,12 @@ class DensePoolRecognizer(MaskRecognizer):
     the stride-32 grid (:func:`.mask_ops.resample_masks`: the covered share of every cell, from
     ``samples_per_cell x samples_per_cell`` bilinear samples per cell) and calls the tower's
     ``embed_masks`` on all masks of all images at once (images with fewer masks are padded with
-    empty masks, dropped afterwards).
+    empty masks, dropped afterwards). A mask with no weight on the grid (empty, or a few pixels that
+    fall between the samples) gets a finite but meaningless embedding: raise ``samples_per_cell``
+    or drop such masks before.
+
+    OVSAM's published "feature-crop" baseline differs: it RoI-aligns the box of each prompt to the
+    tower's native grid and runs the unchanged attention pool; this class pools under the mask.
 
     Args:
         clip: a :class:`~..backbone.clip.ConvCLIPBackbone` (ConvNeXt or ResNet CLIP).
