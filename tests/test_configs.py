@@ -28,6 +28,8 @@ def _tiny(node):
             node.size, node.pretrained = "tiny", False
             if "input_size" in node:
                 node.input_size = None
+            if node.get("pre_resize") is not None:  # (its size may follow an input_size just reset)
+                node.pre_resize = None
         if node.get("_target_") is build_reference_bank and not str(node.get("references")).startswith("shapes_"):
             node.references, node.dataset_name = "shapes_train_ref5_seed0", "shapes_val"
         if "decoder_weights" in node:

@@ -19,6 +19,7 @@ model = L(TrainingFreeSegmenter)(
         backbone=L(build_encoder)(
             tag="sam2.1_hiera_l",
             pretrained=True,
+            input_size=1024,  # (the tag's; DINOv2's target is first resized to it too, below)
             out_features=["p2", "p3", "p4"],
             fit="resize_square",  # theirs: 1024 x 1024, aspect ratio ignored,
             interpolation="pil_bicubic",  # with PIL's bicubic (sam2's _load_img_as_tensor)
@@ -32,8 +33,17 @@ model = L(TrainingFreeSegmenter)(
         pred_iou_thresh=0.4,
         point_layout="input_linspace",  # theirs: linspace(0, S-1, n) + 0.5 over the input, x slowest
     ),
-    # 37 x 37 patches over the whole image (theirs: the target resized to 518 x 518, no centre crop)
-    semantic_encoder=L(build_encoder)(tag="dinov2_vitl14", pretrained=True, input_size=518, fit="resize_square"),
+    # 37 x 37 patches over the whole image, no centre crop. Theirs, in two steps: the target as
+    # loaded for SAM (PIL bicubic to the SAM input square), that tensor then F.interpolate bicubic
+    # (no antialias, float) to 518 x 518
+    semantic_encoder=L(build_encoder)(
+        tag="dinov2_vitl14",
+        pretrained=True,
+        input_size=518,
+        fit="resize_square",
+        pre_resize=("${...proposer.backbone.input_size}", "pil_bicubic"),
+        interpolation="bicubic_float",
+    ),
     # No Time to Train's post-processing, step by step (docs/results.md has the AP of each variant):
     classifier=L(PrototypeClassifier)(
         score_floor=0.0,  # masks scoring <= 0 are dropped

@@ -27,6 +27,11 @@ Interpolations (:data:`INTERPOLATIONS`):
 - ``"bicubic_float"``: ``torch.nn.functional.interpolate(mode="bicubic")`` on the float pixel
   values, without antialiasing, rounding or clamping (the output is float32, overshoot kept), as
   "No Time to Train" resizes its reference crops to 518 x 518.
+
+Two-step resize (``PreprocessSpec.pre_resize = (P, interpolation)``, ``fit="resize_square"`` only):
+the whole image is first resized to ``P x P`` with that interpolation, then to the input square
+with ``interpolation``. "No Time to Train" feeds DINOv2 its target that way: the image loaded as
+its SAM input (``(1024, "pil_bicubic")``), that tensor then ``bicubic_float`` to 518 x 518.
 """
 from __future__ import annotations
 
@@ -86,6 +91,9 @@ class PreprocessSpec:
         interpolation: one of :data:`INTERPOLATIONS` (module docstring).
         crop_pct: ``resize_center_crop`` only: the shorter side is resized to
             ``input_size / crop_pct`` before the centre crop (0.875: 256 -> 224).
+        pre_resize: ``(P, interpolation)``: resize the whole image to ``P x P`` with that
+            interpolation (one of :data:`INTERPOLATIONS` giving ``uint8``: not ``"bicubic_float"``)
+            before fitting it (``fit="resize_square"`` only; module docstring); None: one step.
     """
 
     tag: str
@@ -96,9 +104,20 @@ class PreprocessSpec:
     fit: str
     interpolation: str = "bilinear"
     crop_pct: float = 1.0
+    pre_resize: Optional[tuple[int, str]] = None
 
     def __post_init__(self) -> None:
         problems = []
+        if self.pre_resize is not None:
+            object.__setattr__(self, "pre_resize", tuple(self.pre_resize))  # configs give lists
+            pre = self.pre_resize
+            if not (len(pre) == 2 and isinstance(pre[0], int) and pre[0] > 0 and pre[1] in INTERPOLATIONS
+                    and pre[1] != "bicubic_float"):
+                problems.append(f"pre_resize={self.pre_resize!r} must be (size > 0, interpolation) with an interpolation "
+                                f"of {tuple(i for i in INTERPOLATIONS if i != 'bicubic_float')}")
+            if self.fit != "resize_square":
+                problems.append(f"pre_resize goes with fit='resize_square' (the whole image is stretched twice); "
+                                f"got fit={self.fit!r}")
         if self.fit not in FIT_MODES:
             problems.append(f"fit={self.fit!r} is not one of {FIT_MODES}")
         if self.interpolation not in INTERPOLATIONS:
@@ -157,9 +176,10 @@ def preprocess_spec(
     fit: Optional[str] = None,
     crop_pct: Optional[float] = None,
     interpolation: Optional[str] = None,
+    pre_resize: Optional[Sequence] = None,
 ) -> PreprocessSpec:
     """The preprocessing of weight tag ``tag``, optionally with another input size, fitting mode,
-    crop share or interpolation.
+    crop share, interpolation or two-step resize (``pre_resize``).
 
     Example: DINOv2 dense features on the whole image at 518 px (as in "No Time to Train"):
     ``preprocess_spec("dinov2_vitl14", input_size=518, fit="resize_square")``.
@@ -167,7 +187,8 @@ def preprocess_spec(
     if tag not in PREPROCESS:
         raise KeyError(f"No preprocessing known for weight tag {tag!r}; known tags: {sorted(PREPROCESS)}.")
     spec = PREPROCESS[tag]
-    options = (("input_size", input_size), ("fit", fit), ("crop_pct", crop_pct), ("interpolation", interpolation))
+    options = (("input_size", input_size), ("fit", fit), ("crop_pct", crop_pct), ("interpolation", interpolation),
+               ("pre_resize", pre_resize))
     changes = {k: v for k, v in options if v is not None}
     return spec.replace(**changes) if changes else spec
 
@@ -303,6 +324,8 @@ def fit_image(image: Union[np.ndarray, torch.Tensor], spec: PreprocessSpec) -> t
     pixels = image_to_tensor(image)
     H, W = int(pixels.shape[1]), int(pixels.shape[2])
     S = spec.input_size
+    if spec.pre_resize is not None:  # resize_square: stretching twice still maps (H, W) onto (S, S)
+        pixels = _resize_uint8(pixels, (spec.pre_resize[0],) * 2, spec.pre_resize[1])
     if spec.fit == "longest_side_pad":
         scale = S / max(H, W)
         # rounding as segment_anything.utils.transforms.ResizeLongestSide.get_preprocess_shape

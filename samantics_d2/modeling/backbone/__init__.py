@@ -41,6 +41,7 @@ def build_encoder(
     input_size: Optional[int] = None,
     fit: Optional[str] = None,
     interpolation: Optional[str] = None,
+    pre_resize: Optional[Sequence] = None,
     out_features: Optional[Sequence[str]] = None,
 ) -> EncoderBackbone:
     """The backbone of weight tag ``tag`` (its family's catalog ``backbone``), with the tag's
@@ -55,7 +56,7 @@ def build_encoder(
         pretrained: load official weights, strictly (checksum checked where published).
         weights: another location of the weights (a path or a file name under
             ``$SAMANTICS_WEIGHTS``); default: the tag's official file name.
-        input_size, fit, interpolation: preprocessing overrides (``preprocess_spec``). SAM, HQ-SAM and CLIP are
+        input_size, fit, interpolation, pre_resize: preprocessing overrides (``preprocess_spec``). SAM, HQ-SAM and CLIP are
             built for ``input_size`` (their position embeddings have a fixed size, so official
             weights then no longer fit); DINOv2 stores its position grid at that size (official
             weights are resampled as DINOv2 does); SAM 2 takes it as it is.
@@ -69,7 +70,8 @@ def build_encoder(
         path = resolve_weights(weights if weights is not None else tag)
     cls = spec.family_spec.backbone_class()
     model = cls(**cls.options_for_tag(
-        tag, size=size, input_size=input_size, fit=fit, interpolation=interpolation, out_features=out_features
+        tag, size=size, input_size=input_size, fit=fit, interpolation=interpolation, pre_resize=pre_resize,
+        out_features=out_features,
     ))
     if path is not None:
         # the published checksum applies to the published file name

@@ -108,6 +108,7 @@ class EncoderBackbone(Backbone):
         input_size: Optional[int] = None,
         fit: Optional[str] = None,
         interpolation: Optional[str] = None,
+        pre_resize: Optional[Sequence] = None,
         out_features: Optional[Sequence[str]] = None,
     ) -> dict:
         """The constructor arguments of weight tag ``tag``'s architecture and preprocessing
@@ -119,8 +120,9 @@ class EncoderBackbone(Backbone):
                 f"pick a {cls.weight_family} tag or the backbone class of its family."
             )
         kwargs: dict = {"variant": spec.variant, "size": size, "out_features": out_features}
-        if size == "full" or input_size is not None or fit is not None or interpolation is not None:
-            kwargs["preprocess"] = preprocess_spec(tag, input_size=input_size, fit=fit, interpolation=interpolation)
+        overrides = dict(input_size=input_size, fit=fit, interpolation=interpolation, pre_resize=pre_resize)
+        if size == "full" or any(v is not None for v in overrides.values()):
+            kwargs["preprocess"] = preprocess_spec(tag, **overrides)
         if input_size is not None and cls.takes_img_size:
             kwargs["img_size"] = input_size
         return kwargs

@@ -536,7 +536,8 @@ def reference_preprocess(backbone: EncoderBackbone, config: MemoryBankConfig) ->
     spec = backbone.preprocess
     if config.crop == "full":
         return spec
-    return spec.replace(fit="resize_square", interpolation=config.crop_interpolation or spec.interpolation)
+    # the crop is resized once (a two-step pre_resize is the target image's, not the crops')
+    return spec.replace(fit="resize_square", interpolation=config.crop_interpolation or spec.interpolation, pre_resize=None)
 
 
 def _shot_features(
