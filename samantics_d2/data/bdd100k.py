@@ -26,7 +26,6 @@ from typing import Optional
 from pycocotools import mask as mask_util
 
 from ..d2 import BoxMode, DatasetCatalog, MetadataCatalog
-from .builtin import DATASETS_ENV, set_paths_if_missing
 
 __all__ = ["BDD100K_INS_SEG_CLASSES", "BDD100K_SPLITS", "bdd100k_files", "load_bdd100k_ins_seg", "register_all_bdd100k"]
 
@@ -39,20 +38,24 @@ BDD100K_SPLITS = {"bdd100k_ins_seg_train": "train", "bdd100k_ins_seg_val": "val"
 _LABEL_FORMATS = ("rles", "polygons")
 
 
+def _image_root(root: str, split: str) -> str:
+    return os.path.join(root, "bdd100k", "images", "10k", split)
+
+
 def bdd100k_files(root: str, split: str) -> tuple[str, str]:
     """``(json file, image folder)`` of ``split`` under ``root`` (the RLE labels when present).
 
     Raises:
         FileNotFoundError: neither label file exists; the message names both and ``$DETECTRON2_DATASETS``.
     """
-    image_root = os.path.join(root, "bdd100k", "images", "10k", split)
+    image_root = _image_root(root, split)
     candidates = [os.path.join(root, "bdd100k", "labels", "ins_seg", f, f"ins_seg_{split}.json") for f in _LABEL_FORMATS]
     for json_file in candidates:
         if os.path.isfile(json_file):
             return json_file, image_root
     raise FileNotFoundError(
         f"BDD100K instance segmentation ({split}): none of {[os.path.abspath(c) for c in candidates]} exists. The root "
-        f"{os.path.abspath(root)!r} is {DATASETS_ENV} (default 'datasets'): set it to the folder holding bdd100k/ "
+        f"{os.path.abspath(root)!r} is DETECTRON2_DATASETS (default 'datasets'): set it to the folder holding bdd100k/ "
         "(images/10k/<split>/ and labels/ins_seg/rles/ins_seg_<split>.json from the official download) before "
         "starting Python."
     )
@@ -119,7 +122,8 @@ def load_bdd100k_ins_seg(json_file: str, image_root: str, name: Optional[str] = 
 
 
 def register_all_bdd100k(root: str) -> list[str]:
-    """Register the BDD100K names not registered yet under ``root`` (nothing is read now)."""
+    """Register the BDD100K names not registered yet under ``root`` (nothing is read now). The metadata
+    has no ``json_file`` (the labels are not COCO json: COCOEvaluator converts the dataset dicts)."""
     registered = []
     for name, split in BDD100K_SPLITS.items():
         if name in DatasetCatalog.list():
@@ -127,10 +131,12 @@ def register_all_bdd100k(root: str) -> list[str]:
 
         def load(name: str = name, split: str = split) -> list[dict]:
             json_file, image_root = bdd100k_files(root, split)
-            set_paths_if_missing(name, json_file=json_file, image_root=image_root)
             return load_bdd100k_ins_seg(json_file, image_root, name)
 
         DatasetCatalog.register(name, load)
-        MetadataCatalog.get(name).set(thing_classes=list(BDD100K_INS_SEG_CLASSES), evaluator_type="coco")
+        MetadataCatalog.get(name).set(
+            thing_classes=list(BDD100K_INS_SEG_CLASSES), evaluator_type="coco",
+            image_root=_image_root(root, split),
+        )
         registered.append(name)
     return registered
