@@ -738,6 +738,119 @@ class StageOrderBaseline:
         return outputs
 
 
+class StageOrderMemoryBank:
+    """"No Time to Train"'s memory fill, stage by stage, over the segmenter's semantic encoder and memory-bank options.
+
+    Their order (``Sam2MatchingBaseline_noAMG.forward_fill_memory`` + ``postprocess_memory``, fed by
+    ``COCOMemoryFillCropDataset`` one reference per batch): for every reference, its image read and
+    cropped, one encoder forward on that crop alone, its full ``[h * w, C]`` feature map and
+    ``[h * w]`` mask weights stored in ``[K, L, h * w, C]`` / ``[K, L, h * w]`` buffers (their
+    ``mem_feats`` / ``mem_masks``); then per reference the mask-weighted mean of its map, per class
+    the mean of its references, L2-normalised (``mem_feats_avg``). The crops, mask weights and
+    pooling are the memory bank's own functions (:mod:`samantics_d2.modeling.semantic.memory_bank`),
+    so the prototypes must equal :meth:`MemoryBank.prototypes` with ``aggregation="mean"`` up to
+    float rounding; ours batches ``memory_bank.batch_size`` references per forward and keeps only
+    the pooled features.
+    """
+
+    def __init__(self, segmenter) -> None:
+        config = segmenter.memory_bank_config
+        if config.crop == "full" or segmenter.aggregation != "mean":
+            raise SystemExit("The memory-bank stage order is their crop per reference and class means: it needs "
+                             "model.memory_bank.crop=square_clipped (or square_context) and model.aggregation=mean.")
+        self.segmenter = segmenter
+
+    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(prototypes [K, D], valid [K])`` in the reference classes' order."""
+        from samantics_d2.modeling.preprocess import prepare_batch
+        from samantics_d2.modeling.semantic.memory_bank import (
+            _xywh_box,
+            clipped_context_window,
+            crop_mask_weights,
+            crop_padded,
+            reference_preprocess,
+            square_context_window,
+        )
+        from samantics_d2.references.ordering import order_references
+
+        segmenter, references = self.segmenter, self.segmenter.reference_bank
+        encoder, config = segmenter.semantic_encoder, segmenter.memory_bank_config
+        num_classes = len(references.reference_classes)
+        shots = references.shots
+        items = [r for r in order_references(references.dataset_dicts, num_classes) if shots is None or r.shot_rank < shots]
+        spec = reference_preprocess(encoder, config)
+        fill = np.round(np.asarray(spec.pixel_mean)).astype(np.uint8)
+        device = next(encoder.parameters()).device
+        slots = torch.bincount(torch.tensor([r.class_id for r in items], dtype=torch.long), minlength=num_classes)
+        grid = spec.input_size // spec.patch_size
+        channels = encoder.output_shape()[encoder.dense_feature].channels
+        length = max(1, int(slots.max())) if len(items) else 1
+        mem_feats = torch.zeros(num_classes, length, grid * grid, channels)
+        mem_masks = torch.zeros(num_classes, length, grid * grid)
+        filled = torch.zeros(num_classes, dtype=torch.long)
+        with torch.inference_mode():
+            for r in items:  # one reference per forward, its image read each time
+                image, mask = r.read_image(), r.mask()
+                box = _xywh_box(r.annotation, mask)
+                window = (clipped_context_window(box, config.context, image.shape[:2]) if config.crop == "square_clipped"
+                          else square_context_window(box, config.context))
+                x, _ = prepare_batch([crop_padded(image, window, fill)], spec, device=device)
+                dense = encoder(x)[encoder.dense_feature][0]  # [C, h, w]
+                weights = crop_mask_weights([crop_padded(mask, window, 0)], tuple(dense.shape[-2:]),
+                                            mode=config.mask_weights, input_size=spec.input_size)[0]
+                c, slot = r.class_id, int(filled[r.class_id])
+                mem_feats[c, slot] = dense.flatten(1).t().float().cpu()
+                mem_masks[c, slot] = weights.flatten().float()
+                filled[c] += 1
+            area = mem_masks.sum(dim=-1)  # [K, L]
+            instance = (mem_feats * mem_masks[..., None]).sum(dim=-2) / area.clamp_min(1e-12)[..., None]  # [K, L, C]
+            used = area > 0
+            counts = used.sum(dim=1)
+            mean = (instance * used[..., None]).sum(dim=1) / counts.clamp_min(1)[:, None]
+        return torch.nn.functional.normalize(mean, dim=-1), counts > 0
+
+
+def measure_memory_banks(segmenter, *, runs: int) -> dict:
+    """Build the segmenter's memory bank ``runs`` times our way (:meth:`MemoryBank.build` + mean
+    prototypes) and their way (:class:`StageOrderMemoryBank`), taking turns; the median seconds of
+    each and the largest difference between the two sets of prototypes."""
+    from samantics_d2.modeling.semantic import MemoryBank
+    from samantics_d2.modeling.weights import module_fingerprint
+
+    references, encoder = segmenter.reference_bank, segmenter.semantic_encoder
+    inputs = dict(references=references.dataset_dicts, backbone=encoder, config=segmenter.memory_bank_config,
+                  weights_id=module_fingerprint(encoder), num_classes=len(references.reference_classes))
+    theirs_fn = StageOrderMemoryBank(segmenter)
+    times: dict[str, list[float]] = {"ours": [], "theirs": []}
+    for _ in range(runs):
+        logger.info("Building the memory bank our way ...")
+        start = time.perf_counter()
+        ours, ours_valid = MemoryBank.build(**inputs).prototypes(shots=references.shots, aggregation="mean")
+        times["ours"].append(time.perf_counter() - start)
+        logger.info("Building the memory bank in their stage order ...")
+        start = time.perf_counter()
+        theirs, theirs_valid = theirs_fn()
+        times["theirs"].append(time.perf_counter() - start)
+    ours, ours_valid = ours[:, 0], ours_valid[:, 0]
+    same = bool(torch.equal(ours_valid, theirs_valid))
+    diff = float((ours - theirs)[ours_valid].abs().max()) if same and bool(ours_valid.any()) else float("nan")
+    return {"ours_s": statistics.median(times["ours"]), "theirs_s": statistics.median(times["theirs"]),
+            "references": sum(len(d["annotations"]) for d in references.dataset_dicts), "same_classes": same,
+            "max_prototype_diff": diff}
+
+
+def resize_inputs(inputs: Sequence[dict], size: int) -> list[dict]:
+    """The images resized to ``size x size`` (bilinear, antialiased, uint8), ``height`` / ``width``
+    kept: the pipelines see ``size``-px source images and return outputs at the original size, as
+    after Detectron2's test-time resize, so the evaluation is unchanged."""
+    resized = []
+    for x in inputs:
+        image = torch.nn.functional.interpolate(x["image"][None].float(), size=(size, size), mode="bilinear",
+                                                antialias=True, align_corners=False)[0]
+        resized.append({**x, "image": image.round().clamp(0, 255).to(x["image"].dtype)})
+    return resized
+
+
 def detection_agreement(ours: Sequence[dict], theirs: Sequence[dict], *, mask_iou: float = 0.9) -> dict:
     """Share of detections two pipelines agree on, over the same images: a detection agrees when the
     other pipeline has one of the same class with mask IoU > ``mask_iou`` (matched one to one, in
@@ -771,9 +884,8 @@ def _autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def measure_pipeline(
-    name: str,
-    pipeline: Callable[[list[dict]], list[dict]],
+def measure_pipelines(
+    pipelines: Sequence[tuple[str, Callable[[list[dict]], list[dict]]]],
     inputs: Sequence[dict],
     *,
     device: torch.device,
@@ -785,10 +897,37 @@ def measure_pipeline(
     evaluator: Any,
     output_dir: str,
 ) -> dict:
-    """Time ``pipeline`` image by image over ``inputs`` (median over ``runs`` passes after ``warmup``
-    single-image passes), measure its peak memory and evaluate the last pass's outputs with the
-    config's ``evaluator`` (a COCOEvaluator node, instantiated here with its output in
-    ``output_dir/name``), on these images only."""
+    """Time each ``(name, pipeline)`` image by image over ``inputs`` (median over ``runs`` passes after
+    ``warmup`` single-image passes; the pipelines take turns within each pass, so a machine whose load
+    changes slows them alike), measure their peak memory and evaluate the last pass's outputs with the
+    config's ``evaluator`` (a COCOEvaluator node, instantiated with its output in ``output_dir/name``),
+    on these images only. Returns one row per pipeline, in order."""
+    times: dict[str, list[float]] = {name: [] for name, _ in pipelines}
+    outputs: dict[str, list[dict]] = {}
+    with torch.no_grad(), _autocast(device, dtype):
+        for name, pipeline in pipelines:
+            for i in range(warmup):
+                pipeline([inputs[i % len(inputs)]])
+        for _ in range(runs):
+            for name, pipeline in pipelines:
+                logger.info("Timing %s on %d image(s) ...", name, len(inputs))
+                outputs[name] = []
+                _synchronize(device)
+                start = time.perf_counter()
+                for x in inputs:
+                    outputs[name].extend(pipeline([x]))
+                _synchronize(device)
+                times[name].append(time.perf_counter() - start)
+    return [
+        _pipeline_row(name, pipeline, inputs, times[name], outputs[name], device=device, dtype=dtype, existing=existing,
+                      weight_bytes=weight_bytes, evaluator=evaluator, output_dir=output_dir)
+        for name, pipeline in pipelines
+    ]
+
+
+def _pipeline_row(name: str, pipeline, inputs, times, outputs, *, device, dtype, existing, weight_bytes, evaluator,
+                  output_dir) -> dict:
+    """One table row: the timed passes, the peak memory of one more image, and the evaluation."""
     import contextlib
     import io
 
@@ -799,18 +938,7 @@ def measure_pipeline(
     if "img_ids" not in inspect.signature(evaluator.evaluate).parameters:
         raise SystemExit(f"{type(evaluator).__name__} cannot evaluate a subset of the images (no img_ids); the "
                          "benchmark needs a COCOEvaluator in dataloader.evaluator.")
-    times, outputs = [], []
     with torch.no_grad(), _autocast(device, dtype):
-        for i in range(warmup):
-            pipeline([inputs[i % len(inputs)]])
-        for _ in range(runs):
-            outputs = []
-            _synchronize(device)
-            start = time.perf_counter()
-            for x in inputs:
-                outputs.extend(pipeline([x]))
-            _synchronize(device)
-            times.append(time.perf_counter() - start)
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
@@ -877,6 +1005,8 @@ def run_training_free(args: argparse.Namespace) -> int:
     baseline = globals()[baseline_class](segmenter)  # checks that it can reproduce the config's stages
     prototypes, prototype_valid = segmenter.prepared_prototypes()
     inputs = list(itertools.islice((x for batch in instantiate(cfg.dataloader.test) for x in batch), args.images))
+    if args.image_size:
+        inputs = resize_inputs(inputs, args.image_size)
     output_dir = args.output_dir or tempfile.mkdtemp(prefix="benchmark_training_free.")
     tensors = list(segmenter.parameters()) + list(segmenter.buffers()) + [prototypes, prototype_valid]
     if isinstance(baseline, NaiveBaseline):
@@ -887,11 +1017,7 @@ def run_training_free(args: argparse.Namespace) -> int:
         weight_bytes=sum(t.numel() * t.element_size() for t in segmenter.parameters()),
         evaluator=cfg.dataloader.evaluator, output_dir=output_dir,
     )
-    rows = []
-    for name, pipeline in (("ours", segmenter), ("baseline", baseline)):
-        logger.info("Measuring %s on %d image(s) ...", name if name == "ours" else baseline_name, len(inputs))
-        rows.append(measure_pipeline(name, pipeline, **common))
-        logger.info("%s: %.3f img/s", name, rows[-1]["images_per_s"])
+    rows = measure_pipelines([("ours", segmenter), ("baseline", baseline)], **common)
     agreement = detection_agreement(rows[0].pop("outputs"), rows[1].pop("outputs"))
     for row in rows:
         row.update(agree=agreement["agree"], max_score_diff=agreement["max_score_diff"])
@@ -905,7 +1031,8 @@ def run_training_free(args: argparse.Namespace) -> int:
         f"{encoders[0]} with the weights of train.init_checkpoint ({cfg.train.init_checkpoint or 'empty: as built'}); "
         f"{encoders[1]}; {proposals.points_per_side}x{proposals.points_per_side} points, points_per_batch "
         f"{proposals.points_per_batch}, pred_iou_thresh {proposals.pred_iou_thresh}, min_region_area "
-        f"{proposals.min_region_area:g}; {len(inputs)} image(s) of {dataset}; references {bank.source} (shots {bank.shots}); "
+        f"{proposals.min_region_area:g}; {len(inputs)} image(s) of {dataset}"
+        f"{f' resized to {args.image_size} x {args.image_size} px' if args.image_size else ''}; references {bank.source} (shots {bank.shots}); "
         f"seed {cfg.train.seed}; dtype {args.dtype}; {args.warmup} warm-up image(s), median of {args.runs} pass(es). "
         f"Peak memory: {memory}. AP: dataloader.evaluator on the same images (percent). Agree: share of the detections "
         f"(same class, mask IoU > 0.9, one to one) both pipelines make on these images."
@@ -913,9 +1040,20 @@ def run_training_free(args: argparse.Namespace) -> int:
     section = (f"training-free-{device.type}-{args.dtype}-{os.path.splitext(os.path.basename(args.config_file))[0]}-"
                f"{sam.size}-{sam.preprocess.input_size}px-pps{proposals.points_per_side}-"
                f"semantic-{semantic.size}-{semantic.preprocess.input_size}px")
+    if args.image_size:
+        section += f"-source{args.image_size}px"
     if args.baseline != "stage_order":
         section += f"-{args.baseline}"
-    publish(args, device, section, f"Settings: {settings}\n\n{training_free_table(rows, baseline_name=baseline_name)}")
+    body = f"Settings: {settings}\n\n{training_free_table(rows, baseline_name=baseline_name)}"
+    if args.memory_bank_runs:
+        bank_row = measure_memory_banks(segmenter, runs=args.memory_bank_runs)
+        body += (
+            f"\nMemory bank ({bank_row['references']} references, median of {args.memory_bank_runs} build(s), taking "
+            f"turns): ours {bank_row['ours_s']:.1f} s, their stage order (StageOrderMemoryBank) {bank_row['theirs_s']:.1f} s: "
+            f"**{bank_row['theirs_s'] / bank_row['ours_s']:.2f}x**; same classes with prototypes: {bank_row['same_classes']}, "
+            f"largest prototype difference {bank_row['max_prototype_diff']:.2g}.\n"
+        )
+    publish(args, device, section, body)
     return 0
 
 
@@ -1032,6 +1170,10 @@ def build_parser() -> argparse.ArgumentParser:
     tf.add_argument("--images", type=int, default=4, help="the first N images of dataloader.test")
     tf.add_argument("--warmup", type=int, default=1, help="untimed images first")
     tf.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="fp32, or autocast to bf16/fp16 for both pipelines")
+    tf.add_argument("--image-size", type=int, default=None, metavar="N",
+                    help="resize the test images to N x N px first (outputs at the original size, so AP is unchanged)")
+    tf.add_argument("--memory-bank-runs", type=int, default=0, metavar="R",
+                    help="also build the memory bank R times our way and in their stage order, taking turns (0: off)")
     tf.set_defaults(func=run_training_free)
 
     lp = sub.add_parser("linear_probe", help="cached probe grid against re-running the encoder every epoch")
