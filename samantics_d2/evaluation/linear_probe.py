@@ -86,17 +86,29 @@ def _build_optimizer(config: ProbeTrainingConfig, params, lr: float) -> torch.op
     return torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
+def _mixed_dtype(config: ProbeTrainingConfig, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of ``precision="16-mixed"``, as Lightning resolves it: float16 (with gradient
+    scaling) on CUDA; on CPU, where float16 AMP is not supported, Lightning warns and uses bf16-mixed."""
+    if config.precision != "16-mixed":
+        return None
+    if device.type == "cuda":
+        return torch.float16
+    logger.warning("precision='16-mixed' on %s: float16 AMP needs CUDA, so bfloat16 autocast is used (as Lightning "
+                   "falls back to bf16-mixed).", device.type)
+    return torch.bfloat16
+
+
 def _after_epoch(config: ProbeTrainingConfig, probes: Sequence[dict], active: list[int], heads: Mapping[str, nn.Module],
                  optimizers: Sequence[torch.optim.Optimizer], schedulers: Optional[Sequence[Any]],
                  source: FeatureSource, rows: np.ndarray, best: list[float], waits: list[int], epoch: int,
-                 mixed: bool, device: torch.device) -> list[int]:
+                 mixed: Optional[torch.dtype], device: torch.device) -> list[int]:
     """The monitored loss of each active probe -> plateau schedule step and early stopping (Lightning's
     order: EarlyStopping on the validation end, the epoch's scheduler step after it). Returns the
     probes that keep training."""
     watched = [probes[i] for i in active]
     for head in heads.values():
         head.eval()
-    with torch.autocast(device.type, dtype=torch.float16, enabled=mixed):
+    with torch.autocast(device.type, dtype=mixed, enabled=mixed is not None):
         _, losses, _ = _rank_predictions(heads, watched, source, rows, batch_size=config.eval_batch_size, k=1)
     for head in heads.values():
         head.train()
@@ -197,11 +209,8 @@ def train_probe_grid(
                                                                  patience=config.plateau_patience) for o in optimizers]
     else:
         schedulers = None
-    mixed = config.precision == "16-mixed" and device.type == "cuda"
-    if config.precision == "16-mixed" and not mixed:
-        logger.warning("precision='16-mixed' needs CUDA (float16 autocast and gradient scaling; Lightning refuses it "
-                       "on %s too): the probes train in float32.", device.type)
-    scalers = [torch.amp.GradScaler("cuda") for _ in probes] if mixed else None
+    mixed = _mixed_dtype(config, device)
+    scalers = [torch.amp.GradScaler("cuda") for _ in probes] if mixed == torch.float16 else None
     if config.monitor == "holdout" and config.watches_loss and len(holdout_rows) == 0:
         raise ValueError("monitor='holdout' but no training rows are held out; set holdout_fraction > 0.")
     monitor_source, monitor_rows = (val, np.arange(len(val.labels))) if config.monitor == "val" else (train, holdout_rows)
@@ -219,22 +228,22 @@ def train_probe_grid(
         loss_sums = torch.zeros(len(probes), device=device)
         for start in range(0, len(order), config.batch_size):
             features, labels = train.batch(order[start : start + config.batch_size])
-            with torch.autocast(device.type, dtype=torch.float16, enabled=mixed):
+            with torch.autocast(device.type, dtype=mixed, enabled=mixed is not None):
                 losses = torch.stack([
                     F.cross_entropy(heads[probes[i]["name"]](features[probes[i]["pooling"]]), labels) for i in active
                 ])
             for i in active:
                 optimizers[i].zero_grad(set_to_none=True)
-            if mixed:
+            if scalers is not None:
                 torch.stack([scalers[i].scale(loss) for i, loss in zip(active, losses)]).sum().backward()
             else:
                 losses.sum().backward()
             for i in active:
-                if mixed:
+                if scalers is not None:
                     scalers[i].unscale_(optimizers[i])
                 if config.grad_clip_norm is not None:
                     torch.nn.utils.clip_grad_norm_(heads[probes[i]["name"]].parameters(), config.grad_clip_norm)
-                if mixed:
+                if scalers is not None:
                     scalers[i].step(optimizers[i])
                     scalers[i].update()
                 else:
@@ -288,7 +297,7 @@ def train_probe_grid(
         **({"encoder": run_info["encoder_tag"]} if run_info and "encoder_tag" in run_info else {}),
         "run": dict(run_info or {}),
         "config": dataclasses.asdict(config),
-        "precision_used": "16-mixed" if mixed else "32",
+        "precision_used": {torch.float16: "16-mixed", torch.bfloat16: "bf16-mixed", None: "32"}[mixed],
         "num_classes": num_classes,
         "rows": {"train": int(len(train_rows)), "holdout": int(len(holdout_rows)), "val": int(len(val_labels))},
         "probes": records,
@@ -337,13 +346,13 @@ def run_linear_probe(
     Returns the results on the main process, ``{}`` elsewhere. See :func:`build_feature_cache`
     and :func:`train_probe_grid` for the arguments; ``preprocess`` changes fields of the encoder's
     preprocessing (:class:`PooledEncoder`'s ``preprocess_changes``). With ``config.precision="16-mixed"``
-    on CUDA and no ``autocast_dtype``, the encoder runs under float16 autocast (Lightning's 16-mixed);
-    the cache stores float16 features either way (what a float16 autocast Linear reads).
+    and no ``autocast_dtype``, the encoder runs under the probes' autocast (float16 on CUDA, bfloat16
+    elsewhere, as Lightning's 16-mixed); the cache stores float16 features either way.
     """
     if isinstance(config, Mapping):
         config = ProbeTrainingConfig(**config)
-    if autocast_dtype is None and config.precision == "16-mixed" and torch.device(device).type == "cuda":
-        autocast_dtype = torch.float16
+    if autocast_dtype is None:
+        autocast_dtype = _mixed_dtype(config, torch.device(device))
     pooled = PooledEncoder(encoder=encoder, poolings=poolings, normalization=normalization,
                            preprocess_changes=preprocess)
     if weights_hash is None:  # hash the weights once for both splits (a full pass over every parameter)

@@ -77,9 +77,9 @@ class ProbeTrainingConfig:
             many epochs in a row, or is not finite (Lightning's ``EarlyStopping``, min_delta 0); None: never.
         monitor: the rows whose mean cross-entropy drives ``"plateau"`` and early stopping:
             ``"val"`` (the authors': ImageNet val, also the reported split) or ``"holdout"``.
-        precision: ``"32"`` or ``"16-mixed"`` (autocast float16 + a gradient scaler per probe, as
-            Lightning's ``precision="16-mixed"``; CUDA only: elsewhere the probes train in float32 and the
-            results say so, as Lightning refuses 16-mixed on CPU).
+        precision: ``"32"`` or ``"16-mixed"``, as Lightning resolves ``precision="16-mixed"``: on CUDA
+            float16 autocast + a gradient scaler per probe; elsewhere bfloat16 autocast without scaling
+            (Lightning's bf16-mixed fallback on CPU). The results' ``precision_used`` says which.
     """
 
     learning_rates: tuple[float, ...] = (1e-3,)
@@ -143,7 +143,7 @@ class ProbeTrainingConfig:
 OUR_PROTOCOL = ProbeTrainingConfig()
 # "There is no SAMantics!" as linprob_img_encoders/train.py trains it: Linear(d, classes) with PyTorch's
 # init, Adam 1e-3, 10 epochs, batch 128, gradients clipped to norm 1.0, ReduceLROnPlateau (0.5, patience 5)
-# and early stopping (patience 7) on the val loss, 16-bit mixed precision, trained on all of train
+# and early stopping (patience 7) on the val loss, 16-mixed precision (bf16 on CPU), trained on all of train
 # (pair it with normalization="imagenet" and the authors' resizing, configs/linear_probe/*).
 PAPER_PROTOCOL = ProbeTrainingConfig(
     head_init="torch_default", grad_clip_norm=1.0, schedule="plateau", plateau_factor=0.5, plateau_patience=5,
