@@ -14,6 +14,8 @@
 from samantics_d2.d2 import LazyCall as L
 from samantics_d2.modeling.backbone import (
     CLIPBackbone,
+    CLIPConvNeXtBackbone,
+    CLIPResNetBackbone,
     DINOv2Backbone,
     HQSAMBackbone,
     SAM2Backbone,
@@ -56,6 +58,9 @@ clip_vit_b32_openai = L(build_encoder)(tag="clip_vit_b32_openai", pretrained=Tru
 clip_vit_b16_openai = L(build_encoder)(tag="clip_vit_b16_openai", pretrained=True)
 clip_vit_l14_openai = L(build_encoder)(tag="clip_vit_l14_openai", pretrained=True)
 clip_vit_l14_336_openai = L(build_encoder)(tag="clip_vit_l14_336_openai", pretrained=True)
+# convolutional CLIPs (dense map + CLIP's own head per mask: DensePoolRecognizer, issue 14)
+clip_rn50x16_openai = L(build_encoder)(tag="clip_rn50x16_openai", pretrained=True)
+clip_convnext_large_d_320_laion2b = L(build_encoder)(tag="clip_convnext_large_d_320_laion2b", pretrained=True)
 
 # --- tiny random variants (same structure as the variant named, depth 2 / width 32)
 sam_tiny = L(SAMBackbone)(variant="vit_b", size="tiny")
@@ -67,3 +72,5 @@ dinov2_swiglu_reg_tiny = L(DINOv2Backbone)(variant="vitg14_reg", size="tiny")
 clip_b32_tiny = L(CLIPBackbone)(variant="vit_b32", size="tiny")
 clip_b16_tiny = L(CLIPBackbone)(variant="vit_b16", size="tiny")
 clip_l14_tiny = L(CLIPBackbone)(variant="vit_l14", size="tiny")
+clip_rn50x16_tiny = L(CLIPResNetBackbone)(variant="rn50x16", size="tiny")
+clip_convnext_tiny = L(CLIPConvNeXtBackbone)(variant="convnext_large_d_320", size="tiny")

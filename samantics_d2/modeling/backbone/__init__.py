@@ -11,7 +11,7 @@ from typing import Mapping, Optional, Sequence
 from ..catalog import FamilyView, get_weight_spec
 from ..weights import load_encoder_weights, resolve_weights
 from .base import SIZES, EncoderBackbone
-from .clip import CLIPBackbone
+from .clip import CLIPBackbone, CLIPConvNeXtBackbone, CLIPResNetBackbone, ConvCLIPBackbone
 from .dinov2 import DINOv2Backbone
 from .sam import HQSAMBackbone, SAMBackbone
 from .sam2 import SAM2Backbone
@@ -19,6 +19,9 @@ from .sam2 import SAM2Backbone
 __all__ = [
     "BACKBONE_CLASSES",
     "CLIPBackbone",
+    "CLIPConvNeXtBackbone",
+    "CLIPResNetBackbone",
+    "ConvCLIPBackbone",
     "DINOv2Backbone",
     "EncoderBackbone",
     "HQSAMBackbone",
