@@ -14,6 +14,8 @@ from samantics_d2.d2 import BoxMode
 from samantics_d2.modeling.backbone import build_encoder
 from samantics_d2.modeling.meta_arch.training_free import build_sam_proposer
 from samantics_d2.modeling.semantic import sam_embeddings
+from samantics_d2.references import order_references
+from samantics_d2.utils.clicks import click_points
 from samantics_d2.modeling.semantic.sam_embeddings import (
     ROLES,
     MiningConfig,
@@ -158,3 +160,24 @@ def test_cache_is_reused_only_when_nothing_changed(dataset, embedder, tmp_path):
         assert compute.call_count == 5
         load_or_build_instance_embeddings(dataset, **options)  # the file now holds the last build: recomputed
         assert compute.call_count == 6
+
+
+def test_click_prompts_keep_the_output_closest_to_the_instance(dataset, embedder):
+    embedder = SamMaskEmbedder(backbone=embedder.backbone, proposals=embedder.proposals)
+    stored = sam_embeddings.instance_embeddings(dataset[:1], embedder=embedder, thing_classes=THING_CLASSES,
+                                                classes=THING_CLASSES[:2], prompt="click", clicks=False)
+    items = sorted(order_references(dataset[:1], 3), key=lambda r: r.index)  # whole, part
+    gt = torch.from_numpy(np.stack([r.mask() for r in items]))
+    assert gt[0, 8:40, 8:40].all() and gt[1, 18:30, 18:30].all() and int(gt[1].sum()) < 200
+    image = np.asarray(Image.open(dataset[0]["file_name"]).convert("RGB"))
+    points = click_points(gt) + 0.5
+    assert (points - 24.5).abs().max() <= 1  # both near the centre
+    with torch.no_grad():
+        out = embedder(image, points=points)
+    ious = torch.stack([sam_embeddings.mask_iou_matrix(out["masks"][i], gt[i : i + 1])[:, 0] for i in range(2)])
+    torch.testing.assert_close(stored.tensors["box/iou_gt"], ious.amax(dim=1))
+    best = ious.argmax(dim=1)
+    torch.testing.assert_close(stored.tensors["box/mask_token"], out["mask_token"][torch.arange(2), best])
+    assert "click/role" not in stored.tensors
+    with pytest.raises(ValueError, match="prompt='points'"):
+        sam_embeddings.instance_embeddings(dataset, embedder=embedder, thing_classes=THING_CLASSES, prompt="points")

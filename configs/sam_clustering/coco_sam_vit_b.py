@@ -22,5 +22,6 @@ job.train_name = "coco_2017_train_ref30_seed0"
 job.val_name = "coco_2017_val"
 job.training = dict(out_dim=256, hidden_dim=512, num_layers=2, learn_centres=False, steps=2000, lr=1e-3, margin=0.2)
 job.tsne_figure = None
+job.prompt = "box"  # the seed's GT-box prompts (the official SAM is trained with boxes)
 
 train.output_dir = "./output/sam_clustering/coco_sam_vit_b"

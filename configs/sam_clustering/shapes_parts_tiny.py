@@ -40,6 +40,9 @@ job = L(run_sam_clustering)(
     val_name="shapes_parts_val",
     output_dir="${train.output_dir}",
     sam_checkpoint=None,
+    # one click at each instance's deepest pixel, the multimask output closest to the instance: the tiny SAM is
+    # trained with clicks only, its box prompts are untrained (box masks: mean IoU 0.07 with the instances)
+    prompt="click",
     sources=["mask_token", "image_pooled", "semantic_pooled"],
     num_centres=4,
     seed=0,

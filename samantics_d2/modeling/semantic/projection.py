@@ -292,6 +292,7 @@ def run_sam_clustering(
     mining: Optional[dict] = None,
     training: Optional[dict] = None,
     cache_dir: Optional[str] = None,
+    prompt: str = "box",
     tsne_figure: Optional[str] = None,
     device: str = "cpu",
 ) -> dict[str, Any]:
@@ -310,6 +311,8 @@ def run_sam_clustering(
         num_centres, seed: K-means centres per class and their seed.
         mining, training: :class:`MiningConfig` and :class:`ProjectionTrainingConfig` fields.
         cache_dir: where the embeddings are stored (default: the references store's folder).
+        prompt: how instances are prompted (``"box"``: GT boxes; ``"click"``: see
+            :func:`~.sam_embeddings.instance_embeddings`).
         tsne_figure: a ``.png`` path: t-SNE of the val wholes and parts before/after the projection
             of the first source.
         device: where the encoders run (the projections train on the CPU).
@@ -333,13 +336,17 @@ def run_sam_clustering(
         path = os.path.join(cache_dir, f"{name}.safetensors") if cache_dir else None
         stored[split] = load_or_build_instance_embeddings(
             dataset, embedder=embedder, thing_classes=thing_classes, classes=classes, mining=mining_config,
-            clicks=split == "train", source=name, path=path,
+            clicks=split == "train", prompt=prompt, source=name, path=path,
         )
-    results: dict[str, Any] = {"classes": list(classes), "num_centres": num_centres, "seed": seed,
+    results: dict[str, Any] = {"classes": list(classes), "num_centres": num_centres, "seed": seed, "prompt": prompt,
                                "training": asdict(train_config), "mining": asdict(mining_config), "sources": {}}
     t = stored["train"].tensors
     results["mined"] = {"wholes": int((t["click/role"] == ROLES["whole"]).sum()),
                         "parts": int((t["click/role"] == ROLES["part"]).sum()), "clicks": int(len(torch.unique(t["click/whole_row"])))}
+    v = stored["val"].tensors
+    results["val_mask_iou"] = {  # how well the prompted masks cover the val instances (mean IoU)
+        "whole": float(v["box/iou_gt"][~v["box/is_part"]].mean()), "part": float(v["box/iou_gt"][v["box/is_part"]].mean()),
+    }
     os.makedirs(output_dir, exist_ok=True)
     projections = {}
     for source in sources:

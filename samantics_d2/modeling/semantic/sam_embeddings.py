@@ -47,6 +47,7 @@ from .mask_ops import mask_grid_weights, mask_iou_matrix, mask_pooling
 from .memory_bank import MemoryBank
 
 __all__ = [
+    "PROMPTS",
     "ROLES",
     "SAM_EMBEDDINGS_FORMAT",
     "SOURCES",
@@ -64,6 +65,8 @@ logger = logging.getLogger(__name__)
 
 SAM_EMBEDDINGS_FORMAT = 1
 SOURCES = ("mask_token", "image_pooled", "semantic_pooled")
+#: how instances are prompted (:func:`instance_embeddings`)
+PROMPTS = ("box", "click")
 #: roles of the click rows (:func:`mine_whole_part`)
 ROLES = {"none": 0, "whole": 1, "part": 2}
 
@@ -223,6 +226,7 @@ def instance_embeddings(
     classes: Optional[Sequence[str]] = None,
     mining: MiningConfig = MiningConfig(),
     clicks: bool = True,
+    prompt: str = "box",
 ) -> StoredFeatures:
     """Embeddings of every instance of ``dataset`` (one encoder forward per image; see the module doc).
 
@@ -232,6 +236,10 @@ def instance_embeddings(
         classes: the label space (default ``thing_classes``); instances of other classes (and the
             part classes themselves) are labelled by their whole's class or left out.
         clicks: also the three multimask outputs of a click at the deepest pixel of every whole.
+        prompt: how the instance rows (``box/*``) are prompted: ``"box"`` (the ground-truth box, single
+            mask output: the seed's) or ``"click"`` (a click at the instance's deepest pixel, of SAM's
+            multimask outputs the one with the highest IoU with the instance: for SAMs trained with
+            clicks only, as the tiny SAM of configs/quick/tiny_sam_shapes.py).
 
     Returns:
         :class:`StoredFeatures` with tensors ``box/<source> [R, D]``, ``box/class_ids``, ``box/is_part``,
@@ -239,6 +247,8 @@ def instance_embeddings(
         ``click/class_ids``, ``click/role``, ``click/whole_row`` (the ``box`` row of the clicked whole), and
         ``background/<source>`` when ``mining.background_points_per_side``; ``records``: one per box row.
     """
+    if prompt not in PROMPTS:
+        raise ValueError(f"instance_embeddings got prompt={prompt!r}; expected one of {PROMPTS}.")
     classes = list(classes if classes is not None else thing_classes)
     items = order_references(dataset, len(thing_classes), class_names=thing_classes)
     space = _label_space(items, thing_classes, classes)
@@ -257,24 +267,31 @@ def instance_embeddings(
             image = kept[0].read_image()
             gt = torch.from_numpy(np.stack([r.mask() for r in instances])).bool()  # every instance: background test
             gt_kept = gt[[instances.index(r) for r in kept]]
-            boxes = torch.tensor([r.box_xyxy() for r in kept], dtype=torch.float32)
-            out = embedder(image, boxes=boxes)
             first_row = len(records)
-            for r in kept:
-                records.append({"annotation_id": r.annotation_id, "file_name": file_name})
-            _append(rows, "box", out, embedder.sources, slice(0, 1), {
+            records.extend({"annotation_id": r.annotation_id, "file_name": file_name} for r in kept)
+            clicked = None  # every instance's multimask outputs of a click at its deepest pixel
+            if prompt == "box":
+                out = embedder(image, boxes=torch.tensor([r.box_xyxy() for r in kept], dtype=torch.float32))
+                chosen = torch.zeros(len(kept), dtype=torch.long)
+            else:
+                out = clicked = embedder(image, points=click_points(gt_kept) + 0.5)  # pixel centres
+                chosen = _best_output(out["masks"], gt_kept)
+            take = torch.arange(len(kept))
+            _append(rows, "box", {source: out[source][take, chosen] for source in embedder.sources}, {
                 "class_ids": torch.tensor([space["labels"][r.annotation_id] for r in kept]),
                 "is_part": torch.tensor([space["is_part"][r.annotation_id] for r in kept]),
-                "iou_gt": mask_iou_matrix(out["masks"][:, 0], gt_kept).diagonal(),
+                "iou_gt": mask_iou_matrix(out["masks"][take, chosen], gt_kept).diagonal(),
             })
             wholes = [i for i, r in enumerate(kept) if not space["is_part"][r.annotation_id]]
             if clicks and wholes:
-                points = click_points(gt_kept[wholes]) + 0.5  # pixel centres
-                out = embedder(image, points=points)
+                if clicked is None:
+                    out = embedder(image, points=click_points(gt_kept[wholes]) + 0.5)
+                else:
+                    out = {name: value[wholes] for name, value in clicked.items()}
                 m = out["masks"].shape[1]
                 roles = torch.stack([mine_whole_part(out["masks"][j], gt_kept[w], mining) for j, w in enumerate(wholes)])
                 class_ids = torch.tensor([space["labels"][kept[w].annotation_id] for w in wholes])
-                _append(rows, "click", out, embedder.sources, slice(None), {
+                _append(rows, "click", {source: out[source].flatten(0, 1) for source in embedder.sources}, {
                     "class_ids": class_ids[:, None].expand(-1, m).reshape(-1),
                     "role": roles.reshape(-1),
                     "whole_row": (torch.tensor(wholes) + first_row)[:, None].expand(-1, m).reshape(-1),
@@ -287,8 +304,7 @@ def instance_embeddings(
                 masks = out["masks"][take, best]
                 overlap = mask_iou_matrix(masks, gt).amax(dim=1) if len(gt) else torch.zeros(len(grid))
                 keep = (overlap < mining.background_max_iou) & (masks.flatten(1).sum(1) >= mining.min_area)
-                for source in embedder.sources:
-                    rows.setdefault(f"background/{source}", []).append(out[source][take, best][keep])
+                _append(rows, "background", {source: out[source][take, best][keep] for source in embedder.sources}, {})
     finally:
         embedder.train(was_training)
     tensors = {name: torch.cat(parts) for name, parts in rows.items()}
@@ -301,11 +317,18 @@ def instance_embeddings(
     return StoredFeatures(tensors=tensors, provenance={}, class_names=classes, records=records)
 
 
-def _append(rows: dict, prefix: str, out: dict, sources: Sequence[str], masks: slice, extra: dict) -> None:
-    for source in sources:
-        rows.setdefault(f"{prefix}/{source}", []).append(out[source][:, masks].reshape(-1, out[source].shape[-1]))
-    for name, value in extra.items():
-        rows.setdefault(f"{prefix}/{name}", []).append(value)
+def _append(rows: dict, prefix: str, *tables: dict) -> None:
+    """Add the tensors of ``tables`` to the lists ``rows["<prefix>/<name>"]``."""
+    for table in tables:
+        for name, value in table.items():
+            rows.setdefault(f"{prefix}/{name}", []).append(value)
+
+
+def _best_output(masks: torch.Tensor, instances: torch.Tensor) -> torch.Tensor:
+    """``[N]``: which of the ``M`` outputs ``masks [N, M, H, W]`` has the highest IoU with ``instances [N, H, W]``."""
+    flat, gt = masks.flatten(2).float(), instances.flatten(1).float()[:, None]
+    inter = (flat * gt).sum(-1)
+    return (inter / (flat.sum(-1) + gt.sum(-1) - inter).clamp_min(1)).argmax(dim=1)
 
 
 def _module_description(module: Optional[nn.Module]) -> Optional[dict[str, Any]]:
@@ -316,7 +339,7 @@ def _module_description(module: Optional[nn.Module]) -> Optional[dict[str, Any]]
             "size": getattr(module, "size", None), "preprocess": asdict(preprocess) if preprocess is not None else None}
 
 
-def _provenance(dataset: Sequence[dict], *, embedder: SamMaskEmbedder, thing_classes, classes, mining, clicks,
+def _provenance(dataset: Sequence[dict], *, embedder: SamMaskEmbedder, thing_classes, classes, mining, clicks, prompt,
                 source: str, weights_id: Optional[str]) -> dict[str, Any]:
     items = order_references(dataset, len(thing_classes), class_names=thing_classes)
     encoder = {
@@ -326,7 +349,7 @@ def _provenance(dataset: Sequence[dict], *, embedder: SamMaskEmbedder, thing_cla
         "weights": weights_id or module_fingerprint(embedder),
     }
     options = {
-        "format_version": SAM_EMBEDDINGS_FORMAT, "sources": list(embedder.sources), "box_multimask_output": False,
+        "format_version": SAM_EMBEDDINGS_FORMAT, "sources": list(embedder.sources), "prompt": prompt, "box_multimask_output": False,
         "clicks": bool(clicks), "click_rule": "deepest pixel (utils.clicks.click_points) + 0.5",
         "mining": asdict(mining), "label_space": list(classes if classes is not None else thing_classes),
         "part_of": [[r.annotation_id, r.annotation.get("part_of")] for r in items if r.annotation.get("part_of") is not None],
@@ -343,6 +366,7 @@ def load_or_build_instance_embeddings(
     classes: Optional[Sequence[str]] = None,
     mining: MiningConfig = MiningConfig(),
     clicks: bool = True,
+    prompt: str = "box",
     source: str = "<dataset dicts>",
     path: Optional[Union[str, os.PathLike]] = None,
     weights_id: Optional[str] = None,
@@ -355,10 +379,10 @@ def load_or_build_instance_embeddings(
         weights_id: identity of the weights (default: :func:`module_fingerprint` of the embedder).
     """
     provenance = _provenance(dataset, embedder=embedder, thing_classes=thing_classes, classes=classes, mining=mining,
-                             clicks=clicks, source=source, weights_id=weights_id)
+                             clicks=clicks, prompt=prompt, source=source, weights_id=weights_id)
     path = path if path is not None else default_store_path(provenance, name=source)
     build = lambda: instance_embeddings(dataset, embedder=embedder, thing_classes=thing_classes,  # noqa: E731
-                                        classes=classes, mining=mining, clicks=clicks)
+                                        classes=classes, mining=mining, clicks=clicks, prompt=prompt)
     return load_or_build_features(path, provenance=provenance, build=build, what="SAM instance embeddings")
 
 
