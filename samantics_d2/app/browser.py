@@ -76,5 +76,10 @@ def click_image(page, selector: str, x: float, y: float, *, image_size: tuple[in
 def wait_for_text(page, selector: str, text: str, *, timeout_s: float = 120.0) -> float:
     """Wait until ``text`` appears in ``selector``; returns the seconds waited."""
     start = time.perf_counter()
-    page.locator(selector).get_by_text(text).first.wait_for(timeout=timeout_s * 1000)
+    element = page.locator(selector).first
+    while text not in element.inner_text():
+        if time.perf_counter() - start > timeout_s:
+            raise TimeoutError(f"{text!r} did not appear in {selector} within {timeout_s} s; it shows "
+                               f"{element.inner_text()[:300]!r}.")
+        page.wait_for_timeout(50)
     return time.perf_counter() - start

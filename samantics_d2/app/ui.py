@@ -17,8 +17,10 @@ from typing import Any, Optional
 
 import gradio as gr
 import numpy as np
+import torch
 from PIL import Image
 
+from ..utils.clicks import click_points
 from ..utils.image import read_image
 from ..utils.io import atomic_path
 from ..utils.visualization import class_colour
@@ -30,6 +32,7 @@ __all__ = ["build_app"]
 logger = logging.getLogger(__name__)
 USER_ERRORS = (WorkspaceError, ValueError, KeyError, OSError)
 TABLE_HEADERS = ["class", "shots", "source"]
+MASK_MODES = ("brush strokes", "SAM: box around the strokes", "SAM: click at the strokes' centre")
 
 
 def _message(e: Exception) -> str:
@@ -80,12 +83,15 @@ class App:
 
     # ------------------------------------------------------------------ define classes
 
-    def table(self) -> list[list]:
-        return self.ws.classes.table() or [["", 0, ""]]
+    def table(self):
+        import pandas as pd  # a Gradio dependency
+
+        return pd.DataFrame(self.ws.classes.table(), columns=TABLE_HEADERS)
 
     def editor_mask(self, editor: Optional[dict], mode: str) -> tuple[np.ndarray, np.ndarray]:
-        """The reference image and mask of the image editor: the brush strokes, or SAM's mask for
-        the box around them (``mode`` ``"SAM from the strokes' box"``)."""
+        """The reference image and mask of the image editor (``mode``, one of :data:`MASK_MODES`): the
+        brush strokes; SAM's mask for the box around them; or SAM's mask for a click at the strokes'
+        deepest pixel (:func:`~samantics_d2.utils.clicks.click_points`)."""
         if not editor or editor.get("background") is None:
             raise WorkspaceError("No reference image: upload one in the editor first.")
         image = _rgb(editor["background"], "reference image")
@@ -96,8 +102,11 @@ class App:
                 strokes |= (layer[..., 3] > 0) if layer.ndim == 3 and layer.shape[2] == 4 else (layer.max(-1) > 0)
         if not strokes.any():
             raise WorkspaceError("Paint over the object with the brush first (or around it, for a SAM box).")
-        if mode.startswith("SAM"):
+        if mode == MASK_MODES[1]:
             return image, self.ws.mask_from_box(image, mask_bounding_box(strokes))
+        if mode == MASK_MODES[2]:
+            point = click_points(torch.from_numpy(strokes[None]))[0].tolist()
+            return image, self.ws.mask_from_prompt(image, point=point)
         return image, strokes
 
     def preview(self, editor, mode):
@@ -297,8 +306,7 @@ def build_app(workspace: Workspace, *, output_dir: str, title: str = "samantics_
                                             type="numpy", image_mode="RGBA", layers=False,
                                             brush=gr.Brush(colors=["#ff2828"], color_mode="fixed", default_size=8),
                                             elem_id="reference-editor")
-                    mode = gr.Radio(["brush strokes", "SAM from the strokes' box"], value="brush strokes",
-                                    label="Mask from")
+                    mode = gr.Radio(list(MASK_MODES), value=MASK_MODES[0], label="Mask from")
                     name = gr.Textbox(label="Class name", placeholder="e.g. red circle", elem_id="class-name")
                     with gr.Row():
                         preview_button = gr.Button("Preview mask")

@@ -143,6 +143,7 @@ class Workspace:
         self._synced: Optional[str] = None
         self._predictor = predictor
         self._predictor_key: Optional[str] = None
+        self._sam = None
         self._image_key: Optional[str] = None
         self.description = type(model).__name__
         self.lock = threading.Lock()  # one model call at a time (the app serves several events)
@@ -217,16 +218,43 @@ class Workspace:
         self._synced = key
         return self.model.class_names()
 
+    def _prompt_predictor(self):
+        """An unlabelled predictor over the model's SAM (mask prompts of 'Define classes')."""
+        from ..predictor import SamanticsPredictor
+
+        if self._sam is None:
+            self._sam = SamanticsPredictor(backbone=self.model.proposer.backbone,
+                                           decoder=self.model.proposer.proposals.decoder)
+        return self._sam
+
     @torch.no_grad()
+    def mask_from_prompt(self, image: np.ndarray, *, box: Optional[Sequence[float]] = None,
+                         point: Optional[Sequence[float]] = None) -> np.ndarray:
+        """SAM's mask ``[H, W]`` bool for a box (XYXY pixels) or a click (x, y) on ``image``: of
+        SAM's answers, the one with the highest predicted IoU.
+
+        Raises:
+            WorkspaceError: an empty box, or SAM's mask is empty.
+        """
+        if box is not None:
+            x0, y0, x1, y1 = (float(v) for v in box)
+            if not (x1 > x0 and y1 > y0):
+                raise WorkspaceError(f"The box {tuple(box)} is empty; draw a box around the object.")
+        image = np.ascontiguousarray(np.asarray(image)[..., :3].astype(np.uint8))
+        with self.lock:
+            sam = self._prompt_predictor()
+            sam.set_image(image)
+            out = sam.predict(points=None if point is None else [point], box=box, multi_granularity=False,
+                              multimask_output=box is None, labels=False)
+        mask = np.asarray(out.masks[int(np.argmax(out.iou_pred))], bool)
+        if not mask.any():
+            raise WorkspaceError("SAM's mask for this prompt is empty: paint the object with the brush instead, or "
+                                 "try another prompt.")
+        return mask
+
     def mask_from_box(self, image: np.ndarray, box: Sequence[float]) -> np.ndarray:
         """SAM's mask ``[H, W]`` bool for a box prompt (XYXY pixels of ``image``)."""
-        x0, y0, x1, y1 = (float(v) for v in box)
-        if not (x1 > x0 and y1 > y0):
-            raise WorkspaceError(f"The box {tuple(box)} is empty; draw a box around the object.")
-        with self.lock:
-            proposals = self.model.proposer(_tensor(image).to(self.model.device),
-                                            boxes=torch.tensor([[x0, y0, x1, y1]]))
-        return proposals.original_masks()[0].cpu().numpy()
+        return self.mask_from_prompt(image, box=box)
 
     # ------------------------------------------------------------------ segment everything
 
