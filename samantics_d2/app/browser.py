@@ -83,3 +83,20 @@ def wait_for_text(page, selector: str, text: str, *, timeout_s: float = 120.0) -
                                f"{element.inner_text()[:300]!r}.")
         page.wait_for_timeout(50)
     return time.perf_counter() - start
+
+
+def click_latency(page, *, image_file: str, point: tuple[float, float], image_size: tuple[int, int],
+                  repeats: int = 5) -> list[float]:
+    """Seconds from a click on the Click tab's image to its masks' captions on screen, ``repeats``
+    times (the clicks are cleared in between; the first click also encodes the image)."""
+    page.get_by_role("tab", name="Click").click()
+    page.locator("#click-target input[type=file]").set_input_files(image_file)
+    times = []
+    for _ in range(repeats):
+        page.get_by_role("button", name="Clear clicks").click()
+        wait_for_text(page, "#click-status", "Clicks cleared")
+        start = time.perf_counter()
+        click_image(page, "#click-target", point[0], point[1], image_size=image_size)
+        wait_for_text(page, "#click-status", "masks for 1 click(s)")
+        times.append(time.perf_counter() - start)
+    return times

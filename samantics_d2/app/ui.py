@@ -56,7 +56,7 @@ def _rgb(image: Any, what: str) -> np.ndarray:
 
 def _mask_preview(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     out = image.astype(np.float32)
-    out[mask] = 0.5 * out[mask] + 0.5 * np.array([255, 40, 40], np.float32)
+    out[mask] = 0.4 * out[mask] + 0.6 * np.array([0, 200, 255], np.float32)  # cyan: visible on most objects
     return out.clip(0, 255).astype(np.uint8)
 
 
@@ -312,7 +312,7 @@ def build_app(workspace: Workspace, *, output_dir: str, title: str = "samantics_
                         preview_button = gr.Button("Preview mask")
                         add_button = gr.Button("Add reference", variant="primary", elem_id="add-reference")
                 with gr.Column():
-                    preview = gr.Image(label="Mask to add (red)", interactive=False)
+                    preview = gr.Image(label="Mask to add (cyan)", interactive=False, height=360)
                     words = gr.Textbox(label="Classes by words ( , between classes, / between synonyms)",
                                        placeholder="cat, dog/puppy")
                     words_button = gr.Button("Add words")
@@ -349,7 +349,7 @@ def build_app(workspace: Workspace, *, output_dir: str, title: str = "samantics_
             with gr.Row():
                 with gr.Column():
                     target = gr.Image(label="Target: upload, then click on an object", type="numpy",
-                                      elem_id="click-target")
+                                      elem_id="click-target", height=360)
                     kind = gr.Radio(["positive", "negative"], value="positive", label="Next click")
                     clear_button = gr.Button("Clear clicks")
                 with gr.Column():
@@ -374,7 +374,7 @@ def build_app(workspace: Workspace, *, output_dir: str, title: str = "samantics_
         with gr.Tab("Segment everything", id="segment"):
             with gr.Row():
                 with gr.Column():
-                    image = gr.Image(label="Image", type="numpy", elem_id="segment-image")
+                    image = gr.Image(label="Image", type="numpy", elem_id="segment-image", height=360)
                     files = gr.File(label="...or several images (a folder's files)", file_count="multiple",
                                     file_types=["image"])
                     threshold = gr.Slider(0.0, 1.0, value=0.3, step=0.05, label="Score threshold")
