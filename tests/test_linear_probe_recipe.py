@@ -183,3 +183,22 @@ def test_pooled_encoder_takes_preprocess_changes():
     assert pooled.describe()["fit"] == "resize_square"  # part of the cache provenance
     with pytest.raises(ValueError, match="unknown fields"):
         PooledEncoder(encoder=Encoder(), poolings=["neck_mean"], preprocess_changes={"resize": 1})
+
+
+def test_linear_probe_meta_architecture_evaluates_under_the_training_autocast():
+    """--eval-only of a 16-mixed probe runs encoder and head under the same autocast as training
+    (bfloat16 on CPU): float32 logits close to, not equal to, the float32 model's."""
+    from test_feature_cache import TinyEncoder
+
+    from samantics_d2.modeling.linear_probe import LinearProbe
+
+    images = [{"image": torch.from_numpy(np.random.default_rng(i).integers(0, 256, (3, 40, 50), dtype=np.uint8))}
+              for i in range(3)]
+    models = {p: LinearProbe(backbone=TinyEncoder(), pooling="cls", num_classes=3, precision=p, head_init="torch_default",
+                             preprocess={"interpolation": "bicubic"}).eval() for p in ("32", "16-mixed")}
+    assert models["32"].encoder.spec.interpolation == "bicubic"
+    logits = {p: torch.stack([o["logits"] for o in m(images)]) for p, m in models.items()}
+    assert logits["16-mixed"].dtype == torch.float32 and not torch.equal(logits["16-mixed"], logits["32"])
+    assert torch.allclose(logits["16-mixed"], logits["32"], atol=0.05)
+    with pytest.raises(ValueError, match="precision"):
+        LinearProbe(backbone=TinyEncoder(), pooling="cls", num_classes=3, precision="16")

@@ -56,6 +56,7 @@ model = L(LinearProbe)(
     num_classes=1000,
     normalization="${job.normalization}",
     preprocess="${job.preprocess}",
+    precision="${oc.select:job.config.precision,'32'}",  # evaluated under the autocast it was trained with
 )
 
 dataloader = OmegaConf.create()

@@ -40,6 +40,7 @@ from ..modeling.linear_probe.probe import (
     _epoch_order,
     _init_linear,
     holdout_split,
+    mixed_precision_dtype,
 )
 from ..modeling.weights import module_fingerprint
 from ..utils.io import atomic_path
@@ -87,15 +88,11 @@ def _build_optimizer(config: ProbeTrainingConfig, params, lr: float) -> torch.op
 
 
 def _mixed_dtype(config: ProbeTrainingConfig, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype of ``precision="16-mixed"``, as Lightning resolves it: float16 (with gradient
-    scaling) on CUDA; on CPU, where float16 AMP is not supported, Lightning warns and uses bf16-mixed."""
-    if config.precision != "16-mixed":
-        return None
-    if device.type == "cuda":
-        return torch.float16
-    logger.warning("precision='16-mixed' on %s: float16 AMP needs CUDA, so bfloat16 autocast is used (as Lightning "
-                   "falls back to bf16-mixed).", device.type)
-    return torch.bfloat16
+    dtype = mixed_precision_dtype(config.precision, device.type)
+    if dtype == torch.bfloat16:
+        logger.warning("precision='16-mixed' on %s: float16 AMP needs CUDA, so bfloat16 autocast is used (as Lightning "
+                       "falls back to bf16-mixed).", device.type)
+    return dtype
 
 
 def _after_epoch(config: ProbeTrainingConfig, probes: Sequence[dict], active: list[int], heads: Mapping[str, nn.Module],
@@ -267,11 +264,12 @@ def train_probe_grid(
 
     k = max(config.topk)
     val_rows = np.arange(len(val.labels))
-    val_ranked, val_loss, val_labels = _rank_predictions(heads, probes, val, val_rows,
-                                                         batch_size=config.eval_batch_size, k=k)
-    if len(holdout_rows):
-        held_ranked, held_loss, held_labels = _rank_predictions(heads, probes, train, holdout_rows,
-                                                                batch_size=config.eval_batch_size, k=k)
+    with torch.autocast(device.type, dtype=mixed, enabled=mixed is not None):  # evaluated as trained (Lightning)
+        val_ranked, val_loss, val_labels = _rank_predictions(heads, probes, val, val_rows,
+                                                             batch_size=config.eval_batch_size, k=k)
+        if len(holdout_rows):
+            held_ranked, held_loss, held_labels = _rank_predictions(heads, probes, train, holdout_rows,
+                                                                    batch_size=config.eval_batch_size, k=k)
     ks = config.topk
     records = []
     for p, optimizer in zip(probes, optimizers):

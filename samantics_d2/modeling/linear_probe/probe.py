@@ -29,6 +29,7 @@ from ..backbone import build_encoder
 from .feature_cache import FeatureCache, PooledEncoder
 
 __all__ = [
+    "mixed_precision_dtype",
     "GRID_PROTOCOL",
     "HEAD_INITS",
     "OUR_PROTOCOL",
@@ -137,6 +138,17 @@ class ProbeTrainingConfig:
     def watches_loss(self) -> bool:
         """Whether training reads the ``monitor`` loss after every epoch (plateau schedule or early stopping)."""
         return self.schedule == "plateau" or self.early_stopping_patience is not None
+
+
+def mixed_precision_dtype(precision: str, device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype of a precision setting, as Lightning resolves it: None for ``"32"``; for
+    ``"16-mixed"`` float16 on CUDA and bfloat16 elsewhere (Lightning warns that float16 AMP is not
+    supported on CPU and uses bf16-mixed)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}; expected one of {PRECISIONS}.")
+    if precision == "32":
+        return None
+    return torch.float16 if device_type == "cuda" else torch.bfloat16
 
 
 # Ours (the default): N(0, 0.01^2) head, constant learning rate, no clipping, float32 probes.
@@ -288,6 +300,8 @@ class LinearProbe(nn.Module):
         head_init: one of :data:`HEAD_INITS` (``"normal"``: N(0, 0.01^2); ``"torch_default"``: the authors').
         preprocess: changes to the encoder's preprocessing (:class:`PreprocessSpec` fields, e.g. the
             authors' ``{"fit": "resize_square", "interpolation": "bilinear"}`` for SAM); None: the encoder's own.
+        precision: ``"32"`` or ``"16-mixed"``: encoder and head under the autocast the probe was trained
+            with (:func:`mixed_precision_dtype`: float16 on CUDA, bfloat16 elsewhere).
     """
 
     @configurable
@@ -303,8 +317,11 @@ class LinearProbe(nn.Module):
         init_seed: int = 0,
         head_init: str = "normal",
         preprocess: Optional[Mapping[str, Any]] = None,
+        precision: str = "32",
     ):
         super().__init__()
+        mixed_precision_dtype(precision, "cpu")  # validates the name
+        self.precision = precision
         if num_classes < 2:
             raise ValueError(f"num_classes={num_classes}; a classifier needs at least 2 classes.")
         self.encoder = PooledEncoder(encoder=backbone, poolings=[pooling], normalization=normalization,
@@ -346,7 +363,9 @@ class LinearProbe(nn.Module):
 
     def forward(self, batched_inputs: list[dict]):
         x = self.encoder.prepare([d["image"] for d in batched_inputs]).to(self.device)
-        logits = self.head(self.encoder(x)[self.pooling])
+        dtype = mixed_precision_dtype(self.precision, x.device.type)
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+            logits = self.head(self.encoder(x)[self.pooling]).float()
         if self.training:
             labels = torch.tensor([int(d["label"]) for d in batched_inputs], dtype=torch.int64, device=self.device)
             return {"loss_cls": F.cross_entropy(logits, labels)}
