@@ -190,3 +190,19 @@ def test_bdd100k_from_the_official_layout(tmp_path, monkeypatch):
     assert anns[1]["bbox_mode"] == BoxMode.XYXY_ABS and (dicts[0]["height"], dicts[0]["width"]) == (720, 1280)
     assert mask_util.decode(anns[0]["segmentation"]).sum() == 20000
     assert "bdd100k_ins_seg_val" in DatasetCatalog.list()
+
+
+def test_standardised_inputs_and_collapse_report():
+    from samantics_d2.modeling.semantic.projection import _collapsed
+
+    g = torch.Generator().manual_seed(0)
+    x = 5.0 + 0.01 * torch.randn(12, 6, generator=g)  # a large common part, small variation (as SAM's mask tokens)
+    labels = torch.arange(12) % 3
+    centres = torch.stack([x[labels == c].mean(0) for c in range(3)])[:, None]
+    model, history = train_projection(x, labels, centres=centres, valid=torch.ones(3, 1, dtype=torch.bool),
+                                      config=ProjectionTrainingConfig(out_dim=4, hidden_dim=8, steps=3))
+    torch.testing.assert_close(model.input_mean, x.mean(0))
+    torch.testing.assert_close(model.input_std, x.std(0))
+    assert history[-1]["collapsed"] is False
+    same = F.normalize(torch.ones(5, 3) + 1e-4 * torch.randn(5, 3, generator=g), dim=-1)
+    assert _collapsed(same) and not _collapsed(torch.eye(3))

@@ -48,7 +48,10 @@ job = L(run_sam_clustering)(
     seed=0,
     mining=dict(whole_iou=0.5, part_inside=0.8, part_max_area=0.6),
     # full batch on a few hundred rows: 300 AdamW steps take seconds on CPU
-    training=dict(out_dim=128, hidden_dim=256, num_layers=2, learn_centres=False, steps=300, lr=3e-3, margin=0.2),
+    # (margin 0.2 / cosine 1.0 / fixed centres collapsed the mask-token and image_pooled projections to one
+    # point on the trained tiny SAM; docs/sam_clustering.md)
+    training=dict(out_dim=128, hidden_dim=256, num_layers=2, learn_centres=True, steps=300, lr=3e-3, margin=0.5,
+                  cosine_weight=0.2),
     tsne_figure="${train.output_dir}/tsne_mask_token.png",
     device="${train.device}",
 )

@@ -72,6 +72,10 @@ class SemanticProjection(nn.Module):
         centres: ``[K, M, D]`` class centres in the embedding space (the memory bank's K-means
             centres), projected by the MLP at every call; valid: ``[K, M]`` bool.
         learn_centres: the centres are parameters trained with the MLP (else a fixed buffer).
+        input_mean, input_std: ``[D]`` statistics the inputs (and centres) are standardised with
+            before the MLP (:func:`train_projection` sets those of its training rows; default 0 and 1).
+            SAM's mask tokens vary little around a large common part (they leave a LayerNorm): without
+            it the MLP collapses them to one point.
     """
 
     def __init__(
@@ -84,6 +88,8 @@ class SemanticProjection(nn.Module):
         centres: torch.Tensor,
         valid: torch.Tensor,
         learn_centres: bool = False,
+        input_mean: Optional[torch.Tensor] = None,
+        input_std: Optional[torch.Tensor] = None,
     ) -> None:
         super().__init__()
         if num_layers < 1 or centres.ndim != 3 or centres.shape[-1] != in_dim or valid.shape != centres.shape[:2]:
@@ -104,10 +110,12 @@ class SemanticProjection(nn.Module):
         else:
             self.register_buffer("centres", centres.detach().float().clone())
         self.register_buffer("valid", valid.bool().clone())
+        self.register_buffer("input_mean", torch.zeros(in_dim) if input_mean is None else input_mean.float().clone())
+        self.register_buffer("input_std", torch.ones(in_dim) if input_std is None else input_std.float().clone())
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         """``[N, D]`` -> ``[N, out_dim]`` unit vectors."""
-        return F.normalize(self.mlp(embeddings.float()), dim=-1)
+        return F.normalize(self.mlp((embeddings.float() - self.input_mean) / self.input_std), dim=-1)
 
     def projected_centres(self) -> torch.Tensor:
         """``[K, M, out_dim]`` unit vectors (rows of invalid centres are meaningless)."""
@@ -231,6 +239,7 @@ def train_projection(
         model = build_semantic_projection(
             in_dim=embeddings.shape[1], out_dim=config.out_dim, hidden_dim=config.hidden_dim,
             num_layers=config.num_layers, centres=centres, valid=valid, learn_centres=config.learn_centres,
+            input_mean=embeddings.mean(dim=0), input_std=embeddings.std(dim=0).clamp_min(1e-6),
         )
     finally:
         torch.random.set_rng_state(generator_state)
@@ -244,7 +253,20 @@ def train_projection(
         history = _optimise(model, optimizer, schedule, embeddings, labels, pairs, config)
     finally:
         torch.set_num_threads(threads)
-    return model.eval(), history
+    model.eval()
+    with torch.no_grad():
+        history[-1]["collapsed"] = _collapsed(model(embeddings))
+    if history[-1]["collapsed"]:
+        logger.warning(
+            "SemanticProjection collapsed: its training rows project to (nearly) one point (loss %s). Try a larger "
+            "margin, a smaller cosine_weight or learn_centres=True.", history[-1],
+        )
+    return model, history
+
+
+def _collapsed(projected: torch.Tensor) -> bool:
+    """Whether unit vectors ``[N, E]`` all lie within cosine 0.99 of their mean direction."""
+    return bool((projected @ F.normalize(projected.mean(dim=0), dim=0)).min() > 0.99) if len(projected) > 1 else False
 
 
 def _optimise(model, optimizer, schedule, embeddings, labels, pairs, config) -> list[dict[str, float]]:
