@@ -181,3 +181,29 @@ def test_click_prompts_keep_the_output_closest_to_the_instance(dataset, embedder
     assert "click/role" not in stored.tensors
     with pytest.raises(ValueError, match="prompt='points'"):
         sam_embeddings.instance_embeddings(dataset, embedder=embedder, thing_classes=THING_CLASSES, prompt="points")
+
+
+def test_bank_detections_label_proposals_by_their_embeddings(dataset, embedder):
+    from samantics_d2.modeling.proposals import PointGridProposals
+    from samantics_d2.modeling.proposals.point_grid import MASK_EMBEDDINGS
+    from samantics_d2.modeling.semantic import PrototypeClassifier
+
+    proposals = PointGridProposals(decoder=embedder.proposals.decoder, points_per_side=4, pred_iou_thresh=None,
+                                   mask_embeddings=MASK_EMBEDDINGS)
+    grid_embedder = SamMaskEmbedder(backbone=embedder.backbone, proposals=proposals, semantic_encoder=embedder.semantic_encoder)
+    g = torch.Generator().manual_seed(3)
+    banks = {"mask_token": (torch.randn(2, 2, 32, generator=g), torch.tensor([[True, True], [True, False]])),
+             "semantic_pooled": (torch.randn(2, 1, 32, generator=g), torch.ones(2, 1, dtype=torch.bool))}
+    image = np.asarray(Image.open(dataset[0]["file_name"]).convert("RGB"))
+    classifier = PrototypeClassifier(nms_thresh=1.0, merge="none", score_floor=-1.0)
+    out = sam_embeddings.bank_detections(grid_embedder, image, banks=banks, classifier=classifier)
+    with torch.no_grad():
+        x, fits = embedder.backbone.prepare_with_fits([image])
+        props = proposals({k: v[0] for k, v in embedder.backbone(x).items()}, fits[0])
+    kept = out["mask_token"]
+    classes, cosine = classify_embeddings(props.mask_tokens, *banks["mask_token"])
+    assert 0 < len(kept.indices) == len(props)  # no NMS, no merge: every proposal, best first
+    assert kept.classes.tolist() == torch.where(cosine[kept.indices] > 0, classes[kept.indices], 0).tolist()
+    torch.testing.assert_close(kept.scores, cosine[kept.indices].clamp_min(0))
+    assert kept.masks.shape == (len(props), 64, 64) and kept.boxes.shape == (len(props), 4)
+    assert out["semantic_pooled"].masks.shape[1:] == (64, 64)

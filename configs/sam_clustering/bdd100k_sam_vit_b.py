@@ -15,5 +15,6 @@ job.thing_classes = L(dataset_class_names)(name="bdd100k_ins_seg_val")
 job.classes = L(dataset_class_names)(name="bdd100k_ins_seg_val")
 job.train_name = "bdd100k_ins_seg_train"
 job.val_name = "bdd100k_ins_seg_val"
+job.evaluator.dataset_name = "bdd100k_ins_seg_val"
 
 train.output_dir = "./output/sam_clustering/bdd100k_sam_vit_b"

@@ -10,10 +10,12 @@
 # SAM first (configs/quick/tiny_sam_shapes.py) and pass its checkpoint:
 #   ... job.sam_checkpoint=output/quick_tiny_sam/model_final.pth
 # DINOv2 is tiny and random here (no weights can be downloaded): its numbers say nothing about DINOv2.
+from samantics_d2.d2 import COCOEvaluator
 from samantics_d2.d2 import LazyCall as L
 from samantics_d2.d2 import get_detection_dataset_dicts
 from samantics_d2.modeling.backbone import build_encoder
 from samantics_d2.modeling.meta_arch.training_free import build_sam_proposer
+from samantics_d2.modeling.semantic import PrototypeClassifier
 from samantics_d2.modeling.semantic.projection import run_sam_clustering
 from samantics_d2.modeling.semantic.sam_embeddings import SamMaskEmbedder
 from samantics_d2.references import dataset_class_names
@@ -24,7 +26,10 @@ model = L(SamMaskEmbedder.from_proposer)(
     # the tiny SAM of configs/quick/tiny_sam_shapes.py (256 px input for the 128 px shapes)
     proposer=L(build_sam_proposer)(
         backbone=L(build_encoder)(tag="sam_vit_b", size="tiny", input_size=256), decoder_weights=None,
-        points_per_batch=256,
+        # the point-grid proposals of the AP measurement, as configs/quick/tiny_sam_shapes.py evaluates
+        # them, with their SAM embeddings from the same decoder call
+        points_per_side=16, points_per_batch=256, pred_iou_thresh=0.5, box_nms_thresh=0.7,
+        mask_embeddings=["mask_token", "image_pooled"],
     ),
     # 224 px: a 16x16 patch grid over the 128 px images (as configs/training_free/shapes_tiny.py)
     semantic_encoder=L(build_encoder)(tag="dinov2_vits14", size="tiny", input_size=224),
@@ -54,6 +59,10 @@ job = L(run_sam_clustering)(
                   cosine_weight=0.2),
     tsne_figure="${train.output_dir}/tsne_mask_token.png",
     device="${train.device}",
+    # box/mask AP of the training-free pipeline (point-grid proposals -> cosine to each source's bank ->
+    # per-class NMS -> soft merge -> top 100) on shapes_parts_val, averaged over the whole classes
+    evaluator=L(COCOEvaluator)(dataset_name="shapes_parts_val", output_dir="${train.output_dir}/inference"),
+    classifier=L(PrototypeClassifier)(),
 )
 
 train.output_dir = "./output/sam_clustering/shapes_parts_tiny"

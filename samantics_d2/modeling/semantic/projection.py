@@ -26,16 +26,21 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from fvcore.common.registry import Registry
 
+from ...d2 import Boxes, Instances
+from ...utils.image import read_image
 from ...utils.io import atomic_path
+from .classifier import PrototypeClassifier
 from .sam_embeddings import (
     ROLES,
     MiningConfig,
     SamMaskEmbedder,
+    bank_detections,
     classify_embeddings,
     load_or_build_instance_embeddings,
     sam_memory_bank,
@@ -317,6 +322,8 @@ def run_sam_clustering(
     prompt: str = "box",
     tsne_figure: Optional[str] = None,
     device: str = "cpu",
+    evaluator: Optional[Any] = None,
+    classifier: Optional[PrototypeClassifier] = None,
 ) -> dict[str, Any]:
     """The measurements of issue 16 on a dataset with parts: top-1 on whole and part masks, training-free
     (K-means bank, cosine) and projected, for each embedding source; a ``train_net.py`` job.
@@ -338,6 +345,11 @@ def run_sam_clustering(
         tsne_figure: a ``.png`` path: t-SNE of the val wholes and parts before/after the projection
             of the first source.
         device: where the encoders run (the projections train on the CPU).
+        evaluator: a Detectron2 evaluator of the val dataset (``COCOEvaluator``): with it, box/mask AP
+            of the training-free pipeline (point-grid proposals, ``classifier``) with each source's
+            bank (:func:`~.sam_embeddings.bank_detections`); the embedder's proposals need
+            ``mask_embeddings`` for the SAM sources.
+        classifier: the pipeline's stages (default :class:`PrototypeClassifier` ()).
     """
     start = time.perf_counter()
     if sam_checkpoint:
@@ -388,6 +400,11 @@ def run_sam_clustering(
         with atomic_path(os.path.join(output_dir, f"projection_{source}.pth")) as tmp:
             torch.save(projection.state_dict(), tmp)
         logger.info("%s: training-free %s, projected %s (%.1f s of training).", source, training_free, projected, seconds)
+    if evaluator is not None:
+        banks = {s: sam_memory_bank(stored["train"], s).prototypes(aggregation="kmeans", num_centres=num_centres, seed=seed)
+                 for s in sources}
+        results["detection"] = _detection_ap(embedder, val_dataset, banks, classifier or PrototypeClassifier(),
+                                             evaluator, thing_classes=thing_classes, classes=classes)
     results["seconds"] = round(time.perf_counter() - start, 1)
     with atomic_path(os.path.join(output_dir, "results.json")) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -395,6 +412,33 @@ def run_sam_clustering(
     if tsne_figure:
         _tsne_figure(tsne_figure, stored["val"], sources[0], projections[sources[0]], classes)
     return results
+
+
+def _detection_ap(embedder, dataset, banks, classifier, evaluator, *, thing_classes, classes) -> dict[str, Any]:
+    """Box/mask AP of :func:`bank_detections` per source, over the ``classes`` (mean of their per-class APs)."""
+    to_thing = torch.tensor([list(thing_classes).index(name) for name in classes])
+    detections: dict[str, list] = {source: [] for source in banks}
+    embedder.eval()
+    for d in dataset:
+        image = read_image(d["file_name"])
+        for source, kept in bank_detections(embedder, image, banks=banks, classifier=classifier).items():
+            instances = Instances(tuple(image.shape[:2]))
+            instances.pred_masks, instances.pred_boxes = kept.masks.cpu(), Boxes(kept.boxes.cpu())
+            instances.scores, instances.pred_classes = kept.scores.cpu(), to_thing[kept.classes.cpu()]
+            detections[source].append(instances)
+    out = {}
+    for source, per_image in detections.items():
+        evaluator.reset()
+        for d, instances in zip(dataset, per_image):
+            evaluator.process([d], [{"instances": instances}])
+        metrics = evaluator.evaluate() or {}
+        out[source] = {
+            task: {"AP_classes": float(np.nanmean([values.get(f"AP-{name}", float("nan")) for name in classes])),
+                   "AP50_all_categories": values.get("AP50"), "AP_all_categories": values.get("AP")}
+            for task, values in metrics.items()
+        }
+        logger.info("%s: box/mask AP over %d classes %s.", source, len(classes), out[source])
+    return out
 
 
 def _tsne_figure(path: str, stored, source: str, projection: SemanticProjection, classes: Sequence[str]) -> None:

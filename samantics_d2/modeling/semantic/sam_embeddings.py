@@ -42,8 +42,8 @@ from ...references.ordering import ReferenceInstance, order_references
 from ...references.store import StoredFeatures, default_store_path, load_or_build_features, reference_provenance
 from ..proposals.point_grid import PointGridProposals, point_grid
 from ..weights import module_fingerprint
-from .classifier import prototype_scores
-from .mask_ops import mask_grid_weights, mask_iou_matrix, mask_pooling
+from .classifier import ClassifiedProposals, PrototypeClassifier, prototype_scores
+from .mask_ops import mask_grid_weights, mask_iou_matrix, mask_pooling, masks_to_boxes, masks_to_original
 from .memory_bank import MemoryBank
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "SOURCES",
     "MiningConfig",
     "SamMaskEmbedder",
+    "bank_detections",
     "classify_embeddings",
     "instance_embeddings",
     "load_or_build_instance_embeddings",
@@ -432,6 +433,56 @@ def classify_embeddings(
         to_background = (F.normalize(features.float(), dim=-1) @ F.normalize(background.float(), dim=-1).T).amax(dim=1)
         unknown |= to_background > cosine
     return torch.where(unknown, torch.full_like(classes, -1), classes), cosine
+
+
+@torch.no_grad()
+def bank_detections(
+    embedder: SamMaskEmbedder,
+    image: np.ndarray,
+    *,
+    banks: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    classifier: PrototypeClassifier,
+) -> dict[str, ClassifiedProposals]:
+    """The training-free pipeline with each embedding source's bank: point-grid proposals of ``image``
+    (one SAM forward and one batched decoder call, the embeddings with them), labelled and merged by
+    ``classifier`` (cosine to the source's centres, per-class NMS, soft merge, top K).
+
+    ``"semantic_pooled"`` runs the pipeline's own dense path (the semantic encoder once, masks pooled
+    on its patch grid); a SAM source gives the classifier its per-proposal embeddings in the pooled
+    form (a ``[C, 1, P]`` map and one-hot weights: pooling returns each proposal's embedding).
+
+    Args:
+        embedder: its ``proposals`` built with ``mask_embeddings`` holding the SAM sources used.
+        banks: source -> ``(centres [K, M, D], valid [K, M])``.
+
+    Returns:
+        source -> :class:`ClassifiedProposals` with masks and boxes on the original grid.
+    """
+    x, fits = embedder.backbone.prepare_with_fits([image])
+    proposals = embedder.proposals({name: value[0] for name, value in embedder.backbone(x).items()}, fits[0])
+    field = {"mask_token": "mask_tokens", "image_pooled": "image_pooled"}
+    out = {}
+    for source, (centres, valid) in banks.items():
+        if source == "semantic_pooled":
+            xs, semantic_fits = embedder.semantic_encoder.prepare_with_fits([image])
+            dense = embedder.semantic_encoder(xs)[embedder.semantic_encoder.dense_feature][0].float()
+            out[source] = classifier(
+                features=dense, mask_logits=proposals.mask_logits.float(), iou_pred=proposals.iou_pred,
+                mask_fit=proposals.fit, feature_fit=semantic_fits[0], patch_size=embedder.semantic_encoder.patch_size,
+                prototypes=centres, prototype_valid=valid,
+            )
+            continue
+        embeddings = getattr(proposals, field[source])
+        if embeddings is None:
+            raise ValueError(f"bank_detections: the embedder's proposals were built without {source!r} in mask_embeddings.")
+        count = len(proposals)
+        kept = classifier(
+            features=embeddings.float().T[:, None, :], weights=torch.eye(count, device=embeddings.device)[:, None, :],
+            masks=proposals.mask_logits > 0, iou_pred=proposals.iou_pred, prototypes=centres, prototype_valid=valid,
+        )
+        final = masks_to_original(proposals.mask_logits[kept.indices].float(), proposals.fit, antialias=True)
+        out[source] = kept._replace(masks=final, boxes=masks_to_boxes(final, convention=classifier.box_convention))
+    return out
 
 
 def top1_accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
