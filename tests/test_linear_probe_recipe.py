@@ -56,7 +56,7 @@ def one_sgd_step(clip):
     before = _init_linear(6, 3, seed=0, init="torch_default")
     out = train_probe_grid(train=rows, val=rows, poolings=["x"], num_classes=3, config=config)
     head = out.heads["x_lr1"]
-    step = torch.cat([(head.weight - before.weight).flatten(), (head.bias - before.bias).flatten()])
+    step = torch.cat([(head.weight - before.weight).flatten(), (head.bias - before.bias).flatten()]).detach()
     return float(step.norm())
 
 
