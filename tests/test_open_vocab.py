@@ -272,3 +272,18 @@ def test_training_free_segmenter_fuses_words_and_references(everything_parts, cl
     assert len(out) == len(flat) > 0 and set(out.pred_classes.tolist()) <= set(range(9))
     assert ((out.scores > 0) & (out.scores <= 1)).all()
     assert not torch.allclose(fused_scores, flat.scores.sort(descending=True).values)  # the references count
+
+
+@pytest.mark.parametrize("tag, out_features", [("hq_sam_vit_b", ["neck", "block1"]),
+                                                ("sam2.1_hiera_t", ["p2", "p3", "p4"])])
+def test_prompted_segmenter_with_hq_sam_and_sam2(clip_parts, tag, out_features):
+    recognizer, text = clip_parts
+    torch.manual_seed(3)
+    proposer = build_sam_proposer(backbone=build_encoder(tag, size="tiny", out_features=out_features).eval())
+    model = OpenVocabPromptedSegmenter(proposer=proposer, classifier=OpenVocabClassifier(
+        recognizer=recognizer, text_prototypes=text)).eval()
+    with torch.no_grad():
+        for prompts in ({"boxes": torch.tensor([[1.0, 2.0, 30.0, 40.0], [0.0, 0.0, 79.0, 63.0]])},
+                        {"points": torch.tensor([[10.0, 12.0], [50.0, 40.0]])}):
+            out = model([{"image": _image(64, 80), "prompts": prompts}])[0]["instances"]
+            assert out.pred_masks.shape == (2, 64, 80) and out.pred_classes.tolist() == out.pred_classes.clamp(0, 2).tolist()
