@@ -164,9 +164,10 @@ class OpenVocabClassifier(nn.Module):
         """
         if len(images) != len(masks):
             raise ValueError(f"OpenVocabClassifier got {len(images)} images and {len(masks)} mask sets.")
+        device = self.text_weight.device  # the model's (images come from the data loader, on the CPU)
         out = []
         for i, (image, image_masks) in enumerate(zip(images, masks)):  # one recognizer call per image (sizes differ)
-            embeddings = self.recognizer(image[None], [image_masks])[0]  # [N_i, D]: all masks at once
+            embeddings = self.recognizer(image[None].to(device), [image_masks.to(device)])[0]  # [N_i, D]: all masks at once
             extra = None if image_probabilities is None else image_probabilities[i]
             out.append(self.probabilities(embeddings, image_probabilities=extra, has_image_side=has_image_side))
         return out
