@@ -149,12 +149,12 @@ def test_no_prompts_give_empty_tokens():
     assert logits.shape[0] == iou.shape[0] == 0 and tokens.shape == (0, 1, EMBED)
 
 
-@pytest.mark.parametrize("family", ["sam", "sam2"])
-def test_proposals_carry_embeddings_of_their_own_masks(family):
+@pytest.mark.parametrize("family,min_region_area", [("sam", 0.0), ("sam2", 0.0), ("sam", 30.0)])
+def test_proposals_carry_embeddings_of_their_own_masks(family, min_region_area):
     decoder = _decoder(family, seed=9)
     feats = _features(seed=10)
     fit = ImageFit(original_size=(SIDE, SIDE), input_size=(SIDE, SIDE), scale=(1.0, 1.0), offset=(0.0, 0.0), valid_box=(0, 0, SIDE, SIDE))
-    options = dict(decoder=decoder, points_per_side=6, pred_iou_thresh=None, max_proposals=20)
+    options = dict(decoder=decoder, points_per_side=6, pred_iou_thresh=None, max_proposals=20, min_region_area=min_region_area)
     with torch.no_grad():
         plain = PointGridProposals(**options)(feats, fit)
         got = PointGridProposals(**options, mask_embeddings=MASK_EMBEDDINGS)(feats, fit)
