@@ -287,3 +287,31 @@ def test_prompted_segmenter_with_hq_sam_and_sam2(clip_parts, tag, out_features):
                         {"points": torch.tensor([[10.0, 12.0], [50.0, 40.0]])}):
             out = model([{"image": _image(64, 80), "prompts": prompts}])[0]["instances"]
             assert out.pred_masks.shape == (2, 64, 80) and out.pred_classes.tolist() == out.pred_classes.clamp(0, 2).tolist()
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_chunked_masks_give_the_embeddings_of_all_masks_at_once(clip_parts, dense):
+    from samantics_d2.modeling.semantic import DensePoolRecognizer
+
+    recognizer, text = clip_parts
+    if dense:  # encode once, then every chunk
+        recognizer = DensePoolRecognizer(clip=build_encoder("clip_rn50x16_openai", size="tiny").eval())
+        text = compute_text_prototypes(build_clip_text_encoder("clip_rn50x16_openai", size="tiny"), CLASSES,
+                                       templates=("a {}.",))
+    classifier = OpenVocabClassifier(recognizer=recognizer, text_prototypes=text, chunk_size=2)
+    image = _image(64, 80)
+    masks = torch.rand(5, 64, 80) > 0.6
+    with torch.no_grad():
+        whole = classifier.embed(image, masks)
+        chunked = classifier.embed(image, (masks[i : i + 2] for i in range(0, 5, 2)))
+        assert classifier.embed(image, iter(())).shape == (0, whole.shape[1])
+    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-5)
+
+
+def test_training_free_segmenter_by_words_without_proposals(everything_parts):
+    proposer, open_vocab = everything_parts
+    strict = build_sam_proposer(backbone=proposer.backbone, points_per_side=4, pred_iou_thresh=100.0)
+    model = TrainingFreeSegmenter(proposer=strict, classifier=PrototypeClassifier(), open_vocab=open_vocab).eval()
+    with torch.no_grad():
+        out = model([{"image": _image(64, 64)}])[0]["instances"]
+    assert len(out) == 0 and out.pred_masks.shape == (0, 64, 64)

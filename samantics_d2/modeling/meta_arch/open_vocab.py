@@ -127,11 +127,13 @@ class OpenVocabPromptedSegmenter(nn.Module):
         pixels, fits = backbone.prepare_with_fits(images)
         features = backbone(pixels)  # one encoder forward for the batch
         seen_masks, logits_per_image, iou_per_image = [], [], []
+        chunk = self.classifier.chunk_size
         for i, (x, fit) in enumerate(zip(batched_inputs, fits)):
             logits, iou = self._decode({k: v[i] for k, v in features.items()}, fit, x["prompts"])
             logits_per_image.append(logits)
             iou_per_image.append(iou)
-            seen_masks.append(fit.mask_to_original(logits.float()) > 0)  # [N, h, w]: the image CLIP sees
+            # [N, h, w] on the image CLIP sees, made chunk by chunk as the classifier consumes them
+            seen_masks.append(fit.mask_to_original(part.float()) > 0 for part in logits.split(chunk))
         probabilities = self.classifier(images, seen_masks)
         results = []
         for x, fit, logits, iou, probs in zip(batched_inputs, fits, logits_per_image, iou_per_image, probabilities):

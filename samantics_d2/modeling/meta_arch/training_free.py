@@ -329,7 +329,8 @@ class TrainingFreeSegmenter(nn.Module):
                 logit_scale=self.image_logit_scale, prototype_classes=rows[:, 0], num_classes=len(valid),
             )]
             has_image_side = valid.any(dim=1)
-        masks = proposals.original_masks()  # [P, H, W] on the image CLIP sees
+        chunk = self.open_vocab.chunk_size  # full-size masks made chunk by chunk (low-res until then)
+        masks = (proposals[i : i + chunk].original_masks() for i in range(0, len(proposals), chunk))
         probabilities = self.open_vocab([image], [masks], image_probabilities=image_probabilities,
                                         has_image_side=has_image_side)[0]
         kept = classify_by_probabilities(self.classifier, probabilities, proposals.mask_logits > 0,

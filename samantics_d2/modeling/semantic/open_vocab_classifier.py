@@ -20,7 +20,7 @@ NMS, cap, score floor, soft merge, top K) on masks that come with class probabil
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -56,6 +56,8 @@ class OpenVocabClassifier(nn.Module):
             ``[D]`` embedding (``open_vocab_probabilities``).
         text_weight: weight of the text distribution in the fusion, one value or one per class
             (``[K]``: e.g. base vs novel classes); classes without examples use 1 (text only).
+        chunk_size: full-size masks per recognizer call when a caller gives them in chunks
+            (:meth:`embed`; memory bound: ``chunk_size x H x W`` floats).
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class OpenVocabClassifier(nn.Module):
         logit_scale: float = 100.0,
         background: Union[None, float, torch.Tensor] = None,
         text_weight: Union[float, Sequence[float]] = 0.5,
+        chunk_size: int = 64,
     ) -> None:
         super().__init__()
         if (text_prototypes is None) == (class_names is None):
@@ -98,6 +101,9 @@ class OpenVocabClassifier(nn.Module):
         if weight.shape != (K,) or not bool(((weight >= 0) & (weight <= 1)).all()):
             raise ValueError(f"OpenVocabClassifier got text_weight={text_weight!r}; expected one value in [0, 1] or "
                              f"one per class ({K}).")
+        if chunk_size < 1:
+            raise ValueError(f"OpenVocabClassifier got chunk_size={chunk_size}; expected >= 1.")
+        self.chunk_size = int(chunk_size)
         self.recognizer = recognizer
         self.best_synonym = bool(best_synonym)
         self.logit_scale = float(logit_scale)
@@ -147,8 +153,27 @@ class OpenVocabClassifier(nn.Module):
                              torch.ones_like(self.text_weight))
         return fuse_class_probabilities(text, image, text_weight=weight)
 
+    def embed(self, image: torch.Tensor, masks: Union[torch.Tensor, Iterable[torch.Tensor]]) -> torch.Tensor:
+        """``[N, D]`` recognizer embeddings of the masks of one image.
+
+        Args:
+            image: uint8 ``[3, H, W]`` RGB.
+            masks: bool ``[N, H, W]``, or an iterable of such chunks (e.g. of ``chunk_size`` masks,
+                made on demand: only one chunk of full-size masks exists at a time). A recognizer
+                with a separate image step (``encode`` / ``embed``: ``DensePoolRecognizer``) encodes
+                the image once for all chunks.
+        """
+        device = self.text_weight.device  # the model's (images come from the data loader, on the CPU)
+        image = image[None].to(device)
+        chunks = [masks] if isinstance(masks, torch.Tensor) else masks
+        encode = getattr(self.recognizer, "encode", None)
+        encoded = encode(image) if encode is not None else None
+        out = [(self.recognizer(image, [chunk.to(device)]) if encoded is None
+                else self.recognizer.embed(*encoded, [chunk.to(device)]))[0] for chunk in chunks]
+        return torch.cat(out) if out else torch.zeros((0, self.recognizer.embed_dim), device=device)
+
     def forward(
-        self, images: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], *,
+        self, images: Sequence[torch.Tensor], masks: Sequence[Union[torch.Tensor, Iterable[torch.Tensor]]], *,
         image_probabilities: Optional[Sequence[torch.Tensor]] = None,
         has_image_side: Optional[torch.Tensor] = None,
     ) -> list[torch.Tensor]:
@@ -156,7 +181,7 @@ class OpenVocabClassifier(nn.Module):
 
         Args:
             images: per image, uint8 ``[3, H_i, W_i]`` RGB.
-            masks: per image, bool ``[N_i, H_i, W_i]``.
+            masks: per image, bool ``[N_i, H_i, W_i]`` (or chunks of them, :meth:`embed`).
             image_probabilities: per image ``[N_i, K + 1]`` (see :meth:`probabilities`), or None.
 
         Returns:
@@ -164,10 +189,9 @@ class OpenVocabClassifier(nn.Module):
         """
         if len(images) != len(masks):
             raise ValueError(f"OpenVocabClassifier got {len(images)} images and {len(masks)} mask sets.")
-        device = self.text_weight.device  # the model's (images come from the data loader, on the CPU)
         out = []
         for i, (image, image_masks) in enumerate(zip(images, masks)):  # one recognizer call per image (sizes differ)
-            embeddings = self.recognizer(image[None].to(device), [image_masks.to(device)])[0]  # [N_i, D]: all masks at once
+            embeddings = self.embed(image, image_masks)  # [N_i, D]: all masks at once (or chunk by chunk)
             extra = None if image_probabilities is None else image_probabilities[i]
             out.append(self.probabilities(embeddings, image_probabilities=extra, has_image_side=has_image_side))
         return out
