@@ -140,9 +140,11 @@ def test_prompted_segmenter_one_decoder_call_per_image_equals_prompt_by_prompt(s
     original = decoder.decode
     monkeypatch.setattr(decoder, "decode", lambda *a, **k: calls.append(k) or original(*a, **k))
     with torch.no_grad():
-        batch = segmenter([_inputs({kind: prompts}), _inputs({kind: prompts[:1]}, image=_image(seed=1))])
+        other = _inputs({kind: prompts[:2] / 2}, image=_image(48, 64, seed=1), height=48, width=64)  # another size
+        batch = segmenter([_inputs({kind: prompts}), other])
         assert len(calls) == 2  # one call per image, all of its prompts
         single = [segmenter([_inputs({kind: prompts[i : i + 1]})])[0]["instances"] for i in range(len(prompts))]
+        other_alone = segmenter([other])[0]["instances"]
     out = batch[0]["instances"]
     assert isinstance(out, Instances) and out.image_size == (192, 256) and len(out) == 3
     assert out.pred_masks.shape == (3, 192, 256) and out.pred_masks.dtype == torch.bool
@@ -151,7 +153,8 @@ def test_prompted_segmenter_one_decoder_call_per_image_equals_prompt_by_prompt(s
         assert torch.equal(out.pred_masks[i], one.pred_masks[0])
         assert out.pred_classes[i] == one.pred_classes[0]
         torch.testing.assert_close(out.scores[i], one.scores[0], rtol=1e-4, atol=1e-5)
-    assert len(batch[1]["instances"]) == 1
+    assert torch.equal(batch[1]["instances"].pred_masks, other_alone.pred_masks)  # each image its own fit
+    torch.testing.assert_close(batch[1]["instances"].scores, other_alone.scores, rtol=1e-4, atol=1e-5)
 
 
 def test_prompted_segmenter_labels_are_the_classifier_argmax(segmenter):

@@ -37,6 +37,12 @@ def fit_to_size(fit: ImageFit, size: tuple[int, int]) -> ImageFit:
     return dataclasses.replace(fit, original_size=(int(height), int(width)), scale=(sy * h / height, sx * w / width))
 
 
+def _mask_chunks(logits: torch.Tensor, fit: ImageFit, chunk: int):
+    """``[N, h, w]`` bool masks of ``logits [N, Hm, Wm]`` on ``fit``'s image, ``chunk`` at a time, made
+    as they are consumed."""
+    return (fit.mask_to_original(part.float()) > 0 for part in logits.split(chunk))
+
+
 @META_ARCH_REGISTRY.register()
 class OpenVocabPromptedSegmenter(nn.Module):
     """Prompted recognition: SAM's mask for each box or point prompt, with a label and a score.
@@ -91,10 +97,6 @@ class OpenVocabPromptedSegmenter(nn.Module):
         """The output label space."""
         return list(self.classifier.class_names)
 
-    @property
-    def device(self) -> torch.device:
-        return self.proposer.proposals.decoder.device
-
     def _decode(self, features: dict, fit: ImageFit, prompts: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Best mask logits ``[N, Hm, Wm]`` and predicted IoU ``[N]`` of all prompts of one image, one call."""
         decoder = self.proposer.proposals.decoder
@@ -132,8 +134,7 @@ class OpenVocabPromptedSegmenter(nn.Module):
             logits, iou = self._decode({k: v[i] for k, v in features.items()}, fit, x["prompts"])
             logits_per_image.append(logits)
             iou_per_image.append(iou)
-            # [N, h, w] on the image CLIP sees, made chunk by chunk as the classifier consumes them
-            seen_masks.append(fit.mask_to_original(part.float()) > 0 for part in logits.split(chunk))
+            seen_masks.append(_mask_chunks(logits, fit, chunk))
         probabilities = self.classifier(images, seen_masks)
         results = []
         for x, fit, logits, iou, probs in zip(batched_inputs, fits, logits_per_image, iou_per_image, probabilities):
