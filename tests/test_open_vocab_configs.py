@@ -4,6 +4,7 @@ the missing weight, annotation or vocabulary file; the shapes config runs ``trai
 end to end with PromptedRecognitionEvaluator."""
 from __future__ import annotations
 
+import ast
 import glob
 import json
 import os
@@ -155,6 +156,6 @@ def test_train_net_eval_only_shapes_tiny_end_to_end(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     line = next(l for l in (proc.stdout + proc.stderr).splitlines() if "Prompted recognition over" in l)
-    results = eval(line.split(": ", 2)[-1])  # the evaluator's logged dict
+    results = ast.literal_eval(line.split(": ", 2)[-1])  # the evaluator's logged dict
     assert results["num_prompts"] == 54  # every shape of shapes_val is one prompt
     assert 0.0 <= results["IoU"] <= 100.0 and 0.0 <= results["Acc"] <= 100.0
