@@ -73,8 +73,8 @@ def test_vocabulary_file_with_references_fuses_words_and_examples(tmp_path):
     vocabulary.write_text("# words first\nred circle\ntree/bush\n")
     out = tmp_path / "out"
     # the label space: the file's classes, then the reference classes not among them ("red circle" is both)
-    run(["--vocabulary", str(vocabulary), "--references", "shapes_train_ref5_seed0", "--images", images,
-         "--output", str(out)], tmp_path)
+    run(["--vocabulary", str(vocabulary), "--references", "shapes_train_ref5_seed0", "--shots", "1",
+         "--images", images, "--output", str(out)], tmp_path)
     from samantics_d2.data.shapes import SHAPES_CLASSES
 
     classes = ["red circle", "tree/bush", *SHAPES_CLASSES[1:]]
