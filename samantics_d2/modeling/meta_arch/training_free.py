@@ -207,9 +207,16 @@ class TrainingFreeSegmenter(nn.Module):
 
     # ------------------------------------------------------------------ references
 
-    def set_reference_bank(self, reference_bank: ReferenceBank) -> None:
+    def set_reference_bank(self, reference_bank: Optional[ReferenceBank]) -> None:
         """Use another label space / reference set (:func:`~samantics_d2.references.build_reference_bank`);
-        the prototypes are computed again (or loaded from the store) by :meth:`prepare_references`."""
+        the prototypes are computed again (or loaded from the store) by :meth:`prepare_references`.
+        None: no image prototypes (words only: needs ``open_vocab``)."""
+        if reference_bank is None:
+            if self.open_vocab is None:
+                raise ValueError("TrainingFreeSegmenter.set_reference_bank(None): without references the model needs an "
+                                 "open_vocab classifier (classes named by words).")
+            self.reference_bank, self.bank, self._prototypes = None, None, None
+            return
         self._output_index = reference_bank.output_index(require_all=True)  # checked now, at build time
         self.reference_bank = reference_bank
         self.bank: Optional[MemoryBank] = None
@@ -314,6 +321,18 @@ class TrainingFreeSegmenter(nn.Module):
                              valid: Optional[torch.Tensor]):
         """The proposals labelled by the open-vocabulary classifier (text prototypes, fused with the
         DINOv2 prototypes' softmax when there are references): :func:`classify_by_probabilities`."""
+        probabilities = self.open_vocab_probabilities(image, proposals, prototypes, valid)
+        kept = classify_by_probabilities(self.classifier, probabilities, proposals.mask_logits > 0,
+                                         iou_pred=proposals.iou_pred)
+        final = masks_to_original(proposals.mask_logits[kept.indices].float(), proposals.fit, antialias=True)
+        return kept._replace(masks=final, boxes=masks_to_boxes(final, convention=self.classifier.box_convention))
+
+    def open_vocab_probabilities(self, image: torch.Tensor, proposals, prototypes: Optional[torch.Tensor] = None,
+                                 valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``[P, K + 1]`` class probabilities (last: background) of the masks of ``proposals``
+        (:class:`MaskProposals` of ``image``, uint8 ``[3, H, W]``) from the open-vocabulary classifier,
+        fused with the DINOv2 prototypes' softmax when ``prototypes [K, M, D]`` / ``valid [K, M]`` are
+        given (the prepared references: :meth:`prepared_prototypes`)."""
         image_probabilities = has_image_side = None
         if prototypes is not None:  # fused: the DINOv2 side as [P, K + 1] probabilities
             dense_input, fits = self.semantic_encoder.prepare_with_fits([image])
@@ -331,12 +350,8 @@ class TrainingFreeSegmenter(nn.Module):
             has_image_side = valid.any(dim=1)
         chunk = self.open_vocab.chunk_size  # full-size masks made chunk by chunk (low-res until then)
         masks = (proposals[i : i + chunk].original_masks() for i in range(0, len(proposals), chunk))
-        probabilities = self.open_vocab([image], [masks], image_probabilities=image_probabilities,
-                                        has_image_side=has_image_side)[0]
-        kept = classify_by_probabilities(self.classifier, probabilities, proposals.mask_logits > 0,
-                                         iou_pred=proposals.iou_pred)
-        final = masks_to_original(proposals.mask_logits[kept.indices].float(), proposals.fit, antialias=True)
-        return kept._replace(masks=final, boxes=masks_to_boxes(final, convention=self.classifier.box_convention))
+        return self.open_vocab([image], [masks], image_probabilities=image_probabilities,
+                               has_image_side=has_image_side)[0]
 
     def _instances(self, kept, height: int, width: int) -> Instances:
         """``kept`` (ClassifiedProposals with masks on the original grid) as Instances at ``height`` x ``width``."""
