@@ -167,8 +167,10 @@ def test_define_classes_endpoints(client, server, shapes_image, tmp_path):
         assert ["my thing", 1, "image"] in table["data"] and status == "Loaded 9 classes."
         table, status = client.predict("a word class, other/synonym", api_name="/add_words")
         assert ["a word class", 0, "text"] in table["data"] and ["other", 0, "text"] in table["data"]
-        with pytest.raises(Exception, match="CLIP text tower"):  # this model has image prototypes only
-            client.predict(handle_file(file), 0.3, api_name="/segment")
+        # words and examples together: the label space is the bank's 11 classes, in its order
+        _, _, results_file = client.predict(handle_file(file), 0.0, api_name="/segment")
+        assert all(1 <= r["category_id"] <= 11 for r in json.loads(Path(results_file).read_text()))
+        assert app.ws.model.class_names() == SHAPES + ["my thing", "a word class", "other"]
         _, status = client.predict("", api_name="/add_words")
         assert "No class name" in status
     finally:
@@ -256,3 +258,45 @@ def test_browser_click_shows_labelled_masks(server, shapes_image, tmp_path):
         page.screenshot(path=str(shots / "app_segment.png"), full_page=True)
     for name in ("app_define_classes.png", "app_click.png", "app_segment.png"):
         assert Image.open(shots / name).size[0] >= 1000
+
+
+# ---------------------------------------------------------------------- classes by words (Python API)
+
+
+def test_workspace_words_and_fused_classes(tmp_path, shapes_image):
+    """A config that labels by words (tiny random CLIP): classes by words only, then fused with an
+    example; every label is one of the bank's classes, in the bank's order."""
+    from samantics_d2.app import Workspace, WorkspaceError
+
+    file, mask, _ = shapes_image
+    image = read_image(file)
+    ws = Workspace.from_config(str(ROOT / "configs/open_vocab/everything_shapes_tiny.py"), folder=str(tmp_path))
+    assert ws.text_encoder is not None
+    with pytest.raises(WorkspaceError, match="No class is defined"):
+        ws.segment(image)
+    ws.classes.add_words("red circle, blue triangle/triangle")
+    words_only = ws.segment(image, score_threshold=0.0)
+    assert words_only.class_names == ["red circle", "blue triangle"]
+    assert set(words_only.classes.tolist()) <= {0, 1}  # (a random tiny SAM may propose nothing)
+    assert ws.model.open_vocab.text_weight.tolist() == [1.0, 1.0]  # words only: the text side decides
+    ws.classes.add_reference("green thing", image, mask)
+    ws.classes.add_reference("red circle", image, mask)
+    fused = ws.segment(image, score_threshold=0.0)
+    assert fused.class_names == ["red circle", "blue triangle", "green thing"]
+    assert set(fused.classes.tolist()) <= {0, 1, 2}
+    # per class: examples and words -> the config's weight; words only -> 1; examples only -> 0
+    assert ws.model.open_vocab.text_weight.tolist() == [0.5, 1.0, 0.0]
+    ys, xs = np.nonzero(mask)
+    clicked = ws.click(image, points=[(float(np.median(xs)), float(np.median(ys)))], labels=[1])
+    assert 1 <= len(clicked.masks) <= 6 and set(clicked.classes.tolist()) <= {0, 1, 2}
+    assert all(0.0 <= s <= 1.0 for s in clicked.scores)
+
+
+def test_workspace_words_need_a_text_tower(tmp_path):
+    from samantics_d2.app import Workspace, WorkspaceError
+
+    ws = Workspace.from_config(str(ROOT / "configs/training_free/shapes_tiny.py"), folder=str(tmp_path))
+    assert ws.text_encoder is None
+    ws.classes.add_words("cat")
+    with pytest.raises(WorkspaceError, match="Classes named by words need a config with a CLIP text tower"):
+        ws.sync()

@@ -50,6 +50,9 @@ def test_table_covers_every_tag_with_upstream_constants():
         "sam2": ([m * 255 for m in IMAGENET_DEFAULT_MEAN], [s * 255 for s in IMAGENET_DEFAULT_STD], 1024, 16, "resize_square"),
         "dinov2": ([m * 255 for m in IMAGENET_DEFAULT_MEAN], [s * 255 for s in IMAGENET_DEFAULT_STD], 224, 14, "resize_center_crop"),
         "clip": ([m * 255 for m in OPENAI_DATASET_MEAN], [s * 255 for s in OPENAI_DATASET_STD], None, None, "resize_center_crop"),
+        # open_clip's pretrained configs of RN50x16 (openai) and ConvNeXt-L-D 320 (laion2b): OpenAI's statistics
+        "clip_resnet": ([m * 255 for m in OPENAI_DATASET_MEAN], [s * 255 for s in OPENAI_DATASET_STD], 384, 32, "resize_center_crop"),
+        "clip_convnext": ([m * 255 for m in OPENAI_DATASET_MEAN], [s * 255 for s in OPENAI_DATASET_STD], 320, 32, "resize_center_crop"),
     }
     for tag, spec in PREPROCESS.items():
         mean, std, size, patch, fit = expected[WEIGHTS[tag].family]

@@ -4,7 +4,8 @@
     python tools/app.py [--config-file CFG] [--checkpoint SAM.pth] [--host 127.0.0.1] [--port 7860]
                         [--classes classes.json] [--import-config-references] [key=value ...]
 
-Default model: the demo's tiny models on the synthetic shapes (configs/training_free/shapes_tiny.py)
+Default model: the demo's tiny models on the synthetic shapes (configs/app/shapes_tiny.py: the
+training-free pipeline of configs/training_free/shapes_tiny.py plus a tiny random CLIP for classes named by words)
 with the tiny SAM that `make demo` trains (output/demo/tiny_sam/model_final.pth) when it exists,
 else random weights (the page says which). Any training-free config works when its weights are under
 $SAMANTICS_WEIGHTS. The app listens on 127.0.0.1 only unless --host says otherwise. Uploads larger
@@ -20,7 +21,7 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CONFIG = "configs/training_free/shapes_tiny.py"
+DEFAULT_CONFIG = "configs/app/shapes_tiny.py"
 DEMO_CHECKPOINT = "output/demo/tiny_sam/model_final.pth"
 
 

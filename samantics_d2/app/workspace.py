@@ -32,6 +32,9 @@ from ..checkpoint import load_init_checkpoint
 from ..config import check_override_keys, check_weights_available
 from ..d2 import BoxMode, LazyConfig, instantiate
 from ..data.mapper import segmentation_to_mask
+from ..modeling.proposals import MaskProposals
+from ..modeling.semantic.open_vocab_classifier import OpenVocabClassifier
+from ..modeling.semantic.text_prototypes import load_or_build_text_prototypes
 from ..references import build_reference_bank
 from ..utils.image import read_image
 from ..utils.visualization import draw_instances
@@ -134,9 +137,12 @@ class Workspace:
         folder: where reference images and memory banks are written.
         predictor: the click predictor (:class:`samantics_d2.predictor.SamanticsPredictor`) over the
             same SAM; built from ``model`` when None.
+        text_encoder: the CLIP text tower of ``model.open_vocab`` (classes named by words); None: the
+            model labels by image prototypes only.
     """
 
-    def __init__(self, *, model: torch.nn.Module, folder: str, predictor=None) -> None:
+    def __init__(self, *, model: torch.nn.Module, folder: str, predictor=None,
+                 text_encoder: Optional[torch.nn.Module] = None) -> None:
         self.model = model.eval()
         self.folder = folder
         self.classes = ClassBank()
@@ -144,7 +150,11 @@ class Workspace:
         self._predictor = predictor
         self._predictor_key: Optional[str] = None
         self._sam = None
-        self._image_key: Optional[str] = None
+        self.text_encoder = text_encoder
+        self._open_vocab = getattr(model, "open_vocab", None)  # the config's; rebuilt for the classes by words
+        # the config's text weight for classes with words and examples
+        self._fused_text_weight = float(self._open_vocab.text_weight.mean()) if self._open_vocab is not None else 0.5
+        self._image_key: Optional[tuple] = None
         self.description = type(model).__name__
         self.lock = threading.Lock()  # one model call at a time (the app serves several events)
         os.makedirs(folder, exist_ok=True)
@@ -161,10 +171,14 @@ class Workspace:
         seed = cfg.train.get("seed", -1)
         torch.manual_seed(seed if seed >= 0 else 0)  # random (tiny) encoders: the same in every run
         model = instantiate(cfg.model)
+        open_vocab = cfg.model.get("open_vocab")
+        text_encoder = None
+        if open_vocab is not None and open_vocab.get("text_prototypes") is not None:
+            text_encoder = instantiate(open_vocab.text_prototypes.encoder).eval()  # the words of the app's classes
         checkpoint = checkpoint or cfg.train.get("init_checkpoint")
         if checkpoint:
             load_init_checkpoint(model, checkpoint, training=False)
-        workspace = cls(model=model.to(cfg.train.get("device", "cpu")), folder=folder)
+        workspace = cls(model=model.to(cfg.train.get("device", "cpu")).eval(), folder=folder, text_encoder=text_encoder)
         workspace.description = f"{config_file}" + (f" + {checkpoint}" if checkpoint else " (random weights: no checkpoint)")
         return workspace
 
@@ -193,30 +207,65 @@ class Workspace:
         return list(added)
 
     def sync(self) -> list[str]:
-        """Give the model the class bank (when it changed since the last call); returns the label space.
+        """Give the model the class bank (when it changed since the last call); returns the label space
+        (the bank's class names, in order).
+
+        Classes with references become image prototypes (the memory bank of the semantic encoder);
+        with a model that labels by words (``open_vocab``: a CLIP text tower), every class also gets
+        text prototypes from its words (from its name when it has none) and the two are fused with a
+        per-class text weight: 1 for a class named by words only, 0 for a class defined by examples
+        only, the config's weight for a class with both.
 
         Raises:
-            WorkspaceError: no class is defined, or only word classes and the model has no text tower.
+            WorkspaceError: no class is defined; classes by words on a model without a text tower;
+                classes by examples on a model without a semantic encoder.
         """
         if not len(self.classes):
             raise WorkspaceError("No class is defined yet: add reference masks or class names in 'Define classes'.")
         key = self.classes.fingerprint()
+        names = self.classes.names
         if key == self._synced:
-            return self.model.class_names()
+            return names
+        entries = [self.classes[n] for n in names]
         image_classes = self.classes.image_classes()
-        if self.classes.text_classes():
+        open_vocab = self._open_vocab  # the config's classifier: its recognizer and options
+        words = bool(self.classes.text_classes())
+        if words and (open_vocab is None or self.text_encoder is None):
             raise WorkspaceError(
-                "Classes named by words need a config with a CLIP text tower (configs/open_vocab/*); this model has "
-                "only image prototypes: define the classes by reference masks.")
-        if set(image_classes) != set(self.classes.names):
-            raise WorkspaceError(f"Classes {sorted(set(self.classes.names) - set(image_classes))} have no reference.")
-        dicts = self.classes.reference_dicts(os.path.join(self.folder, "references"))
-        bank = build_reference_bank(references=dicts, reference_classes=image_classes,
-                                    cache_path=os.path.join(self.folder, f"memory_bank-{key}.safetensors"))
-        self.model.set_reference_bank(bank)
-        self.model.prepare_references()
+                "Classes named by words need a config with a CLIP text tower (configs/open_vocab/*, e.g. "
+                "everything_shapes_tiny.py); this model has only image prototypes: define the classes by reference "
+                "masks.")
+        if image_classes and getattr(self.model, "semantic_encoder", None) is None:
+            raise WorkspaceError("This config labels by words only (no semantic encoder for reference images); "
+                                 f"remove the reference masks of {image_classes} or use a fused config.")
+        if not words:  # examples only: the image pipeline as the config has it (DINOv2 cosines)
+            self.model.open_vocab = None
+        else:
+            vocabulary = ["/".join(e.words or [e.name]) for e in entries]
+            weights = [1.0 if not e.references else (0.0 if not e.words else self._fused_text_weight) for e in entries]
+            text = load_or_build_text_prototypes(self.text_encoder, vocabulary, name="app")
+            self.model.open_vocab = OpenVocabClassifier(
+                recognizer=open_vocab.recognizer, text_prototypes=text, best_synonym=open_vocab.best_synonym,
+                logit_scale=open_vocab.logit_scale, background=open_vocab.background, text_weight=weights,
+                chunk_size=open_vocab.chunk_size,
+            ).to(self.model.device)
+        if image_classes:
+            dicts = self.classes.reference_dicts(os.path.join(self.folder, "references"))
+            bank = build_reference_bank(references=dicts, reference_classes=image_classes, class_names=names,
+                                        cache_path=os.path.join(self.folder, f"memory_bank-{key}.safetensors"))
+            self.model.set_reference_bank(bank)
+            self.model.prepare_references()
+        else:
+            self.model.set_reference_bank(None)
         self._synced = key
-        return self.model.class_names()
+        return names
+
+    def _set_image(self, predictor, image: np.ndarray) -> None:
+        """``predictor.set_image(image)`` unless it holds that image already (one encoder pass per image)."""
+        key = (id(predictor), image.shape, hash(image.tobytes()))
+        if key != self._image_key:
+            predictor.set_image(image)
+            self._image_key = key
 
     def _prompt_predictor(self):
         """An unlabelled predictor over the model's SAM (mask prompts of 'Define classes')."""
@@ -243,7 +292,7 @@ class Workspace:
         image = np.ascontiguousarray(np.asarray(image)[..., :3].astype(np.uint8))
         with self.lock:
             sam = self._prompt_predictor()
-            sam.set_image(image)
+            self._set_image(sam, image)
             out = sam.predict(points=None if point is None else [point], box=box, multi_granularity=False,
                               multimask_output=box is None, labels=False)
         mask = np.asarray(out.masks[int(np.argmax(out.iou_pred))], bool)
@@ -301,28 +350,46 @@ class Workspace:
 
     @torch.no_grad()
     def click(self, image: np.ndarray, *, points: Sequence[Sequence[float]], labels: Sequence[int]) -> ClickResult:
-        """Masks at every granularity for a click set (``points`` (x, y) pixels, ``labels`` 1/0),
-        labelled by the defined classes (:class:`~samantics_d2.predictor.SamanticsPredictor`)."""
+        """Masks at every granularity for a click set (``points`` (x, y) pixels, ``labels`` 1/0)
+        (:class:`~samantics_d2.predictor.SamanticsPredictor`), labelled by the defined classes: the
+        image prototypes' best match, or, with a model that labels by words, the class of highest
+        text / fused probability (:meth:`TrainingFreeSegmenter.open_vocab_probabilities`)."""
         from ..predictor import SamanticsPredictor
 
         names = self.sync()
         image = np.ascontiguousarray(np.asarray(image)[..., :3].astype(np.uint8))
+        open_vocab = getattr(self.model, "open_vocab", None)
         with self.lock:
-            if self._predictor is None or self._predictor_key != self._synced:
-                self._predictor = SamanticsPredictor.from_model(self.model)
-                self._predictor_key, self._image_key = self._synced, None
-            key = f"{image.shape}:{hash(image.tobytes())}"
-            if key != self._image_key:
-                self._predictor.set_image(image)
-                self._image_key = key
-            out = self._predictor.predict(points=np.asarray(points, np.float32), point_labels=np.asarray(labels))
-        label = out.labels.get("image")
-        count = len(out.masks)
+            if open_vocab is not None:  # labels from the model's own open-vocabulary path, below
+                predictor = self._prompt_predictor()
+            else:
+                if self._predictor is None or self._predictor_key != self._synced:
+                    self._predictor = SamanticsPredictor.from_model(self.model)
+                    self._predictor_key = self._synced
+                predictor = self._predictor
+            self._set_image(predictor, image)
+            out = predictor.predict(points=np.asarray(points, np.float32), point_labels=np.asarray(labels),
+                                    labels=open_vocab is None)
+            count = len(out.masks)
+            if open_vocab is not None and count:
+                classes, scores = self._open_vocab_labels(image, out.granularity)
+            elif "image" in out.labels:
+                classes, scores = out.labels["image"].classes, out.labels["image"].scores
+            else:
+                classes, scores = np.full(count, -1), np.zeros(count, np.float32)
         return ClickResult(
             masks=np.asarray(out.masks, bool), iou_pred=np.asarray(out.iou_pred, np.float32),
-            stability=np.asarray(out.stability, np.float32),
-            classes=label.classes if label is not None else np.full(count, -1),
-            scores=label.scores if label is not None else np.zeros(count, np.float32),
-            parents=np.asarray(out.parents), class_names=list(names),
+            stability=np.asarray(out.stability, np.float32), classes=np.asarray(classes),
+            scores=np.asarray(scores, np.float32), parents=np.asarray(out.parents), class_names=list(names),
             points=[list(map(float, p)) for p in points], labels=[int(v) for v in labels],
         )
+
+    def _open_vocab_labels(self, image: np.ndarray, masks) -> tuple[np.ndarray, np.ndarray]:
+        """Best class and its probability of each mask (``GranularityMasks``) by the model's text /
+        fused probabilities (background excluded)."""
+        proposals = MaskProposals(mask_logits=masks.mask_logits, iou_pred=masks.iou_pred, stability=masks.stability,
+                                  points=masks.iou_pred.new_zeros((len(masks.iou_pred), 2)), fit=masks.fit)
+        prototypes = self.model.prepared_prototypes() if self.model.reference_bank is not None else (None, None)
+        probabilities = self.model.open_vocab_probabilities(_tensor(image).to(self.model.device), proposals, *prototypes)
+        scores, classes = probabilities[:, :-1].max(dim=1)
+        return classes.cpu().numpy(), scores.float().cpu().numpy()
