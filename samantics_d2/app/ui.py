@@ -54,10 +54,12 @@ def _rgb(image: Any, what: str) -> np.ndarray:
     return np.ascontiguousarray(image[..., :3].astype(np.uint8))
 
 
-def _mask_preview(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def _mask_preview(image: np.ndarray, mask: np.ndarray, *, min_side: int = 360) -> np.ndarray:
+    """The mask in cyan over the image, enlarged by pixel repetition when the image is small."""
     out = image.astype(np.float32)
     out[mask] = 0.4 * out[mask] + 0.6 * np.array([0, 200, 255], np.float32)  # cyan: visible on most objects
-    return out.clip(0, 255).astype(np.uint8)
+    scale = max(1, -(-min_side // max(1, min(image.shape[:2]))))
+    return out.clip(0, 255).astype(np.uint8).repeat(scale, axis=0).repeat(scale, axis=1)
 
 
 def _legend(names: list[str], classes: np.ndarray) -> str:
