@@ -88,3 +88,21 @@ def test_default_predictor_with_the_documented_preparation(tmp_path):
         predictor(image)
     prepare_references(predictor.model)
     assert predictor(image)["instances"].image_size == (64, 64)
+
+
+def test_copies_and_pickles_keep_their_own_prepared_features(tmp_path):
+    import copy
+    import io
+
+    model = _model(tmp_path)
+    prepare_references(model)
+    clone = copy.deepcopy(model)
+    clone.semantic_encoder.load_state_dict(clone.semantic_encoder.state_dict())  # the copy's weights loaded
+    with pytest.raises(RuntimeError, match="prepare_references"):
+        clone.prepared_prototypes()
+    model.prepared_prototypes()  # the original keeps its own
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # a whole-model pickle works (the hook is a plain function)
+    buffer.seek(0)
+    restored = torch.load(buffer, weights_only=False)
+    assert torch.equal(restored.prepared_prototypes()[0], model.prepared_prototypes()[0])

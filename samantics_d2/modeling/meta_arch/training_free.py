@@ -26,7 +26,6 @@ discards the prepared features, and ``forward`` raises until they are prepared a
 from __future__ import annotations
 
 import logging
-import weakref
 from typing import Any, Mapping, Optional
 
 import torch
@@ -161,7 +160,7 @@ class TrainingFreeSegmenter(nn.Module):
         if reference_bank is not None:
             self.set_reference_bank(reference_bank)
         if semantic_encoder is not None:  # its weights loaded later: the prepared features are stale
-            semantic_encoder.register_load_state_dict_pre_hook(_DiscardPreparedReferences(self))
+            semantic_encoder.register_load_state_dict_pre_hook(_count_weight_loads)
         for p in self.parameters():
             p.requires_grad_(False)
 
@@ -263,6 +262,7 @@ class TrainingFreeSegmenter(nn.Module):
             logger.warning("No usable reference for %d of %d classes (never predicted): %s", len(missing), len(names),
                            ", ".join(missing))
         self._prototypes = (out, out_valid)
+        self._prepared_weight_loads = _weight_loads(self.semantic_encoder)
 
     def prepare_prototypes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The prototypes ``[K, M, D]`` and validity ``[K, M]`` in the order of :meth:`class_names`
@@ -273,7 +273,7 @@ class TrainingFreeSegmenter(nn.Module):
 
     def prepared_prototypes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`prepare_prototypes` as ``forward`` reads them: prepared already, or a ``RuntimeError``."""
-        if self._prototypes is None:
+        if self._prototypes is None or _weight_loads(self.semantic_encoder) != self._prepared_weight_loads:
             raise RuntimeError(
                 "TrainingFreeSegmenter: the reference features are not prepared (never, or the semantic encoder's "
                 "weights were loaded since). Call samantics_d2.references.prepare_references(model) (or "
@@ -369,16 +369,14 @@ class TrainingFreeSegmenter(nn.Module):
         return result
 
 
-class _DiscardPreparedReferences:
-    """Load-state-dict pre-hook of a segmenter's semantic encoder: when the loaded state holds any of
-    the encoder's keys, the segmenter's prepared prototypes no longer match its weights and are
-    dropped (``forward`` then asks for :func:`~samantics_d2.references.prepare_references`). Holds
-    the segmenter weakly (the encoder is its child)."""
+def _count_weight_loads(module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+    """Load-state-dict pre-hook of a segmenter's semantic encoder: counts the loads that hold any of
+    its keys (``DetectionCheckpointer``, ``load_state_dict``), so that features prepared with other
+    weights are never used (:meth:`TrainingFreeSegmenter.prepared_prototypes`). A plain function
+    on the encoder's own state: copies and pickles of the model keep working."""
+    if any(key.startswith(prefix) for key in state_dict):
+        module._samantics_weight_loads = _weight_loads(module) + 1
 
-    def __init__(self, segmenter: "TrainingFreeSegmenter"):
-        self._segmenter = weakref.ref(segmenter)
 
-    def __call__(self, module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
-        segmenter = self._segmenter()
-        if segmenter is not None and any(key.startswith(prefix) for key in state_dict):
-            segmenter._prototypes = None
+def _weight_loads(encoder: Optional[nn.Module]) -> int:
+    return getattr(encoder, "_samantics_weight_loads", 0)
