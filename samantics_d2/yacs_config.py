@@ -40,16 +40,35 @@ the constructors' docstrings document the keys.
         (``ref_sam_heads``).
     LINEAR_PROBE: ``LinearProbe`` options. SAM_TRAINER: ``PromptableSamTrainer`` options.
     TINY_SEGMENTER: ``TinySegmenter`` options (pixel statistics: ``MODEL.PIXEL_MEAN/STD``).
+    CLICK: ``ClickSegmenter`` options (MAX_CLICKS, CLICK_BOX, KEEP_ALL_CANDIDATES) with GRANULARITY
+        (``MultiGranularityDecoder``) over the prompt decoder of the SAM of BACKBONE; LABELS: True
+        labels the first click's candidates with the TrainingFreeSegmenter of this config
+        (SEMANTIC_ENCODER, TRAINING_FREE: its reference set, classifier and memory bank), which shares
+        the click model's SAM.
+    OPEN_VOCAB: ``OpenVocabPromptedSegmenter`` options (the SAM of BACKBONE, prompted with the
+        input's boxes or points), with CLIP (``build_encoder`` options of the CLIP image tower; its
+        text tower is built from the same TAG, SIZE, WEIGHTS and PRETRAINED), RECOGNIZER (NAME: a
+        class of ``MASK_RECOGNIZER_REGISTRY``, ``CropRecognizer`` or ``DensePoolRecognizer``; one
+        node of options per registered class, named in upper snake case: CROP_RECOGNIZER...),
+        TEXT_PROTOTYPES (``load_or_build_text_prototypes``: TEMPLATES, NAME, PATH...) and
+        CLASSIFIER (``OpenVocabClassifier``; text prototypes only on this path).
 
 Label spaces: TrainingFreeSegmenter and RefSAM output the ``thing_classes`` of
 ``DATASETS.TEST[0]`` (default: their reference classes), resolved with the reference set in
 ``from_config`` (:func:`yacs_reference_bank`); TinySegmenter (``thing_classes``) and
-LinearProbe (``classes``) learn the classes of ``DATASETS.TRAIN[0]``, else ``DATASETS.TEST[0]``.
+LinearProbe (``classes``) learn the classes of ``DATASETS.TRAIN[0]``, else ``DATASETS.TEST[0]``;
+OpenVocabPromptedSegmenter's vocabulary is the ``thing_classes`` of ``DATASETS.TEST[0]``, its text
+prototypes built (or read from the cache) in ``from_config``; ClickSegmenter's labels are its label
+model's classes. These two take more than an image per input (ClickSegmenter: the GT segments to
+click, ``samantics_d2.data.panoptic.ClickMapper``; OpenVocabPromptedSegmenter: the prompts,
+``samantics_d2.data.prompted.PromptedRecognitionMapper``): build their test loader with that mapper;
+``DefaultPredictor``'s image-only call is refused with a message naming it.
 Every model takes RGB images: set ``INPUT.FORMAT: RGB``.
 """
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Any, Callable, Iterable, Optional
 
 from .d2 import CfgNode, DatasetCatalog
@@ -61,6 +80,8 @@ __all__ = [
     "node_kwargs",
     "options_node",
     "registered_dataset",
+    "registry_choice",
+    "registry_node",
     "yacs_reference_bank",
 ]
 
@@ -92,6 +113,35 @@ def options_node(target: Callable, *, exclude: Iterable[str] = (), **extra: Any)
 def node_kwargs(node: CfgNode) -> dict[str, Any]:
     """The keyword arguments a node of :func:`options_node` stands for (sub-nodes left out)."""
     return {key.lower(): value for key, value in node.items() if not isinstance(value, CfgNode)}
+
+
+def _registry_key(name: str) -> str:
+    """The node name of registered class ``name``: ``CropRecognizer`` -> ``CROP_RECOGNIZER``."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).upper()
+
+
+def registry_node(registry: Iterable, *, default: str, exclude: Iterable[str] = ()) -> CfgNode:
+    """A node that picks a class of ``registry`` by ``NAME`` (default ``default``), as Detectron2's
+    ``MODEL.BACKBONE.NAME`` does, with one :func:`options_node` per registered class (``exclude``: the
+    built sub-modules), named in upper snake case (``CropRecognizer`` -> ``CROP_RECOGNIZER``)."""
+    node = CfgNode()
+    node.NAME = default
+    for name, cls in registry:
+        node[_registry_key(name)] = options_node(cls, exclude=exclude)
+    return node
+
+
+def registry_choice(node: CfgNode, registry: Any, key: str) -> tuple[Callable, dict[str, Any]]:
+    """``(class, keyword options)`` of a :func:`registry_node` (``key``: where it is, for messages)."""
+    names = sorted(name for name, _ in registry)
+    if node.NAME not in names:
+        raise KeyError(f"cfg.{key}.NAME = {node.NAME!r} is not registered; expected one of {names} (or register the "
+                       "class first).")
+    options = _registry_key(node.NAME)
+    if options not in node:
+        raise KeyError(f"cfg.{key} has no {options} node for {node.NAME!r} (registered after add_samantics_config was "
+                       "called?); register the class before calling add_samantics_config.")
+    return registry.get(node.NAME), node_kwargs(node[options])
 
 
 def check_yacs_config(cfg: CfgNode, owner: str) -> None:

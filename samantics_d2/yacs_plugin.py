@@ -7,8 +7,11 @@ from .d2 import CfgNode
 from .modeling.backbone import build_encoder
 from .modeling.linear_probe import LinearProbe
 from .modeling.meta_arch import RefSAM, TinySegmenter, TrainingFreeSegmenter
+from .modeling.meta_arch.click import ClickSegmenter
+from .modeling.meta_arch.open_vocab import MASK_RECOGNIZER_REGISTRY, OpenVocabPromptedSegmenter
 from .modeling.meta_arch.sam_prompt_training import PromptableSamTrainer
 from .modeling.proposals import PointGridProposals
+from .modeling.proposals.granularity import MultiGranularityDecoder
 from .modeling.ref_sam import (
     DeformableTransformer,
     HungarianMatcher,
@@ -17,8 +20,8 @@ from .modeling.ref_sam import (
     SetCriterion,
     TokenFuser,
 )
-from .modeling.semantic import MemoryBankConfig, PrototypeClassifier
-from .yacs_config import options_node
+from .modeling.semantic import MemoryBankConfig, OpenVocabClassifier, PrototypeClassifier, load_or_build_text_prototypes
+from .yacs_config import options_node, registry_node
 
 __all__ = ["add_samantics_config"]
 
@@ -56,3 +59,16 @@ def add_samantics_config(cfg: CfgNode) -> None:
     )
     opts.SAM_TRAINER = options_node(PromptableSamTrainer, exclude=["proposer"])
     opts.TINY_SEGMENTER = options_node(TinySegmenter, exclude=["num_classes", "pixel_mean", "pixel_std"])
+    # LABELS: label the first click's candidates with the config's TrainingFreeSegmenter (sharing the SAM).
+    opts.CLICK = options_node(ClickSegmenter, exclude=["backbone", "granularity", "label_model"], LABELS=False)
+    opts.CLICK.GRANULARITY = options_node(MultiGranularityDecoder, exclude=["decoder"])
+    opts.OPEN_VOCAB = options_node(OpenVocabPromptedSegmenter, exclude=["proposer", "classifier"])
+    # The CLIP of configs/common/open_vocab.py; its text tower comes from the same TAG / SIZE / WEIGHTS / PRETRAINED.
+    opts.OPEN_VOCAB.CLIP = options_node(build_encoder, TAG="clip_convnext_large_d_320_laion2b")
+    opts.OPEN_VOCAB.RECOGNIZER = registry_node(MASK_RECOGNIZER_REGISTRY, default="DensePoolRecognizer", exclude=["clip"])
+    opts.OPEN_VOCAB.TEXT_PROTOTYPES = options_node(load_or_build_text_prototypes, exclude=["encoder", "class_names"])
+    # Text prototypes only on the yacs path (no reference prototypes, hence no text_weight).
+    opts.OPEN_VOCAB.CLASSIFIER = options_node(
+        OpenVocabClassifier,
+        exclude=["recognizer", "text_prototypes", "class_names", "reference_prototypes", "reference_classes", "text_weight"],
+    )

@@ -25,6 +25,8 @@ from samantics_d2.d2 import (
     instantiate,
 )
 from samantics_d2.data.io import read_image
+from samantics_d2.data.panoptic import ClickMapper
+from samantics_d2.data.prompted import PromptedRecognitionMapper
 from samantics_d2.modeling.backbone import BACKBONE_CLASSES, EncoderBackbone, build_encoder
 from samantics_d2.modeling.meta_arch import TinySegmenter
 from samantics_d2.references import prepare_references
@@ -60,8 +62,19 @@ def test_every_meta_architecture_has_an_example():
     assert architectures == set(_our_meta_architectures())
 
 
+# Models whose input holds more than an image: what their test loader's mapper adds (ClickSegmenter:
+# the GT segments to click; OpenVocabPromptedSegmenter: one box prompt per GT instance), and the key
+# whose absence DefaultPredictor's image-only call must name. Such a model predicts from the mapped
+# first image of DATASETS.TEST[0] instead (the data-loader path of a Detectron2 evaluation).
+INPUT_MAPPERS = {
+    "ClickSegmenter": (lambda: ClickMapper(short_edge=None), "instances"),
+    "OpenVocabPromptedSegmenter": (lambda: PromptedRecognitionMapper(prompt="box", long_side=128), "prompts"),
+}
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
-def test_example_builds_and_predicts(path, shapes_image, tmp_path):
+def test_example_builds_and_predicts(path, shapes_image, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAMANTICS_CACHE", str(tmp_path / "cache"))  # text prototypes, memory banks
     cfg = _cfg(path)
     if cfg.MODEL.META_ARCHITECTURE == "TrainingFreeSegmenter":
         cfg.MODEL.SAMANTICS.TRAINING_FREE.MEMORY_BANK_PATH = str(tmp_path / "bank.safetensors")
@@ -71,6 +84,9 @@ def test_example_builds_and_predicts(path, shapes_image, tmp_path):
     prepare_references(model)  # reference features with the loaded weights (a no-op for models without)
     assert type(model).__name__ == cfg.MODEL.META_ARCHITECTURE and not model.training
     assert {p.device.type for p in model.parameters()} == {"cpu"}
+    if cfg.MODEL.META_ARCHITECTURE in INPUT_MAPPERS:
+        _check_mapped_prediction(cfg, predictor, shapes_image)
+        return
     bgr, rgb = shapes_image
     H, W = bgr.shape[:2]
     with torch.no_grad():  # the data-loader path: uint8 RGB at the original size
@@ -95,9 +111,39 @@ def test_example_builds_and_predicts(path, shapes_image, tmp_path):
             assert n > 0, f"{path.name}: no detection from the random model on a shapes image"
 
 
+def _check_mapped_prediction(cfg, predictor, shapes_image):
+    """A model of INPUT_MAPPERS: DefaultPredictor's image-only call names the missing input; the
+    mapped first image of DATASETS.TEST[0] gives outputs of the documented format."""
+    make_mapper, needed = INPUT_MAPPERS[cfg.MODEL.META_ARCHITECTURE]
+    with pytest.raises(ValueError, match=needed):
+        predictor(shapes_image[0])
+    x = make_mapper()(DatasetCatalog.get(cfg.DATASETS.TEST[0])[0])
+    H, W = x["height"], x["width"]
+    with torch.no_grad():
+        (output,) = predictor.model([x])
+    classes = MetadataCatalog.get(cfg.DATASETS.TEST[0]).thing_classes
+    if needed == "instances":  # clicks (samantics_d2.evaluation.click's format)
+        clicks, S = output["clicks"], len(x["instances"])
+        assert S > 0 and clicks["points"].shape == (S, cfg.MODEL.SAMANTICS.CLICK.MAX_CLICKS, 2)
+        assert len(clicks["masks"]) == len(clicks["pred_classes"]) == cfg.MODEL.SAMANTICS.CLICK.MAX_CLICKS
+        first = clicks["masks"][0]
+        assert first.shape[:2] == clicks["pred_ious"][0].shape == clicks["pred_classes"][0].shape
+        assert first.shape[0] == S and first.shape[2:] == (H, W) and first.dtype == torch.bool
+        assert ((clicks["pred_classes"][0] >= -1) & (clicks["pred_classes"][0] < len(classes))).all()
+        return
+    instances = output["instances"]  # one row per prompt, in input order
+    n = len(x["prompts"]["boxes"])
+    assert n > 0 and len(instances) == n and instances.image_size == (H, W)
+    assert instances.pred_masks.shape == (n, H, W) and instances.pred_masks.dtype == torch.bool
+    assert torch.isfinite(instances.scores).all() and ((instances.scores >= 0) & (instances.scores <= 1)).all()
+    assert ((instances.pred_classes >= 0) & (instances.pred_classes < len(classes))).all()
+
+
 # Each yacs example and the LazyConfig file it mirrors (same architecture, built the other way).
 LAZY_TWINS = {
+    "click_shapes_parts": "click/shapes_parts_tiny.py",
     "linear_probe_shapes": "linear_probe/tiny_shapes.py",
+    "open_vocab_shapes": "open_vocab/shapes_tiny.py",
     "ref_sam_shapes": "ref_sam/tiny_shapes.py",
     "sam_trainer_shapes": "quick/tiny_sam_shapes.py",
     "tiny_segmenter_shapes": "quick/tiny_segmenter_shapes.py",
@@ -105,11 +151,21 @@ LAZY_TWINS = {
 }
 
 
+# Where a twin's architecture differs in a part the model never runs: the click model's label model's
+# SAM proposer (ClickSegmenter reads only its semantic encoder and prototypes) is a separate 64 px SAM in
+# the LazyConfig file; the yacs path gives the label model the click model's own SAM (256 px input).
+LAZY_TWIN_OVERRIDES = {
+    "click_shapes_parts": ["model.label_model.proposer.backbone.input_size=256"],
+}
+
+
 @pytest.mark.parametrize("name", sorted(LAZY_TWINS))
-def test_example_builds_the_architecture_of_its_lazy_config(name):
+def test_example_builds_the_architecture_of_its_lazy_config(name, tmp_path, monkeypatch):
     """from_config wires the same modules as the LazyConfig files (same parameter and buffer shapes)."""
+    monkeypatch.setenv("SAMANTICS_CACHE", str(tmp_path / "cache"))  # text prototypes built with the model
     assert {p.stem for p in EXAMPLES} == set(LAZY_TWINS)
     lazy = LazyConfig.load(str(ROOT / "configs" / LAZY_TWINS[name]))
+    lazy = LazyConfig.apply_overrides(lazy, LAZY_TWIN_OVERRIDES.get(name, []))
     from_lazy = instantiate(lazy.model)
     from_yacs = build_model(_cfg(ROOT / "configs" / "yacs" / f"{name}.yaml"))
     assert type(from_yacs) is type(from_lazy)
@@ -155,6 +211,7 @@ def test_build_backbone_input_size_and_errors():
 def test_keyword_construction_still_works_and_cfg_arguments_override():
     for name, cls in _our_meta_architectures().items():
         assert inspect.ismethod(cls.from_config), name  # @configurable's contract
+        assert hasattr(cls.__init__, "__wrapped__"), f"{name}.__init__ lacks @configurable"
     plain = TinySegmenter(num_classes=3, width=8)  # the LazyConfig path, unchanged
     assert plain.net[-1].out_channels == 4
     cfg = _cfg(ROOT / "configs" / "yacs" / "tiny_segmenter_shapes.yaml")

@@ -16,8 +16,8 @@ GT segment of the image, simulates the clicks of the protocol (:mod:`samantics_d
 
 Optionally the first round's candidates are labelled by a training-free model's image prototypes
 (``label_model``: a :class:`~.training_free.TrainingFreeSegmenter`, its semantic encoder (once per
-image) pooled inside each mask by its classifier's pooling, cosine to its prototypes,
-:func:`~samantics_d2.modeling.semantic.prototype_scores`).
+image) pooled inside each mask by its classifier's pooling, cosine to its prototypes:
+:class:`~samantics_d2.modeling.semantic.labeller.PrototypeLabeller`, as the predictor labels).
 
 Output per image: ``{"clicks": {...}}`` in the format that
 :class:`samantics_d2.evaluation.click.ClickEvaluator` reads (its module docstring): per round, the
@@ -38,14 +38,15 @@ from typing import Any, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from ...d2 import META_ARCH_REGISTRY, BitMasks
+from ...d2 import META_ARCH_REGISTRY, BitMasks, configurable
 from ...utils.clicks import NO_CLICK, click_points, next_clicks, point_boxes
 from ..backbone import EncoderBackbone
 from ..preprocess import ImageFit
 from ..proposals.prompt_decoder import build_prompt_decoder
 from ..proposals.granularity import GranularityMasks, MultiGranularityDecoder
-from ..semantic.classifier import prototype_scores
-from ..semantic.mask_ops import mask_pooling
+from ..semantic.labeller import PrototypeLabeller, dense_features
+from ...yacs_config import check_yacs_config, node_kwargs
+from .training_free import TrainingFreeSegmenter, sam_proposer_from_config
 
 __all__ = ["ClickSegmenter", "build_click_segmenter", "fit_to_size"]
 
@@ -82,6 +83,7 @@ class ClickSegmenter(nn.Module):
             encoder and image prototypes (its ``prepare_references`` is run by ours).
     """
 
+    @configurable
     def __init__(
         self,
         *,
@@ -113,6 +115,20 @@ class ClickSegmenter(nn.Module):
         self.label_model = label_model
         for p in self.parameters():
             p.requires_grad_(False)
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        """Yacs path (:mod:`samantics_d2.yacs_config`): the SAM of ``MODEL.SAMANTICS.BACKBONE`` and its
+        prompt decoder (from the same checkpoint with ``PRETRAINED``) in a ``MultiGranularityDecoder`` of
+        ``.CLICK.GRANULARITY``, the options of ``.CLICK``; with ``CLICK.LABELS`` the label model is the
+        config's TrainingFreeSegmenter (``.SEMANTIC_ENCODER``, ``.TRAINING_FREE``), whose SAM is this one."""
+        check_yacs_config(cfg, cls.__name__)
+        opts = cfg.MODEL.SAMANTICS.CLICK
+        options = node_kwargs(opts)
+        label_model = TrainingFreeSegmenter(cfg) if options.pop("labels") else None
+        proposer = label_model.proposer if label_model is not None else sam_proposer_from_config(cfg)
+        granularity = MultiGranularityDecoder(decoder=proposer.proposals.decoder, **node_kwargs(opts.GRANULARITY))
+        return {**options, "backbone": proposer.backbone, "granularity": granularity, "label_model": label_model}
 
     def extra_repr(self) -> str:
         return (
@@ -153,7 +169,7 @@ class ClickSegmenter(nn.Module):
         features = {name: value[0] for name, value in self.backbone(inputs).items()}
         fit = fit_to_size(fits[0], (height, width))
         prepared = self.granularity.prepare_image(features)
-        semantic = self._semantic_features(image, (height, width)) if self.label_model is not None else None
+        semantic = self._semantic(image, (height, width)) if self.label_model is not None else None
 
         S, R = len(gt_masks), self.max_clicks
         points = torch.zeros((S, R, 2), dtype=torch.float32)
@@ -201,28 +217,28 @@ class ClickSegmenter(nn.Module):
     def device(self) -> torch.device:
         return self.granularity.decoder.device
 
-    def _semantic_features(self, image: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, ImageFit]:
-        encoder = self.label_model.semantic_encoder
-        dense_input, fits = encoder.prepare_with_fits([image])
-        return encoder(dense_input)[encoder.dense_feature][0].float(), fit_to_size(fits[0], size)
+    def _semantic(self, image: torch.Tensor, size: tuple[int, int]) -> tuple[PrototypeLabeller, torch.Tensor, ImageFit]:
+        """The label model's labeller (its prototypes and its classifier's pooling) and its semantic
+        encoder's features ``[C, h, w]`` of ``image``, with their fit to the ``size`` image."""
+        labeller = PrototypeLabeller.from_training_free(self.label_model,
+                                                        mask_weights=self.label_model.classifier.mask_weights)
+        features, fit = dense_features(labeller.encoder, image)
+        return labeller, features, fit_to_size(fit, size)
 
     def _candidates(
-        self, result: GranularityMasks, semantic: Optional[tuple[torch.Tensor, ImageFit]], size: tuple[int, int]
+        self,
+        result: GranularityMasks,
+        semantic: Optional[tuple[PrototypeLabeller, torch.Tensor, ImageFit]],
+        size: tuple[int, int],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(masks [K, H, W] bool, ious [K], classes [K] int64)`` on the CPU; K >= 1 (no mask: one empty, -inf)."""
         if len(result) == 0:
             return torch.zeros((1, *size), dtype=torch.bool), torch.tensor([-float("inf")]), torch.tensor([-1])
         classes = torch.full((len(result),), -1, dtype=torch.int64)
         if semantic is not None:
-            features, feature_fit = semantic
-            prototypes, valid = self.label_model.prepare_prototypes()
-            weights = self.label_model.classifier.mask_weights(
-                result.mask_logits.float(), mask_fit=result.fit, feature_fit=feature_fit,
-                grid_size=tuple(features.shape[-2:]), patch_size=self.label_model.semantic_encoder.preprocess.patch_size,
-            )  # fmt: skip
-            pooled, has_weight = mask_pooling(features, weights)
-            _, best, matched = prototype_scores(pooled, prototypes.to(pooled), valid)
-            classes = torch.where(has_weight & matched, best, torch.full_like(best, -1)).cpu()
+            labeller, features, feature_fit = semantic
+            classes, _ = labeller.label(result.mask_logits, mask_fit=result.fit, features=features, feature_fit=feature_fit)
+            classes = classes.cpu()
         return result.original_masks().cpu(), result.iou_pred.float().cpu(), classes
 
 

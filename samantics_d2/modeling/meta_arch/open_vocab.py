@@ -10,31 +10,34 @@ up or cached in ``forward``.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import torch
 import torch.nn as nn
+from fvcore.common.registry import Registry
 
-from ...d2 import META_ARCH_REGISTRY, Boxes, Instances
+from ...d2 import META_ARCH_REGISTRY, Boxes, Instances, configurable
+from ...yacs_config import check_yacs_config, dataset_classes, node_kwargs, registry_choice
+from ..backbone import build_encoder
 from ..preprocess import ImageFit
+from ..semantic.clip_recognition import CropRecognizer, DensePoolRecognizer
 from ..semantic.mask_ops import masks_to_boxes
 from ..semantic.open_vocab_classifier import OpenVocabClassifier
-from .training_free import SamProposer
+from ..semantic.text_prototypes import build_clip_text_encoder, load_or_build_text_prototypes
+from .click import fit_to_size  # the same encoder input read from the original-size image
+from .training_free import SamProposer, sam_proposer_from_config
 
-__all__ = ["OpenVocabPromptedSegmenter", "fit_to_size"]
+__all__ = ["MASK_RECOGNIZER_REGISTRY", "OpenVocabPromptedSegmenter", "fit_to_size"]
 
 logger = logging.getLogger(__name__)
 
+#: The CLIP mask recognizers a yacs config picks by name (``MODEL.SAMANTICS.OPEN_VOCAB.RECOGNIZER.NAME``,
+#: as ``MODEL.BACKBONE.NAME`` picks a backbone); a new recognizer class is registered here once.
+MASK_RECOGNIZER_REGISTRY = Registry("MASK_RECOGNIZER")
+MASK_RECOGNIZER_REGISTRY.register(CropRecognizer)
+MASK_RECOGNIZER_REGISTRY.register(DensePoolRecognizer)
+
 _PROMPT_KEYS = ("boxes", "points")
-
-
-def fit_to_size(fit: ImageFit, size: tuple[int, int]) -> ImageFit:
-    """``fit`` (of an image resized from ``size`` = ``(H, W)``) as the fit of the ``size`` image: the
-    same encoder input, so masks come back at ``size`` in one resampling."""
-    (h, w), (height, width) = fit.original_size, size
-    sy, sx = fit.scale
-    return dataclasses.replace(fit, original_size=(int(height), int(width)), scale=(sy * h / height, sx * w / width))
 
 
 def _mask_chunks(logits: torch.Tensor, fit: ImageFit, chunk: int):
@@ -71,6 +74,7 @@ class OpenVocabPromptedSegmenter(nn.Module):
         points_per_batch: prompts per mask-decoder call (memory bound).
     """
 
+    @configurable
     def __init__(
         self,
         *,
@@ -92,6 +96,30 @@ class OpenVocabPromptedSegmenter(nn.Module):
         self.points_per_batch = int(points_per_batch)
         for p in self.parameters():
             p.requires_grad_(False)
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        """Yacs path (:mod:`samantics_d2.yacs_config`): the SAM of ``MODEL.SAMANTICS.BACKBONE`` and its
+        prompt decoder; ``.OPEN_VOCAB``'s options, its recognizer (``RECOGNIZER.NAME`` over the CLIP image
+        tower of ``CLIP``) and the text prototypes of ``DATASETS.TEST[0]``'s ``thing_classes`` from the text
+        tower of the same CLIP checkpoint (``TEXT_PROTOTYPES``: built, or read from the cache, here)."""
+        check_yacs_config(cfg, cls.__name__)
+        opts = cfg.MODEL.SAMANTICS.OPEN_VOCAB
+        class_names = dataset_classes(cfg, key="thing_classes", splits=("TEST",))
+        if class_names is None:
+            raise ValueError("OpenVocabPromptedSegmenter labels with the classes of DATASETS.TEST[0], which is empty: set "
+                             "DATASETS.TEST to the dataset to evaluate (its thing_classes are the vocabulary).")
+        clip = node_kwargs(opts.CLIP)
+        recognizer_cls, recognizer_options = registry_choice(opts.RECOGNIZER, MASK_RECOGNIZER_REGISTRY,
+                                                             "MODEL.SAMANTICS.OPEN_VOCAB.RECOGNIZER")
+        text_encoder = build_clip_text_encoder(clip["tag"], size=clip["size"], weights=clip["weights"],
+                                               pretrained=clip["pretrained"])
+        classifier = OpenVocabClassifier(
+            recognizer=recognizer_cls(clip=build_encoder(**clip), **recognizer_options),
+            text_prototypes=load_or_build_text_prototypes(text_encoder, class_names, **node_kwargs(opts.TEXT_PROTOTYPES)),
+            **node_kwargs(opts.CLASSIFIER),
+        )
+        return {**node_kwargs(opts), "proposer": sam_proposer_from_config(cfg), "classifier": classifier}
 
     def class_names(self) -> list[str]:
         """The output label space."""
