@@ -22,7 +22,8 @@ In the spirit of segment_anything's ``SamPredictor`` and Detectron2's ``DefaultP
   segment_anything resamples twice, to the input square then to the image: identical when the image
   is at the encoder's input size, as in the test, and within a pixel at mask borders otherwise).
 
-Labels: a :class:`PrototypeLabeller` pools its encoder's dense features inside every mask
+Labels: a :class:`PrototypeLabeller` (:mod:`samantics_d2.modeling.semantic.labeller`, re-exported
+here) pools its encoder's dense features inside every mask
 (:func:`~samantics_d2.modeling.semantic.mask_grid_weights` + ``mask_pooling``, as the training-free
 pipeline) and compares them with class prototypes: image prototypes from a
 :class:`~samantics_d2.modeling.semantic.MemoryBank` score ``max(cosine, 0)`` of the best class
@@ -47,116 +48,16 @@ from .modeling.catalog import get_weight_spec
 from .modeling.preprocess import ImageFit
 from .modeling.proposals import PromptDecoder, build_prompt_decoder
 from .modeling.proposals.granularity import GranularityMasks, MultiGranularityDecoder
-from .modeling.semantic import (
-    MemoryBank,
-    TextPrototypes,
-    mask_grid_weights,
-    mask_pooling,
-    prototype_scores,
-    zero_shot_logits,
-)
+from .modeling.semantic.labeller import PrototypeLabeller, dense_features
 
-__all__ = ["ClickPrediction", "MaskLabels", "PrototypeLabeller", "SamanticsPredictor", "DEFAULT_BOX_SCALES"]
+__all__ = ["ClickPrediction", "MaskLabels", "PrototypeLabeller", "SamanticsPredictor", "DEFAULT_BOX_SCALES",
+           "prompt_decoder_features"]
 
 logger = logging.getLogger(__name__)
 
 # Extra prompts of the multi-granularity path when none are configured: the click with square boxes
 # of 1/8, 1/4, 1/2 and all of the image's longer side around it (plus the click's own 3 masks).
 DEFAULT_BOX_SCALES = (0.125, 0.25, 0.5, 1.0)
-
-
-@dataclass
-class PrototypeLabeller:
-    """One labelling source: an encoder's dense features pooled in each mask, against class prototypes.
-
-    Attributes:
-        name: the key of its labels in :attr:`ClickPrediction.labels` (``"image"``, ``"text"``).
-        encoder: the semantic encoder whose ``dense_feature`` is pooled.
-        prototypes: ``[K, M, D]`` class prototypes (``M`` per class).
-        valid: ``[K, M]`` bool (classes without prototypes never match).
-        class_names: ``K`` names.
-        projection: ``[C, D]`` applied to the pooled ``C``-channel features first (None: ``C == D``).
-        logit_scale: None: score = ``max(cosine, 0)`` of the best class (image prototypes);
-            a number: the softmax probability of the best class over ``logit_scale * cosine`` with
-            ``M = 1`` (CLIP text prototypes).
-    """
-
-    name: str
-    encoder: EncoderBackbone
-    prototypes: torch.Tensor
-    valid: torch.Tensor
-    class_names: Sequence[str]
-    projection: Optional[torch.Tensor] = None
-    logit_scale: Optional[float] = None
-
-    def __post_init__(self) -> None:
-        K = len(self.class_names)
-        if self.prototypes.ndim != 3 or tuple(self.valid.shape) != tuple(self.prototypes.shape[:2]) or self.prototypes.shape[0] != K:
-            raise ValueError(
-                f"PrototypeLabeller {self.name!r} got prototypes {tuple(self.prototypes.shape)}, valid "
-                f"{tuple(self.valid.shape)} and {K} class names; expected [K, M, D], [K, M] and K names."
-            )
-        if self.logit_scale is not None and self.prototypes.shape[1] != 1:
-            raise ValueError(f"PrototypeLabeller {self.name!r}: logit_scale (text prototypes) needs M = 1 prototype "
-                             f"per class; got {self.prototypes.shape[1]}.")
-        channels = self.encoder.output_shape()[self.encoder.dense_feature].channels
-        expected = self.projection.shape[0] if self.projection is not None else self.prototypes.shape[-1]
-        width = self.projection.shape[1] if self.projection is not None else channels
-        if channels != expected or width != self.prototypes.shape[-1]:
-            raise ValueError(
-                f"PrototypeLabeller {self.name!r}: the encoder's {self.encoder.dense_feature!r} has {channels} channels, "
-                f"the projection is {None if self.projection is None else tuple(self.projection.shape)} and the "
-                f"prototypes have D={self.prototypes.shape[-1]}; pooled features (after the projection) must have D "
-                "channels. Use the encoder the prototypes were computed with."
-            )
-
-    @classmethod
-    def from_memory_bank(
-        cls,
-        bank: MemoryBank,
-        *,
-        encoder: EncoderBackbone,
-        class_names: Sequence[str],
-        shots: Optional[int] = None,
-        aggregation: str = "mean",
-        num_centres: int = 4,
-        name: str = "image",
-    ) -> "PrototypeLabeller":
-        """Image prototypes of a memory bank built with ``encoder`` (:meth:`MemoryBank.prototypes`)."""
-        prototypes, valid = bank.prototypes(shots=shots, aggregation=aggregation, num_centres=num_centres)
-        return cls(name=name, encoder=encoder, prototypes=prototypes, valid=valid, class_names=list(class_names))
-
-    @classmethod
-    def from_text(
-        cls,
-        text: TextPrototypes,
-        *,
-        encoder: EncoderBackbone,
-        projection: Optional[torch.Tensor] = None,
-        logit_scale: float = 100.0,
-        name: str = "text",
-    ) -> "PrototypeLabeller":
-        """Text prototypes (one per class) compared with ``encoder``'s pooled, projected features."""
-        prototypes = text.embeddings[:, None]
-        valid = torch.ones(prototypes.shape[:2], dtype=torch.bool)
-        return cls(name=name, encoder=encoder, prototypes=prototypes, valid=valid, class_names=list(text.class_names),
-                   projection=projection, logit_scale=float(logit_scale))
-
-    def score(self, pooled: torch.Tensor, has_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(classes [P] int64, scores [P] float32)`` of pooled mask features ``[P, C]``; masks
-        that cover no feature (``has_weight`` False) get class -1 and score 0."""
-        features = pooled.float()
-        if self.projection is not None:
-            features = features @ self.projection.to(features)
-        if self.logit_scale is None:
-            cosine, classes, matched = prototype_scores(features, self.prototypes.to(features), self.valid)
-            scores = torch.where(matched, cosine.clamp_min(0.0), torch.zeros_like(cosine))
-            ok = has_weight & matched
-        else:
-            probs = zero_shot_logits(features, self.prototypes[:, 0].to(features), logit_scale=self.logit_scale).softmax(-1)
-            scores, classes = probs.max(dim=1)
-            ok = has_weight
-        return torch.where(ok, classes, torch.full_like(classes, -1)), torch.where(ok, scores, torch.zeros_like(scores))
 
 
 @dataclass
@@ -203,7 +104,7 @@ class ClickPrediction:
         return int(self.masks.shape[0])
 
 
-def _decoder_features(tag: str, size: str) -> list[str]:
+def prompt_decoder_features(tag: str, size: str) -> list[str]:
     """The backbone outputs the prompt decoder of ``tag`` reads, from a probe backbone built on the meta
     device (no memory, no init), or on the CPU where the upstream constructor reads tensor values
     (sam2's Hiera computes its drop-path schedule with ``.item()``)."""
@@ -281,7 +182,7 @@ class SamanticsPredictor:
                 :data:`DEFAULT_BOX_SCALES`).
         """
         backbone = build_encoder(tag, size=size, pretrained=pretrained, weights=weights,
-                                 out_features=_decoder_features(tag, size))
+                                 out_features=prompt_decoder_features(tag, size))
         source = (weights if weights is not None else tag) if pretrained else None
         decoder = build_prompt_decoder(backbone, weights=source, **dict(decoder_options or {}))
         granularity = MultiGranularityDecoder(decoder=decoder, **{"box_scales": DEFAULT_BOX_SCALES, **granularity_options})
@@ -293,15 +194,13 @@ class SamanticsPredictor:
         decoder, its semantic encoder and its image prototypes, prepared from its reference set)."""
         try:
             backbone, decoder = model.proposer.backbone, model.proposer.proposals.decoder
-            encoder = model.semantic_encoder
+            _ = model.semantic_encoder  # what the labeller reads (checked here for the message below)
         except AttributeError as e:
             raise TypeError(
                 f"SamanticsPredictor.from_model takes a training-free model (proposer.backbone, proposer.proposals."
                 f"decoder, semantic_encoder, prepare_prototypes()); got a {type(model).__name__} ({e})."
             ) from e
-        prototypes, valid = model.prepare_prototypes()
-        labeller = PrototypeLabeller(name="image", encoder=encoder, prototypes=prototypes, valid=valid,
-                                     class_names=model.class_names())
+        labeller = PrototypeLabeller.from_training_free(model)
         granularity = MultiGranularityDecoder(decoder=decoder, **{"box_scales": DEFAULT_BOX_SCALES, **granularity_options})
         return cls(backbone=backbone, decoder=decoder, granularity=granularity, labellers=[labeller])
 
@@ -376,8 +275,7 @@ class SamanticsPredictor:
         key = id(encoder)
         if key not in self._semantic:
             with torch.inference_mode():
-                x, fits = encoder.prepare_with_fits([self._image])
-                self._semantic[key] = (encoder(x)[encoder.dense_feature][0].float(), fits[0])
+                self._semantic[key] = dense_features(encoder, self._image)
         return self._semantic[key]
 
     # ------------------------------------------------------------------ clicks
@@ -433,12 +331,8 @@ class SamanticsPredictor:
         out = {}
         for labeller in self.labellers:
             features, feature_fit = self.semantic_features(labeller.encoder)
-            weights = mask_grid_weights(
-                masks.mask_logits.float(), src_fit=masks.fit, dst_fit=feature_fit, grid_size=tuple(features.shape[-2:]),
-                patch_size=labeller.encoder.preprocess.patch_size,
-            )
-            pooled, has_weight = mask_pooling(features, weights)
-            classes, scores = labeller.score(pooled, has_weight)
+            classes, scores = labeller.label(masks.mask_logits, mask_fit=masks.fit, features=features,
+                                             feature_fit=feature_fit)
             classes, scores = classes.cpu().numpy(), scores.float().cpu().numpy()
             names = [labeller.class_names[c] if c >= 0 else "" for c in classes.tolist()]
             out[labeller.name] = MaskLabels(classes=classes, scores=scores, names=names)
