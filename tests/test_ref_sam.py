@@ -16,7 +16,7 @@ from samantics_d2.modeling.meta_arch.ref_sam import RefSAM, build_optimizer_with
 from samantics_d2.modeling.ref_sam import TokenFuser
 from samantics_d2.modeling.proposals import build_prompt_decoder
 from samantics_d2.modeling.ref_sam.reference_encoder import ReferenceTokens, mask_token_outputs
-from samantics_d2.references import build_reference_bank
+from samantics_d2.references import build_reference_bank, prepare_references
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "ref_sam", "tiny_shapes.py")
@@ -223,6 +223,7 @@ def _test_inputs(names, count, *, with_gt=False):
 def test_eval_modes_gt_boxes_and_present_classes(tiny_cfg):
     torch.manual_seed(0)
     model = instantiate(tiny_cfg.model).eval()
+    prepare_references(model)  # after building (and loading), before the first image
     inputs = _test_inputs("shapes_val_base", 2, with_gt=True)
     out = model(inputs)
     assert len(out[0]["instances"]) == model.topk
@@ -286,6 +287,8 @@ def test_cached_embeds_give_the_same_results_as_references_on_the_fly(saved, tin
     from_file = instantiate(tiny_cfg.model).eval()
     DetectionCheckpointer(from_file).load(checkpoint)
     from_file.set_reference_bank(build_reference_bank(features_path=embeds, dataset_name=val4, shots=2))
+    prepare_references(on_the_fly)
+    prepare_references(from_file)
     inputs = _test_inputs(val4, 2)
     for a, b in zip(on_the_fly(inputs), from_file(inputs)):
         a, b = a["instances"], b["instances"]
@@ -305,6 +308,8 @@ def test_cached_embeds_give_the_same_results_as_references_on_the_fly(saved, tin
     other = instantiate(tiny_cfg.model).eval()
     other.set_reference_bank(build_reference_bank(features_path=embeds, dataset_name=val4))
     with pytest.raises(ValueError, match="other SAM weights"):
+        prepare_references(other)
+    with pytest.raises(RuntimeError, match="prepare_references"):
         other(inputs[:1])
 
 

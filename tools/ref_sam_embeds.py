@@ -52,7 +52,7 @@ from samantics_d2.d2 import (
     print_csv_format,
     setup_logger,
 )
-from samantics_d2.references import build_reference_bank, provenance_source
+from samantics_d2.references import build_reference_bank, prepare_references, provenance_source
 from samantics_d2.utils.io import atomic_path
 
 logger = logging.getLogger("samantics_d2.tools.ref_sam_embeds")
@@ -151,6 +151,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         cfg.dataloader.test.mapper.is_train = True
         cfg.dataloader.test.mapper.augmentations = []
     model = _build_model(cfg)
+    prepare_references(model)  # the cached tokens, checked against the loaded SAM weights
     results = inference_on_dataset(model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator))
     print_csv_format(results)
     path = args.results or os.path.join(cfg.train.output_dir, "ref_sam_eval.json")
@@ -273,6 +274,7 @@ def shots(args: argparse.Namespace) -> list[dict]:
             model.set_reference_bank(build_reference_bank(
                 features_path=args.embeds_template.format(seed=seed), class_names=model.class_names(), shots=n
             ))
+            prepare_references(model)
             loader, evaluator = instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
             results = inference_on_dataset(model, loader, evaluator)
             rows.append({"seed": seed, "shots": n, "bbox_AP": results.get("bbox", {}).get("AP", float("nan")),

@@ -30,7 +30,7 @@ from ..data.reference_json import load_reference_json
 from .ordering import ReferenceInstance, order_references
 from .store import StoredFeatures, default_store_path, load_features, load_or_build_features, provenance_source
 
-__all__ = ["ReferenceBank", "build_reference_bank", "dataset_class_names", "prepare_references"]
+__all__ = ["ReferenceBank", "build_reference_bank", "dataset_class_names"]
 
 logger = logging.getLogger(__name__)
 
@@ -181,11 +181,3 @@ def build_reference_bank(
     return ReferenceBank(class_names=output, reference_classes=classes, dataset_dicts=dicts, source=source,
                          shots=shots, features_path=features_path, cache_path=cache_path)
 
-
-def prepare_references(model: Any) -> None:
-    """Compute (or load) the reference features of ``model`` (unwrapped from DDP) when it has
-    ``prepare_references``: call it after the weights are loaded and before the model runs."""
-    model = getattr(model, "module", model)
-    prepare = getattr(model, "prepare_references", None)
-    if callable(prepare):
-        prepare()

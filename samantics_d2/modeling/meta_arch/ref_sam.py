@@ -33,6 +33,13 @@ store); both come as a :class:`~samantics_d2.references.ReferenceBank` resolved 
 class (:meth:`ReferenceTokens.class_tokens`) and give the same results. ``box_source="gt"``
 prompts SAM with the GT boxes instead (the mask-quality upper bound).
 
+The class prompts' tokens are prepared in one step after the model is built and its weights loaded,
+never in ``forward`` (:func:`samantics_d2.references.prepare_references`: ``train_net.py`` before
+evaluating, ``tools/ref_sam_embeds.py`` before its first image, ``DefaultPredictor`` users on
+``predictor.model``); loading SAM's weights afterwards (``DetectionCheckpointer``,
+``load_state_dict``) discards them and ``forward`` raises until they are prepared again. Training
+needs none: its class prompts come from the references the mapper drew.
+
 The checkpoint keys of the frozen SAM are ``proposer.backbone.*`` and
 ``proposer.proposals.decoder.*``, those of :class:`PromptableSamTrainer`, so a SAM trained by it
 initialises RefSAM through ``train.init_checkpoint``.
@@ -49,7 +56,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...d2 import META_ARCH_REGISTRY, Boxes, Instances, configurable
-from ...references import ReferenceBank, ReferenceInstance, order_references, reference_provenance
+from ...references import (
+    ReferenceBank,
+    ReferenceInstance,
+    check_prepared,
+    order_references,
+    reference_provenance,
+    watch_weight_loads,
+    weight_loads,
+)
 from ...utils.checks import raise_if_problems
 from ...yacs_config import check_yacs_config, node_kwargs, yacs_reference_bank
 from ..ref_sam import (
@@ -293,7 +308,9 @@ class RefSAM(nn.Module):
         self.topk_scope = topk_scope
         self.reference_batch_size = reference_batch_size
         self.reference_pairing = reference_pairing
+        self._prepared_weight_loads = 0
         self.set_reference_bank(reference_bank)
+        watch_weight_loads(proposer)  # SAM's weights loaded later: the prepared tokens are stale
         for p in self.proposer.parameters():
             p.requires_grad_(False)
         self.proposer.eval()
@@ -461,7 +478,9 @@ class RefSAM(nn.Module):
 
     def prepare_references(self) -> None:
         """Read the cached tokens, or encode the reference set with the current SAM weights through
-        the references store (the main process first). Call it after loading the weights."""
+        the references store (the main process first). Call it after loading the weights, before the
+        first image (:func:`samantics_d2.references.prepare_references`); ``forward`` never does, and
+        raises when they are not prepared or SAM's weights were loaded since."""
         bank = self.reference_bank
         if self.box_source == "gt" or self.query_classes == "image_references":  # no class prompt from a bank
             return
@@ -489,12 +508,19 @@ class RefSAM(nn.Module):
             )
             tokens = ReferenceTokens.from_stored(stored)
         self._reference_tokens = tokens
+        self._prepared_weight_loads = weight_loads(self.proposer)
 
     def reference_tokens(self) -> ReferenceTokens:
-        """The tokens of the reference bank (prepared by :meth:`prepare_references` when not yet)."""
+        """The tokens of the reference bank (prepared by :meth:`prepare_references` when not yet:
+        for callers outside ``forward``)."""
         if self._reference_tokens is None:
             self.prepare_references()
         return self._reference_tokens
+
+    def prepared_reference_tokens(self) -> ReferenceTokens:
+        """:meth:`reference_tokens` as ``forward`` reads them: prepared already, or a ``RuntimeError``."""
+        return check_prepared(self._reference_tokens, model="RefSAM", weights="frozen SAM's", module=self.proposer,
+                              loads_when_prepared=self._prepared_weight_loads)
 
     def class_names(self) -> list[str]:
         """The output label space."""
@@ -503,8 +529,9 @@ class RefSAM(nn.Module):
         return list(self.reference_bank.class_names)
 
     def class_prompts(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``prompts [K, d_model]`` of the output classes (fused from the averaged tokens) and ``valid [K]``."""
-        tokens, valid = self.reference_tokens().class_tokens(self.class_names(), shots=self.reference_bank.shots)
+        """``prompts [K, d_model]`` of the output classes (fused from the averaged prepared tokens:
+        :meth:`prepared_reference_tokens`) and ``valid [K]``."""
+        tokens, valid = self.prepared_reference_tokens().class_tokens(self.class_names(), shots=self.reference_bank.shots)
         return self.fuser(tokens.to(self.device)), valid.to(self.device)
 
     # ------------------------------------------------------------------ inference
@@ -518,9 +545,6 @@ class RefSAM(nn.Module):
         if self.box_source == "gt":
             return [{"instances": self._gt_box_instances(x, {k: v[i] for k, v in features.items()}, fits[i])}
                     for i, x in enumerate(batched_inputs)]
-        if self._reference_tokens is None:  # a caller without the preparation step (Detectron2's DefaultPredictor)
-            logger.info("RefSAM: preparing the references before the first image (call prepare_references() after "
-                        "loading the weights to do it ahead).")
         prompts, valid = self.class_prompts()
         levels = self._levels(features)
         results = []

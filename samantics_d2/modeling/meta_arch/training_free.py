@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from ...d2 import META_ARCH_REGISTRY, Boxes, Instances, configurable
-from ...references import ReferenceBank
+from ...references import ReferenceBank, check_prepared, watch_weight_loads, weight_loads
 from ...yacs_config import check_yacs_config, node_kwargs, yacs_reference_bank
 from ..backbone import EncoderBackbone, build_encoder
 from ..proposals import MaskProposals, PointGridProposals, build_prompt_decoder
@@ -157,10 +157,11 @@ class TrainingFreeSegmenter(nn.Module):
         self.prompt_mode = prompt_mode
         self.reference_bank: Optional[ReferenceBank] = None
         self._prototypes: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._prepared_weight_loads = 0
         if reference_bank is not None:
             self.set_reference_bank(reference_bank)
         if semantic_encoder is not None:  # its weights loaded later: the prepared features are stale
-            semantic_encoder.register_load_state_dict_pre_hook(_count_weight_loads)
+            watch_weight_loads(semantic_encoder)
         for p in self.parameters():
             p.requires_grad_(False)
 
@@ -262,7 +263,7 @@ class TrainingFreeSegmenter(nn.Module):
             logger.warning("No usable reference for %d of %d classes (never predicted): %s", len(missing), len(names),
                            ", ".join(missing))
         self._prototypes = (out, out_valid)
-        self._prepared_weight_loads = _weight_loads(self.semantic_encoder)
+        self._prepared_weight_loads = weight_loads(self.semantic_encoder)
 
     def prepare_prototypes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The prototypes ``[K, M, D]`` and validity ``[K, M]`` in the order of :meth:`class_names`
@@ -273,14 +274,8 @@ class TrainingFreeSegmenter(nn.Module):
 
     def prepared_prototypes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`prepare_prototypes` as ``forward`` reads them: prepared already, or a ``RuntimeError``."""
-        if self._prototypes is None or _weight_loads(self.semantic_encoder) != self._prepared_weight_loads:
-            raise RuntimeError(
-                "TrainingFreeSegmenter: the reference features are not prepared (never, or the semantic encoder's "
-                "weights were loaded since). Call samantics_d2.references.prepare_references(model) (or "
-                "model.prepare_references()) after building the model and loading its weights, before the first "
-                "image; with Detectron2's DefaultPredictor: prepare_references(predictor.model)."
-            )
-        return self._prototypes
+        return check_prepared(self._prototypes, model="TrainingFreeSegmenter", weights="semantic encoder's",
+                              module=self.semantic_encoder, loads_when_prepared=self._prepared_weight_loads)
 
     # ------------------------------------------------------------------ inference
 
@@ -368,15 +363,3 @@ class TrainingFreeSegmenter(nn.Module):
         result.pred_classes = kept.classes
         return result
 
-
-def _count_weight_loads(module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
-    """Load-state-dict pre-hook of a segmenter's semantic encoder: counts the loads that hold any of
-    its keys (``DetectionCheckpointer``, ``load_state_dict``), so that features prepared with other
-    weights are never used (:meth:`TrainingFreeSegmenter.prepared_prototypes`). A plain function
-    on the encoder's own state: copies and pickles of the model keep working."""
-    if any(key.startswith(prefix) for key in state_dict):
-        module._samantics_weight_loads = _weight_loads(module) + 1
-
-
-def _weight_loads(encoder: Optional[nn.Module]) -> int:
-    return getattr(encoder, "_samantics_weight_loads", 0)
