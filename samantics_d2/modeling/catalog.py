@@ -354,6 +354,9 @@ register(
 )
 # CLIP files (OpenAI TorchScript .pt, open_clip .bin/.safetensors): the image tower under visual.*, the
 # text tower (loaded by text_prototypes.load_clip_text_weights from the same file) dropped here.
+# open_clip / OpenAI CLIP (every CLIP family, ViT and convolutional): Resize(S, bicubic) +
+# CenterCrop(S) with OpenAI statistics (open_clip's preprocessing), stride 32; S per tag.
+_CLIP_PREPROCESS = _center_crop(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, patch_size=32, crop_pct=1.0)
 _CLIP_LAYOUT = CheckpointLayout(
     encoder_prefix="visual.",
     other_prefixes=("transformer.", "token_embedding.", "ln_final."),
@@ -374,8 +377,7 @@ register(
         name="clip",
         description="CLIP (OpenAI TorchScript .pt or open_clip .bin/.safetensors: visual.*, transformer.*)",
         backbone="samantics_d2.modeling.backbone.clip:CLIPBackbone",
-        # open_clip / OpenAI CLIP: Resize(S, bicubic) + CenterCrop(S), OpenAI statistics.
-        preprocess=_center_crop(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, patch_size=32, crop_pct=1.0),
+        preprocess=_CLIP_PREPROCESS,
         # the vision tower; the text tower is dropped
         layout=_CLIP_LAYOUT,
         signature=lambda keys: "visual.conv1.weight" in keys or "visual.class_embedding" in keys,
@@ -391,7 +393,7 @@ register(
         name="clip_convnext",
         description="open_clip ConvNeXt CLIP (.bin/.safetensors: visual.trunk.* (timm), visual.head.*, text tower)",
         backbone="samantics_d2.modeling.backbone.clip:CLIPConvNeXtBackbone",
-        preprocess=_center_crop(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, patch_size=32, crop_pct=1.0),
+        preprocess=_CLIP_PREPROCESS,
         layout=_CLIP_LAYOUT,
         signature=lambda keys: "visual.trunk.stem.0.weight" in keys and "visual.head.mlp.fc1.weight" in keys,
         tiny=dict(depths=(1, 1, 1, 1), dims=(16, 16, 32, 32), output_dim=32, image_size=64),
@@ -404,7 +406,7 @@ register(
         description="OpenAI ResNet CLIP (TorchScript .pt or open_clip .bin: visual.conv1-3, visual.layerN, "
         "visual.attnpool.*, text tower)",
         backbone="samantics_d2.modeling.backbone.clip:CLIPResNetBackbone",
-        preprocess=_center_crop(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, patch_size=32, crop_pct=1.0),
+        preprocess=_CLIP_PREPROCESS,
         layout=_CLIP_LAYOUT,
         # before "clip" (30): a ResNet CLIP file also has visual.conv1.weight
         signature=lambda keys: "visual.attnpool.c_proj.weight" in keys,
