@@ -300,3 +300,32 @@ def test_workspace_words_need_a_text_tower(tmp_path):
     ws.classes.add_words("cat")
     with pytest.raises(WorkspaceError, match="Classes named by words need a config with a CLIP text tower"):
         ws.sync()
+
+
+def test_app_command_serves_the_page(tmp_path):
+    """`python tools/app.py` as a user runs it (`make app`): it serves the page on the given port
+    (run from the tools folder, tools/click.py must not shadow the `click` package Gradio imports)."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from samantics_d2.app.browser import free_port
+
+    port = free_port()
+    log = open(tmp_path / "app.log", "w")
+    process = subprocess.Popen([sys.executable, str(ROOT / "tools" / "app.py"), "--port", str(port), "--output",
+                                str(tmp_path / "out"), "--max-upload-mb", "2.5"], stdout=log, stderr=subprocess.STDOUT,
+                               cwd=str(ROOT / "tools"))
+    try:
+        deadline, status = time.time() + 240, None
+        while time.time() < deadline and process.poll() is None and status is None:
+            try:
+                status = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).status
+            except OSError:
+                time.sleep(1)
+        assert status == 200, (tmp_path / "app.log").read_text()[-2000:]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()

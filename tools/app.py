@@ -20,6 +20,10 @@ import logging
 import os
 import sys
 
+# tools/click.py has the name of the `click` package, which Gradio's server imports: a script run
+# from this folder would import the tool instead. Take this folder off the import path first.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = "configs/app/shapes_tiny.py"
 DEMO_CHECKPOINT = "output/demo/tiny_sam/model_final.pth"
@@ -73,7 +77,7 @@ def main(argv=None) -> int:
     setup_logger(name="samantics_d2")
     blocks = build(args)
     blocks.queue(default_concurrency_limit=1).launch(
-        server_name=args.host, server_port=args.port, max_file_size=f"{args.max_upload_mb}mb",
+        server_name=args.host, server_port=args.port, max_file_size=int(args.max_upload_mb * 1024 * 1024),
         footer_links=["api"], show_error=False,
     )
     return 0

@@ -8,6 +8,9 @@
         model.proposer.point_layout=cell_centres model.proposer.backbone.fit=longest_side_pad \\
         model.memory_bank.crop=square_context model.memory_bank.mask_weights=area model.memory_bank.crop_interpolation=null
     python tools/benchmark.py linear_probe --config-file configs/linear_probe/tiny_shapes.py --markdown docs/benchmarks.md
+    python tools/benchmark.py predictor --tags sam_vit_b sam2.1_hiera_t --size full --repeats 2 --clicks 5
+    python tools/benchmark.py mask_recognition --path crop --tag clip_vit_b16_openai --masks 16 --image-size 512
+    python tools/benchmark.py app --checkpoint output/demo/tiny_sam/model_final.pth --repeats 7
 
 ``encoders``: images/s, peak memory and GFLOPs per image of each encoder backbone, with random
 weights (speed does not depend on the weights). An entry is ``TAG[/tiny][@SIZE]``: a weight tag,
@@ -59,6 +62,10 @@ import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
+
+# tools/click.py has the name of the `click` package, which Gradio's server imports: a script run
+# from this folder would import the tool instead. Take this folder off the import path first.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 import numpy as np
 import torch
@@ -1143,6 +1150,163 @@ def run_linear_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+
+# ---------------------------------------------------------------------- predictor (issue 15)
+
+
+def _median_ms(seconds: list[float]) -> str:
+    return f"{statistics.median(seconds) * 1000:.1f} (min {min(seconds) * 1000:.1f})"
+
+
+def run_predictor(args: argparse.Namespace) -> int:
+    """Latency of the interactive predictor: per image encode (``set_image``) and per click after it.
+
+    Random weights (latency does not depend on the values). The image is scikit-learn's sample
+    ``china.jpg`` (427 x 640), fitted to each encoder's input (1024 px for the full models). Clicks
+    are random points of the image, the same for every model; each is timed for the
+    multi-granularity answer (default box scales: 1 + 4 candidate prompts) and for the plain
+    multimask answer (SamPredictor's), interleaved; labels off. Median and min in ms."""
+    from sklearn.datasets import load_sample_images
+
+    from samantics_d2.predictor import SamanticsPredictor
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    image = load_sample_images().images[0]
+    rng = np.random.default_rng(0)
+    clicks = rng.uniform([0, 0], [image.shape[1], image.shape[0]], size=(args.clicks, 2)).astype(np.float32)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}, cpus {os.cpu_count()}, "
+          f"load {os.getloadavg()[0]:.1f}, image {image.shape[1]}x{image.shape[0]}")
+    print("| model | input | set_image ms | click, multi-granularity ms | click, multimask ms | masks/click |")
+    print("|---|---|---|---|---|---|")
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for tag in args.tags:
+        torch.manual_seed(0)
+        predictor = SamanticsPredictor.from_tag(tag, size=args.size)
+        predictor.backbone.to(device)
+        predictor.decoder.to(device)
+        encode = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            predictor.set_image(image)
+            sync()
+            encode.append(time.perf_counter() - start)
+        multi, plain, counts = [], [], []
+        for point in clicks:
+            for mode, times in ((True, multi), (False, plain)):
+                start = time.perf_counter()
+                out = predictor.predict(points=point[None], point_labels=[1], multi_granularity=mode, labels=False)
+                sync()
+                times.append(time.perf_counter() - start)
+                if mode:
+                    counts.append(len(out))
+        size = predictor.backbone.preprocess.input_size
+        print(f"| {tag} ({args.size}) | {size} | {_median_ms(encode)} | {_median_ms(multi)} | {_median_ms(plain)} | "
+              f"{np.mean(counts):.1f} |", flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------- mask recognition (issue 14)
+
+
+def _disc_masks(count: int, height: int, width: int, seed: int) -> torch.Tensor:
+    """``[count, H, W]`` bool: random discs of various sizes."""
+    g = torch.Generator().manual_seed(seed)
+    ys, xs = torch.arange(height)[:, None].float(), torch.arange(width)[None, :].float()
+    centres = torch.rand(count, 2, generator=g) * torch.tensor([height, width])
+    radii = 4 + torch.rand(count, generator=g) * min(height, width) / 4
+    return ((ys - centres[:, 0, None, None]) ** 2 + (xs - centres[:, 1, None, None]) ** 2) < radii[:, None, None] ** 2
+
+
+@torch.no_grad()
+def run_mask_recognition(args: argparse.Namespace) -> int:
+    """Masks/s of the batched CLIP mask recognisers against a per-mask loop, same masks, random-weight
+    towers at full size: ``crop`` (CropRecognizer on a CLIP ViT, all crops in chunks, against one crop
+    and one CLIP forward per mask) or ``dense`` (DensePoolRecognizer on a convolutional CLIP: the tower
+    once per image on both sides, then all masks at once against one ``embed`` per mask). The two
+    sides take turns (``--repeats`` rounds, median); their embeddings are compared."""
+    from samantics_d2.modeling.backbone import build_encoder
+    from samantics_d2.modeling.semantic.clip_recognition import CropRecognizer, DensePoolRecognizer
+
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(0)
+    clip = build_encoder(args.tag).eval().to(device)
+    image = torch.randint(0, 256, (1, 3, args.image_size, args.image_size), dtype=torch.uint8, device=device)
+    masks = _disc_masks(args.masks, args.image_size, args.image_size, seed=0).to(device)
+    if args.path == "crop":
+        recognizer = CropRecognizer(clip=clip)
+        batched = lambda: recognizer(image, [masks])[0]  # noqa: E731
+        loop = lambda: torch.cat([recognizer(image, [m[None]])[0] for m in masks])  # noqa: E731
+    else:
+        recognizer = DensePoolRecognizer(clip=clip, input_size=args.input_size)
+
+        def batched() -> torch.Tensor:
+            features, fit = recognizer.encode(image)
+            return recognizer.embed(features, fit, [masks])[0]
+
+        def loop() -> torch.Tensor:
+            features, fit = recognizer.encode(image)
+            return torch.cat([recognizer.embed(features, fit, [m[None]])[0] for m in masks])
+
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    batched(), loop()  # warm-up
+    times: dict[str, list[float]] = {"batched": [], "loop": []}
+    for _ in range(args.repeats):  # taking turns
+        for name, fn in (("batched", batched), ("loop", loop)):
+            sync()
+            start = time.perf_counter()
+            out = fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+            if name == "batched":
+                a = out
+            else:
+                b = out
+    seconds = {k: statistics.median(v) for k, v in times.items()}
+    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
+               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    print(f"{args.path} {args.tag}: {args.masks} masks on {args.image_size}x{args.image_size} ({machine}): "
+          f"batched {seconds['batched']:.3f} s ({args.masks / seconds['batched']:.1f} masks/s), per-mask loop "
+          f"{seconds['loop']:.3f} s ({args.masks / seconds['loop']:.1f} masks/s), "
+          f"{seconds['loop'] / seconds['batched']:.1f}x; max |difference| {float((a - b).abs().max()):.2e}")
+    return 0
+
+
+# ---------------------------------------------------------------------- web app (issue 17)
+
+
+def run_app(args: argparse.Namespace) -> int:
+    """Seconds from a click on the app's Click tab to the masks' captions on screen, in headless
+    Chromium: the app's default model (tools/app.py), the config's references, the first shapes_val
+    image, one click on its first instance, ``--repeats`` times (clicks cleared in between; the first
+    click also encodes the image)."""
+    import importlib.util
+
+    from samantics_d2.app.browser import click_latency, open_page, serve
+    from samantics_d2.d2 import DatasetCatalog
+    from samantics_d2.data.mapper import segmentation_to_mask
+
+    spec = importlib.util.spec_from_file_location(
+        "samantics_app_tool", os.path.join(os.path.dirname(os.path.abspath(__file__)), "app.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    argv = ["--output", tempfile.mkdtemp(prefix="app-benchmark-"), "--import-config-references"]
+    argv += ["--checkpoint", args.checkpoint] if args.checkpoint else []
+    blocks = tool.build(tool.parse_args(argv))
+    d = DatasetCatalog.get("shapes_val")[0]
+    ys, xs = np.nonzero(segmentation_to_mask(d["annotations"][0]["segmentation"], d["height"], d["width"]))
+    load = os.getloadavg()[0]
+    with serve(blocks) as url, open_page(url) as page:
+        times = click_latency(page, image_file=d["file_name"], point=(float(np.median(xs)), float(np.median(ys))),
+                              image_size=(d["width"], d["height"]), repeats=args.repeats)
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, load {load:.1f} -> "
+          f"{os.getloadavg()[0]:.1f}; click to masks on screen (s): " + ", ".join(f"{t:.3f}" for t in times))
+    if len(times) > 1:
+        later = times[1:]
+        print(f"first {times[0]:.2f} s; next {len(later)}: median {statistics.median(later):.2f} s, "
+              f"range {min(later):.2f}-{max(later):.2f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
@@ -1180,6 +1344,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(lp, example="configs/linear_probe/tiny_shapes.py")
     lp.add_argument("--max-images", type=int, default=None, help="first N images of train and of val")
     lp.set_defaults(func=run_linear_probe)
+
+    pr = sub.add_parser("predictor", help="interactive predictor: per image encode and per click after it")
+    pr.add_argument("--tags", nargs="+", default=["sam_vit_b", "sam2.1_hiera_t"])
+    pr.add_argument("--size", default="full", choices=("full", "tiny"))
+    pr.add_argument("--repeats", type=int, default=3, help="set_image timings per model")
+    pr.add_argument("--clicks", type=int, default=10, help="clicks timed per model and mode")
+    pr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    pr.set_defaults(func=run_predictor)
+
+    mr = sub.add_parser("mask_recognition", help="masks/s of the batched CLIP mask recognisers vs a per-mask loop")
+    mr.add_argument("--path", choices=("crop", "dense"), required=True)
+    mr.add_argument("--tag", required=True, help="a CLIP weight tag (random weights at its full size)")
+    mr.add_argument("--masks", type=int, default=32)
+    mr.add_argument("--image-size", type=int, default=512, help="side of the square test image (pixels)")
+    mr.add_argument("--input-size", type=int, default=None, help="dense: the tower's longer input side")
+    mr.add_argument("--repeats", type=int, default=3)
+    mr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    mr.set_defaults(func=run_mask_recognition)
+
+    ap = sub.add_parser("app", help="web app: seconds from a click to the masks on screen (headless Chromium)")
+    ap.add_argument("--checkpoint", default=None, help="the tiny SAM (default: the app's, output/demo/tiny_sam)")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.set_defaults(func=run_app)
     return parser
 
 

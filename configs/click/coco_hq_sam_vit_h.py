@@ -2,7 +2,7 @@
 # HQ-SAM's decoder also reads the first global-attention block (ViT-H: block7): the backbone outputs are the
 # decoder's, resolved from the tag and size when the config is built.
 from samantics_d2.d2 import LazyCall as L
-from samantics_d2.predictor import _decoder_features as prompt_decoder_features
+from samantics_d2.predictor import prompt_decoder_features
 
 from .coco_sam_vit_h import dataloader, model, train
 
