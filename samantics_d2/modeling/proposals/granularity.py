@@ -12,7 +12,7 @@ set, and returns a :class:`GranularityMasks`::
     result.mask_logits            # [K, Hm, Wm] low-res logits over the encoder input square
     result.original_masks()       # [K, H, W] bool on the original image
 
-Signature (stable; H5's click meta-architecture builds on it)::
+Signature (stable; the click meta-architecture, modeling/meta_arch/click.py, builds on it)::
 
     MultiGranularityDecoder(*, decoder: PromptDecoder, box_scales: Sequence[float] = (),
         multimask_output: bool = True, box_multimask_output: bool = False, max_masks: int = 6,
