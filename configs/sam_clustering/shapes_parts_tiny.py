@@ -7,8 +7,10 @@
 # under the mask, tiny DINOv2 pooled under the mask) and writes results.json: top-1 on the val
 # whole and part masks (parts labelled with their whole's class), training-free and projected.
 # As written, SAM has random weights (mechanics only). For meaningful SAM embeddings train the tiny
-# SAM first (configs/quick/tiny_sam_shapes.py) and pass its checkpoint:
-#   ... job.sam_checkpoint=output/quick_tiny_sam/model_final.pth
+# SAM on the shapes with parts first (configs/quick/tiny_sam_shapes_parts.py: it segments parts; the
+# plain-shapes one, configs/quick/tiny_sam_shapes.py, never saw a part) and pass its checkpoint:
+#   ... job.sam_checkpoint=output/quick_tiny_sam_parts/model_final.pth
+# (numbers, every projection setting tried: docs/sam_clustering.md).
 # DINOv2 is tiny and random here (no weights can be downloaded): its numbers say nothing about DINOv2.
 from samantics_d2.d2 import COCOEvaluator
 from samantics_d2.d2 import LazyCall as L
