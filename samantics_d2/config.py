@@ -240,3 +240,22 @@ def check_weights_available(cfg: DictConfig, config_file: str = "the config") ->
         f"downloaded):\n{lines}\nPut the official files under their published names in one folder and set "
         f"{WEIGHTS_ENV} to it. {_DEMO_HINT}"
     )
+
+
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def resolve_config_file(path: str, *, example: str) -> str:
+    """A tool's ``--config-file``: ``path`` as given if it exists (or is absolute), else relative to
+    the project folder, where the configs live (so tools run from any folder).
+
+    Raises:
+        FileNotFoundError: neither exists; the message names both places and ``example``.
+    """
+    if os.path.isfile(path) or os.path.isabs(path):
+        return path
+    in_project = os.path.join(PROJECT_ROOT, path)
+    if os.path.isfile(in_project):
+        return in_project
+    raise FileNotFoundError(f"--config-file {path}: no such file here ({os.getcwd()}) nor in the project folder "
+                            f"({PROJECT_ROOT}). Give a LazyConfig .py file, e.g. {example}.")

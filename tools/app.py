@@ -51,9 +51,9 @@ def build(args: argparse.Namespace):
     from samantics_d2.app import ClassBank, Workspace
     from samantics_d2.app.ui import build_app
 
-    config = args.config_file if os.path.isfile(args.config_file) else os.path.join(ROOT, args.config_file)
-    if not os.path.isfile(config):
-        raise SystemExit(f"--config-file {args.config_file}: no such file (here or in {ROOT}).")
+    from samantics_d2.config import resolve_config_file
+
+    config = resolve_config_file(args.config_file, example=DEFAULT_CONFIG)
     checkpoint = args.checkpoint
     demo_checkpoint = os.path.join(ROOT, DEMO_CHECKPOINT)
     if checkpoint is None and args.config_file == DEFAULT_CONFIG and os.path.isfile(demo_checkpoint):

@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_util
 
+from samantics_d2.config import resolve_config_file
 from samantics_d2.d2 import setup_logger
 from samantics_d2.predictor import ClickPrediction, SamanticsPredictor
 from samantics_d2.utils.image import read_image
@@ -73,16 +74,6 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
     if len(values) != 4 or values[2] <= values[0] or values[3] <= values[1]:
         raise argparse.ArgumentTypeError(f"--box {text!r}: expected x0,y0,x1,y1 in image pixels with x1 > x0 and y1 > y0")
     return tuple(values)
-
-
-def _resolve_config(path: str) -> str:
-    if os.path.isfile(path) or os.path.isabs(path):
-        return path
-    in_project = os.path.join(PROJECT_ROOT, path)
-    if os.path.isfile(in_project):
-        return in_project
-    raise FileNotFoundError(f"--config-file {path}: no such file here ({os.getcwd()}) nor in the project folder "
-                            f"({PROJECT_ROOT}). Give a training-free LazyConfig, e.g. {DEFAULT_CONFIG}.")
 
 
 def _uses_random_weights(config_file: str, overrides: Sequence[str]) -> bool:
@@ -194,7 +185,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         predictor = SamanticsPredictor.from_tag(args.tag, size=args.size, pretrained=args.pretrained, **granularity)
         random_weights, model_name = not args.pretrained, f"{args.tag} ({args.size})"
     else:
-        config_file = _resolve_config(args.config_file or DEFAULT_CONFIG)
+        config_file = resolve_config_file(args.config_file or DEFAULT_CONFIG, example=DEFAULT_CONFIG)
         predictor = SamanticsPredictor.from_config(config_file, args.opts, **granularity)
         random_weights, model_name = _uses_random_weights(config_file, args.opts), os.path.relpath(config_file, PROJECT_ROOT)
     if random_weights:

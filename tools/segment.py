@@ -60,7 +60,7 @@ from pycocotools import mask as mask_util
 from tqdm import tqdm
 
 from samantics_d2.checkpoint import load_init_checkpoint
-from samantics_d2.config import check_override_keys, check_weights_available
+from samantics_d2.config import check_override_keys, check_weights_available, resolve_config_file
 from samantics_d2.d2 import BoxMode, DatasetCatalog, LazyConfig, LazyCall, MetadataCatalog, instantiate, setup_logger
 from samantics_d2.data.io import read_image
 from samantics_d2.data.classification import IMAGE_EXTENSIONS
@@ -71,7 +71,6 @@ from samantics_d2.utils.io import atomic_path, read_json
 from samantics_d2.utils.visualization import draw_instances
 
 logger = logging.getLogger("samantics_d2.tools.segment")
-PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = "configs/common/training_free.py"
 WORDS_CONFIG = "configs/open_vocab/everything_sam2_1_convnext_l.py"
 FUSED_CONFIG = "configs/open_vocab/everything_fused_sam2_1_convnext_l.py"
@@ -182,17 +181,6 @@ def use_words(cfg, *, with_references: bool, config_file: str) -> None:
                          f"encoder, DINOv2); {config_file} has none. Use {FUSED_CONFIG}.")
 
 
-def resolve_config_file(path: str) -> str:
-    """``path`` as given if it exists, else relative to the project folder (where the configs live)."""
-    if os.path.isfile(path) or os.path.isabs(path):
-        return path
-    in_project = os.path.join(PROJECT_ROOT, path)
-    if os.path.isfile(in_project):
-        return in_project
-    raise FileNotFoundError(f"--config-file {path}: no such file here ({os.getcwd()}) nor in the project folder "
-                            f"({PROJECT_ROOT}). Give a LazyConfig .py file, e.g. {DEFAULT_CONFIG}.")
-
-
 def image_id_of(file_name: str) -> int:
     """A stable COCO image id for ``file_name`` (relative to --images): a 53-bit hash of the name
     (exact in JSON readers that use doubles; two names share one with odds ~n^2 / 2^54)."""
@@ -295,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         if ids.setdefault(image_id_of(file), file) != file:  # never silently merge two images' results
             raise ValueError(f"{file} and {ids[image_id_of(file)]} in {args.images} hash to the same image id; "
                              "rename one of them.")
-    config_file = resolve_config_file(args.config_file)
+    config_file = resolve_config_file(args.config_file, example=DEFAULT_CONFIG)
 
     cfg = LazyConfig.load(config_file)
     check_override_keys(cfg, args.opts)
