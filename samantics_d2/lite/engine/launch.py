@@ -120,5 +120,6 @@ def _distributed_worker(
                 comm._LOCAL_PROCESS_GROUP = group
         comm.synchronize()
         main_func(*args)
+        comm.synchronize()  # no rank takes the group down while another still uses it
     finally:
         dist.destroy_process_group()
