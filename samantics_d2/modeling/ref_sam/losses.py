@@ -32,6 +32,9 @@ class SetCriterion(nn.Module):
     ``sum(criterion(outputs, targets).values())`` is the training loss. Keys: ``loss_focal``,
     ``loss_bbox``, ``loss_giou`` for the last decoder layer, and the same with a ``_{i}`` suffix for
     ``outputs["aux_outputs"][i]``.
+
+    The focal loss uses the matcher's ``focal_alpha`` and ``focal_gamma``: the loss a query is
+    trained with and the cost it is matched by are one focal loss, set in one place.
     """
 
     def __init__(
@@ -41,16 +44,12 @@ class SetCriterion(nn.Module):
         weight_focal: float = 2.0,
         weight_bbox: float = 5.0,
         weight_giou: float = 2.0,
-        focal_alpha: float = 0.25,
-        focal_gamma: float = 2.0,
     ):
         super().__init__()
         self.matcher = matcher
         self.weight_focal = weight_focal
         self.weight_bbox = weight_bbox
         self.weight_giou = weight_giou
-        self.focal_alpha = focal_alpha
-        self.focal_gamma = focal_gamma
 
     def layer_losses(self, outputs: dict, targets: list[dict], num_boxes: float) -> dict[str, torch.Tensor]:
         """Weighted losses of one layer's ``{"pred_logits": [B, Q, 1], "pred_boxes": [B, Q, 4]}``."""
@@ -63,7 +62,7 @@ class SetCriterion(nn.Module):
         labels = torch.zeros_like(logits)
         labels[batch_index, query_index, 0] = 1.0
         focal = torchvision.ops.sigmoid_focal_loss(
-            logits, labels, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum"
+            logits, labels, alpha=self.matcher.focal_alpha, gamma=self.matcher.focal_gamma, reduction="sum"
         )
 
         matched_boxes = pred_boxes[batch_index, query_index]  # [K, 4]; K = 0 keeps a grad_fn
