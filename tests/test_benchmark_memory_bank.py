@@ -49,3 +49,39 @@ def test_cli_reports_the_memory_bank_builds(tool, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "resized to 192 x 192 px" in printed and "Memory bank (40 references" in printed
     assert "same classes with prototypes: True" in printed
+
+
+def test_explicit_attention_is_their_dinov2_attention_and_is_restored(tool, tmp_path):
+    """The baselines' DINOv2 computes softmax(q k^T) v step by step (DINOv2's Attention without
+    xFormers), not PyTorch's fused kernel; same features to float rounding; the switch is undone."""
+    from unittest import mock
+
+    segmenter = _segmenter(tool, tmp_path)
+    encoder = segmenter.semantic_encoder
+    layers = [m for m in encoder.modules() if hasattr(m, "fused_attn")]
+    assert layers and all(m.fused_attn for m in layers)
+    x = torch.randn(1, 3, encoder.preprocess.input_size, encoder.preprocess.input_size)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    with torch.no_grad(), mock.patch("torch.nn.functional.scaled_dot_product_attention", wraps=sdpa) as fused:
+        ours = encoder(x)[encoder.dense_feature]
+        calls = fused.call_count
+        with tool.explicit_attention(encoder) as switched:
+            assert switched == len(layers) and not any(m.fused_attn for m in layers)
+            theirs = encoder(x)[encoder.dense_feature]
+        assert fused.call_count == calls > 0  # the explicit path never calls the fused kernel
+    assert all(m.fused_attn for m in layers)
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="attention='flash'"):
+        tool.StageOrderMemoryBank(segmenter, attention="flash")()
+
+
+def test_cli_memory_banks_only(tool, tmp_path, capsys):
+    argv = ["training_free", "--config-file", TINY, "--images", "0", "--memory-bank-runs", "1",
+            "--baseline-attention", "fused", "train.device=cpu",
+            f"model.reference_bank.cache_path={tmp_path / 'bank.safetensors'}"]
+    assert tool.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "Memory bank (40 references" in printed and "their encoder's attention: fused" in printed
+    assert "| ours" not in printed  # no pipeline ran
+    with pytest.raises(SystemExit, match="--images 0"):
+        tool.main(["training_free", "--config-file", TINY, "--images", "0"])

@@ -475,6 +475,43 @@ def test_memory_bank_reuse_and_rebuilds(shapes, tmp_path, caplog):
     assert backbone.calls == calls
 
 
+def test_memory_bank_batch_size_by_default_fits_the_device():
+    """None: 16 per forward on a GPU, on a CPU as many crops as fit in CPU_TOKENS_PER_FORWARD tokens."""
+    from samantics_d2.modeling.semantic.memory_bank import CPU_TOKENS_PER_FORWARD, auto_batch_size
+
+    cpu = torch.device("cpu")
+    assert CPU_TOKENS_PER_FORWARD == 4096
+    assert auto_batch_size(cpu, 37 * 37) == 2  # DINOv2 at 518 px
+    assert auto_batch_size(cpu, 16 * 16) == 16  # DINOv2 at 224 px
+    assert auto_batch_size(cpu, 4) == 16 and auto_batch_size(cpu, 10_000) == 1
+    assert auto_batch_size(torch.device("cuda"), 37 * 37) == 16
+    assert MemoryBankConfig().batch_size is None
+    with pytest.raises(ValueError, match="batch_size=0"):
+        MemoryBankConfig(batch_size=0)
+
+
+def test_memory_bank_autocast_is_an_option_with_its_own_provenance(shapes, tmp_path):
+    """autocast="bf16": the same references encoded under bf16 autocast, close to float32 but not equal,
+    and a bank built one way is never reused for the other."""
+    dicts, class_names = shapes
+    backbone = _tiny_dinov2()
+    kwargs = dict(references=dicts, backbone=backbone, weights_id="w", num_classes=len(class_names))
+    exact = MemoryBank.build(config=MemoryBankConfig(), **kwargs)
+    bf16 = MemoryBank.build(config=MemoryBankConfig(autocast="bf16"), **kwargs)
+    assert bf16.features.dtype == torch.float32 and torch.equal(bf16.valid, exact.valid)
+    assert not torch.equal(bf16.features, exact.features)
+    cosine = torch.nn.functional.cosine_similarity(bf16.features, exact.features, dim=-1)
+    assert float(cosine[exact.valid].min()) > 0.99
+    assert bf16.provenance["options"]["autocast"] == "bf16" and "autocast" not in exact.provenance["options"]
+    path = tmp_path / "bank.safetensors"
+    MemoryBank.load_or_build(path, config=MemoryBankConfig(), **kwargs)
+    calls = backbone.calls
+    MemoryBank.load_or_build(path, config=MemoryBankConfig(autocast="bf16"), **kwargs)
+    assert backbone.calls > calls
+    with pytest.raises(ValueError, match="autocast='int8'"):
+        MemoryBankConfig(autocast="int8")
+
+
 def test_weights_identity(tmp_path):
     f = tmp_path / "w.bin"
     f.write_bytes(b"abc")

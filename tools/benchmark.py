@@ -49,6 +49,7 @@ data (target: the cached grid of 8 probes below 1.2x one pass).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import inspect
 import itertools
@@ -610,6 +611,34 @@ class NaiveBaseline:
         return outputs
 
 
+@contextlib.contextmanager
+def explicit_attention(module: torch.nn.Module):
+    """Inside the block, every timm attention layer of ``module`` computes ``softmax(q k^T * scale) v``
+    step by step instead of with PyTorch's fused ``scaled_dot_product_attention``: what DINOv2's own
+    ``Attention`` runs when xFormers is absent (always on a CPU). No Time to Train builds its encoder
+    from the DINOv2 repository (``dinov2.models.vision_transformer``), so this is their attention on
+    a CPU; the outputs are the same to float rounding. Yields the number of layers switched."""
+    layers = [m for m in module.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
+    saved = [m.fused_attn for m in layers]
+    for m in layers:
+        m.fused_attn = False
+    try:
+        yield len(layers)
+    finally:
+        for m, fused in zip(layers, saved):
+            m.fused_attn = fused
+
+
+#: --baseline-attention: how the baselines' semantic encoder computes attention
+BASELINE_ATTENTION = ("explicit", "fused")
+
+
+def _baseline_attention(encoder: torch.nn.Module, attention: str):
+    if attention not in BASELINE_ATTENTION:
+        raise ValueError(f"attention={attention!r}; expected one of {BASELINE_ATTENTION}.")
+    return explicit_attention(encoder) if attention == "explicit" else contextlib.nullcontext()
+
+
 class StageOrderBaseline:
     """"No Time to Train"'s ``forward_test``, stage by stage, over the segmenter's own modules and prototypes.
 
@@ -651,8 +680,9 @@ class StageOrderBaseline:
         "model.prompt_mode": ("segmenter", "prompt_mode", "points"),
     }
 
-    def __init__(self, segmenter) -> None:
+    def __init__(self, segmenter, *, attention: str = "explicit") -> None:
         self.segmenter = segmenter
+        self.attention = attention  # the semantic encoder's attention (explicit: theirs on a CPU, see explicit_attention)
         self.proposals = segmenter.proposer.proposals
         self.classifier = segmenter.classifier
         owners = {"proposals": self.proposals, "classifier": self.classifier, "segmenter": segmenter}
@@ -703,7 +733,8 @@ class StageOrderBaseline:
         """Step 2: ``[P, C]``, the semantic features upsampled to the mask grid, averaged where the logit > 0."""
         encoder = self.segmenter.semantic_encoder
         x, _ = encoder.prepare_with_fits([image])
-        features = encoder(x)[encoder.dense_feature].float()  # [1, C, h, w]
+        with _baseline_attention(encoder, self.attention):
+            features = encoder(x)[encoder.dense_feature].float()  # [1, C, h, w]
         grid = torch.nn.functional.interpolate(
             features, size=tuple(logits.shape[-2:]), mode="bilinear", align_corners=False, antialias=True
         ).flatten(2)[0].T  # [Hm * Wm, C]
@@ -756,16 +787,17 @@ class StageOrderMemoryBank:
     the mean of its references, L2-normalised (``mem_feats_avg``). The crops, mask weights and
     pooling are the memory bank's own functions (:mod:`samantics_d2.modeling.semantic.memory_bank`),
     so the prototypes must equal :meth:`MemoryBank.prototypes` with ``aggregation="mean"`` up to
-    float rounding; ours batches ``memory_bank.batch_size`` references per forward and keeps only
+    float rounding; ours batches references (``memory_bank.batch_size``, automatic by default) and keeps only
     the pooled features.
     """
 
-    def __init__(self, segmenter) -> None:
+    def __init__(self, segmenter, *, attention: str = "explicit") -> None:
         config = segmenter.memory_bank_config
         if config.crop == "full" or segmenter.aggregation != "mean":
             raise SystemExit("The memory-bank stage order is their crop per reference and class means: it needs "
                              "model.memory_bank.crop=square_clipped (or square_context) and model.aggregation=mean.")
         self.segmenter = segmenter
+        self.attention = attention  # the encoder's attention (explicit: theirs on a CPU, see explicit_attention)
 
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(prototypes [K, D], valid [K])`` in the reference classes' order."""
@@ -795,7 +827,7 @@ class StageOrderMemoryBank:
         mem_feats = torch.zeros(num_classes, length, grid * grid, channels)
         mem_masks = torch.zeros(num_classes, length, grid * grid)
         filled = torch.zeros(num_classes, dtype=torch.long)
-        with torch.inference_mode():
+        with torch.inference_mode(), _baseline_attention(encoder, self.attention):
             for r in items:  # one reference per forward, its image read each time
                 image, mask = r.read_image(), r.mask()
                 box = _xywh_box(r.annotation, mask)
@@ -817,17 +849,18 @@ class StageOrderMemoryBank:
         return torch.nn.functional.normalize(mean, dim=-1), counts > 0
 
 
-def measure_memory_banks(segmenter, *, runs: int) -> dict:
+def measure_memory_banks(segmenter, *, runs: int, attention: str = "explicit") -> dict:
     """Build the segmenter's memory bank ``runs`` times our way (:meth:`MemoryBank.build` + mean
-    prototypes) and their way (:class:`StageOrderMemoryBank`), taking turns; the median seconds of
-    each and the largest difference between the two sets of prototypes."""
+    prototypes) and their way (:class:`StageOrderMemoryBank` with the encoder's ``attention``),
+    taking turns; the median seconds of each and the largest difference between the two sets of
+    prototypes."""
     from samantics_d2.modeling.semantic import MemoryBank
     from samantics_d2.modeling.weights import module_fingerprint
 
     references, encoder = segmenter.reference_bank, segmenter.semantic_encoder
     inputs = dict(references=references.dataset_dicts, backbone=encoder, config=segmenter.memory_bank_config,
                   weights_id=module_fingerprint(encoder), num_classes=len(references.reference_classes))
-    theirs_fn = StageOrderMemoryBank(segmenter)
+    theirs_fn = StageOrderMemoryBank(segmenter, attention=attention)
     times: dict[str, list[float]] = {"ours": [], "theirs": []}
     for _ in range(runs):
         logger.info("Building the memory bank our way ...")
@@ -884,8 +917,6 @@ def detection_agreement(ours: Sequence[dict], theirs: Sequence[dict], *, mask_io
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):
-    import contextlib
-
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -935,7 +966,6 @@ def measure_pipelines(
 def _pipeline_row(name: str, pipeline, inputs, times, outputs, *, device, dtype, existing, weight_bytes, evaluator,
                   output_dir) -> dict:
     """One table row: the timed passes, the peak memory of one more image, and the evaluation."""
-    import contextlib
     import io
 
     from samantics_d2.d2 import instantiate
@@ -1003,13 +1033,29 @@ def training_free_table(rows: Sequence[dict], *, baseline_name: str) -> str:
 def run_training_free(args: argparse.Namespace) -> int:
     from samantics_d2.d2 import instantiate
 
-    if args.images < 1:
-        raise SystemExit(f"--images {args.images} must be >= 1.")
+    if args.images < 0 or (args.images == 0 and not args.memory_bank_runs):
+        raise SystemExit(f"--images {args.images} must be >= 1 (or 0 with --memory-bank-runs R: the memory banks only).")
     cfg = load_config(args.config_file, args.opts)
     device, dtype = torch.device(cfg.train.device), DTYPES[args.dtype]
     segmenter = build_segmenter(cfg, args.config_file)
+    attention = args.baseline_attention
+    bank_note = ""
+    if args.memory_bank_runs:
+        bank_row = measure_memory_banks(segmenter, runs=args.memory_bank_runs, attention=attention)
+        bank_note = (
+            f"\nMemory bank ({bank_row['references']} references, median of {args.memory_bank_runs} build(s), taking "
+            f"turns; their encoder's attention: {attention}): ours {bank_row['ours_s']:.1f} s, their stage order "
+            f"(StageOrderMemoryBank) {bank_row['theirs_s']:.1f} s: **{bank_row['theirs_s'] / bank_row['ours_s']:.2f}x**; "
+            f"same classes with prototypes: {bank_row['same_classes']}, largest prototype difference "
+            f"{bank_row['max_prototype_diff']:.2g}.\n"
+        )
+        if not args.images:
+            print(bank_note.strip())
+            return 0
     baseline_name, baseline_class = BASELINES[args.baseline]
-    baseline = globals()[baseline_class](segmenter)  # checks that it can reproduce the config's stages
+    # checks that it can reproduce the config's stages
+    baseline = (StageOrderBaseline(segmenter, attention=attention) if baseline_class == "StageOrderBaseline"
+                else globals()[baseline_class](segmenter))
     prototypes, prototype_valid = segmenter.prepared_prototypes()
     inputs = list(itertools.islice((x for batch in instantiate(cfg.dataloader.test) for x in batch), args.images))
     if args.image_size:
@@ -1041,6 +1087,7 @@ def run_training_free(args: argparse.Namespace) -> int:
         f"{proposals.min_region_area:g}; {len(inputs)} image(s) of {dataset}"
         f"{f' resized to {args.image_size} x {args.image_size} px' if args.image_size else ''}; references {bank.source} (shots {bank.shots}); "
         f"seed {cfg.train.seed}; dtype {args.dtype}; {args.warmup} warm-up image(s), median of {args.runs} pass(es). "
+        f"{f'Their semantic encoder attention: {attention}. ' if args.baseline == 'stage_order' else ''}"
         f"Peak memory: {memory}. AP: dataloader.evaluator on the same images (percent). Agree: share of the detections "
         f"(same class, mask IoU > 0.9, one to one) both pipelines make on these images."
     )
@@ -1051,15 +1098,9 @@ def run_training_free(args: argparse.Namespace) -> int:
         section += f"-source{args.image_size}px"
     if args.baseline != "stage_order":
         section += f"-{args.baseline}"
-    body = f"Settings: {settings}\n\n{training_free_table(rows, baseline_name=baseline_name)}"
-    if args.memory_bank_runs:
-        bank_row = measure_memory_banks(segmenter, runs=args.memory_bank_runs)
-        body += (
-            f"\nMemory bank ({bank_row['references']} references, median of {args.memory_bank_runs} build(s), taking "
-            f"turns): ours {bank_row['ours_s']:.1f} s, their stage order (StageOrderMemoryBank) {bank_row['theirs_s']:.1f} s: "
-            f"**{bank_row['theirs_s'] / bank_row['ours_s']:.2f}x**; same classes with prototypes: {bank_row['same_classes']}, "
-            f"largest prototype difference {bank_row['max_prototype_diff']:.2g}.\n"
-        )
+    if args.baseline == "stage_order" and attention != "explicit":
+        section += f"-{attention}-attention"
+    body = f"Settings: {settings}\n\n{training_free_table(rows, baseline_name=baseline_name)}{bank_note}"
     publish(args, device, section, body)
     return 0
 
@@ -1337,7 +1378,11 @@ def build_parser() -> argparse.ArgumentParser:
     tf.add_argument("--image-size", type=int, default=None, metavar="N",
                     help="resize the test images to N x N px first (outputs at the original size, so AP is unchanged)")
     tf.add_argument("--memory-bank-runs", type=int, default=0, metavar="R",
-                    help="also build the memory bank R times our way and in their stage order, taking turns (0: off)")
+                    help="also build the memory bank R times our way and in their stage order, taking turns (0: off; "
+                         "with --images 0 only the memory banks are measured)")
+    tf.add_argument("--baseline-attention", default="explicit", choices=BASELINE_ATTENTION,
+                    help="the stage-order baselines' DINOv2 attention: explicit (theirs on a CPU: the DINOv2 repository's "
+                         "Attention without xFormers) or fused (ours: PyTorch's scaled_dot_product_attention)")
     tf.set_defaults(func=run_training_free)
 
     lp = sub.add_parser("linear_probe", help="cached probe grid against re-running the encoder every epoch")
