@@ -8,7 +8,7 @@ from .modeling.backbone import build_encoder
 from .modeling.linear_probe import LinearProbe
 from .modeling.meta_arch import RefSAM, TinySegmenter, TrainingFreeSegmenter
 from .modeling.meta_arch.click import ClickSegmenter
-from .modeling.meta_arch.open_vocab import MASK_RECOGNIZER_REGISTRY, OpenVocabPromptedSegmenter
+from .modeling.meta_arch.open_vocab import OpenVocabPromptedSegmenter
 from .modeling.meta_arch.sam_prompt_training import PromptableSamTrainer
 from .modeling.proposals import PointGridProposals
 from .modeling.proposals.granularity import MultiGranularityDecoder
@@ -21,6 +21,7 @@ from .modeling.ref_sam import (
     TokenFuser,
 )
 from .modeling.semantic import MemoryBankConfig, OpenVocabClassifier, PrototypeClassifier, load_or_build_text_prototypes
+from .modeling.semantic.clip_recognition import MASK_RECOGNIZER_REGISTRY
 from .yacs_config import options_node, registry_node
 
 __all__ = ["add_samantics_config"]

@@ -21,8 +21,14 @@ def _segmenter(tool, tmp_path, *overrides):
 def test_their_memory_fill_gives_our_prototypes(tool, tmp_path, crop):
     segmenter = _segmenter(tool, tmp_path, f"model.memory_bank.crop={crop}")
     ours, ours_valid = segmenter.prepared_prototypes()
-    theirs, theirs_valid = tool.StageOrderMemoryBank(segmenter)()
+    fill = tool.StageOrderMemoryBank(segmenter)
+    theirs, theirs_valid = fill()
     assert int(theirs_valid.sum()) == 8 and torch.equal(theirs_valid, ours_valid[:, 0])  # 8 classes, 2 shots each
+    # the rest of their postprocess_memory is computed too (its time is part of their build)
+    stats, channels = fill.statistics, theirs.shape[1]
+    assert len(stats["covariance"]) == len(stats["leave_one_out"]) == 8
+    assert all(s.shape == (channels, channels) and torch.allclose(s, s.T, atol=1e-6) for s in stats["covariance"])
+    assert len(stats["centres"]) == len(stats["pca"]) > 0 and all(c.shape == (4, channels) for c in stats["centres"])
     torch.testing.assert_close(theirs, ours[:, 0], rtol=0, atol=1e-5)
     row = tool.measure_memory_banks(segmenter, runs=1)
     assert row["references"] == 24 and row["same_classes"] and row["max_prototype_diff"] < 1e-5

@@ -784,7 +784,8 @@ class StageOrderMemoryBank:
     cropped, one encoder forward on that crop alone, its full ``[h * w, C]`` feature map and
     ``[h * w]`` mask weights stored in ``[K, L, h * w, C]`` / ``[K, L, h * w]`` buffers (their
     ``mem_feats`` / ``mem_masks``); then per reference the mask-weighted mean of its map, per class
-    the mean of its references, L2-normalised (``mem_feats_avg``). The crops, mask weights and
+    the mean of its references, L2-normalised (``mem_feats_avg``), and the rest of their
+    ``postprocess_memory`` (:func:`their_memory_statistics`). The crops, mask weights and
     pooling are the memory bank's own functions (:mod:`samantics_d2.modeling.semantic.memory_bank`),
     so the prototypes must equal :meth:`MemoryBank.prototypes` with ``aggregation="mean"`` up to
     float rounding; ours batches references (``memory_bank.batch_size``, automatic by default) and keeps only
@@ -846,7 +847,47 @@ class StageOrderMemoryBank:
             used = area > 0
             counts = used.sum(dim=1)
             mean = (instance * used[..., None]).sum(dim=1) / counts.clamp_min(1)[:, None]
+            self.statistics = their_memory_statistics(mem_feats, mem_masks, instance, filled)
         return torch.nn.functional.normalize(mean, dim=-1), counts > 0
+
+
+def their_memory_statistics(mem_feats: torch.Tensor, mem_masks: torch.Tensor, instance: torch.Tensor, filled: torch.Tensor,
+                            *, kmeans_k: int = 4, kmeans_iterations: int = 100, pca_components: int = 3) -> dict:
+    """The rest of No Time to Train's ``postprocess_memory`` (at 020ce4d9), which their memory build
+    computes whatever the recipe then uses: per class the covariance of the instance means, the
+    leave-one-out similarity of each reference to the others' foreground tokens, K-means of the
+    foreground tokens (``kmeans_k`` 4, 100 iterations in their configs) and a PCA (3 components, with
+    scikit-learn as theirs). The mean-prototype recipe reads none of it; the stage-order baseline
+    computes it so that its time is their build's. Our :func:`kmeans` stands in for theirs (same
+    cost order). ``mem_feats [K, L, N, C]``, ``mem_masks [K, L, N]``, ``instance [K, L, C]``,
+    ``filled [K]`` (references per class)."""
+    from sklearn.decomposition import PCA
+
+    from samantics_d2.modeling.semantic.memory_bank import kmeans
+
+    out: dict[str, list] = {"covariance": [], "leave_one_out": [], "centres": [], "pca": []}
+    for c in range(mem_feats.shape[0]):
+        n = int(filled[c])
+        if n == 0:
+            continue
+        centred = instance[c, :n] - instance[c, :n].mean(dim=0, keepdim=True)
+        out["covariance"].append(centred.T @ centred / n)
+        sims = []
+        for j in range(n):
+            own = mem_feats[c, j][mem_masks[c, j] > 0]
+            rest = torch.cat((mem_feats[c, :j], mem_feats[c, j + 1 : n]))
+            rest_masks = torch.cat((mem_masks[c, :j], mem_masks[c, j + 1 : n]))
+            if len(own) and bool((rest_masks > 0).any()):
+                a = torch.nn.functional.normalize(own.mean(dim=0), dim=0)
+                b = torch.nn.functional.normalize(rest[rest_masks > 0].mean(dim=0), dim=0)
+                sims.append((a @ b + 1) * 0.5)
+        out["leave_one_out"].append(torch.stack(sims).mean() if sims else torch.tensor(float("nan")))
+        foreground = mem_feats[c, :n].reshape(-1, mem_feats.shape[-1])[mem_masks[c, :n].reshape(-1) > 0]
+        if foreground.shape[0] > max(kmeans_k, pca_components):
+            out["centres"].append(kmeans(foreground, kmeans_k, iterations=kmeans_iterations))
+            pca = PCA(n_components=pca_components).fit(foreground.numpy())
+            out["pca"].append((pca.mean_, pca.components_))
+    return out
 
 
 def measure_memory_banks(segmenter, *, runs: int, attention: str = "explicit") -> dict:

@@ -14,13 +14,12 @@ import logging
 
 import torch
 import torch.nn as nn
-from fvcore.common.registry import Registry
 
 from ...d2 import META_ARCH_REGISTRY, Boxes, Instances, configurable
 from ...yacs_config import check_yacs_config, dataset_classes, node_kwargs, registry_choice
 from ..backbone import build_encoder
 from ..preprocess import ImageFit
-from ..semantic.clip_recognition import CropRecognizer, DensePoolRecognizer
+from ..semantic.clip_recognition import MASK_RECOGNIZER_REGISTRY
 from ..semantic.mask_ops import masks_to_boxes
 from ..semantic.open_vocab_classifier import OpenVocabClassifier
 from ..semantic.text_prototypes import build_clip_text_encoder, load_or_build_text_prototypes
@@ -30,12 +29,6 @@ from .training_free import SamProposer, sam_proposer_from_config
 __all__ = ["MASK_RECOGNIZER_REGISTRY", "OpenVocabPromptedSegmenter", "fit_to_size"]
 
 logger = logging.getLogger(__name__)
-
-#: The CLIP mask recognizers a yacs config picks by name (``MODEL.SAMANTICS.OPEN_VOCAB.RECOGNIZER.NAME``,
-#: as ``MODEL.BACKBONE.NAME`` picks a backbone); a new recognizer class is registered here once.
-MASK_RECOGNIZER_REGISTRY = Registry("MASK_RECOGNIZER")
-MASK_RECOGNIZER_REGISTRY.register(CropRecognizer)
-MASK_RECOGNIZER_REGISTRY.register(DensePoolRecognizer)
 
 _PROMPT_KEYS = ("boxes", "points")
 

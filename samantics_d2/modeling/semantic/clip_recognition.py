@@ -45,6 +45,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fvcore.common.registry import Registry
 
 from ..backbone.base import EncoderBackbone
 from ..backbone.clip import ConvCLIPBackbone
@@ -56,6 +57,7 @@ __all__ = [
     "CROP_BACKGROUNDS",
     "CropRecognizer",
     "DensePoolRecognizer",
+    "MASK_RECOGNIZER_REGISTRY",
     "MaskRecognizer",
     "fuse_class_probabilities",
     "open_vocab_probabilities",
@@ -65,6 +67,10 @@ __all__ = [
 CROP_BACKGROUNDS = ("grey", "blur", "keep")
 
 ImageSizes = Optional[Sequence[tuple[int, int]]]
+
+#: The mask recognizers a yacs config picks by name (``MODEL.SAMANTICS.OPEN_VOCAB.RECOGNIZER.NAME``,
+#: as ``MODEL.BACKBONE.NAME`` picks a backbone); a new recognizer class registers itself here.
+MASK_RECOGNIZER_REGISTRY = Registry("MASK_RECOGNIZER")
 
 
 def _check_inputs(
@@ -137,6 +143,7 @@ class MaskRecognizer(nn.Module):
         raise NotImplementedError
 
 
+@MASK_RECOGNIZER_REGISTRY.register()
 class CropRecognizer(MaskRecognizer):
     """Path (a): one square crop per mask through the CLIP image tower.
 
@@ -253,6 +260,7 @@ class CropRecognizer(MaskRecognizer):
         return outputs
 
 
+@MASK_RECOGNIZER_REGISTRY.register()
 class DensePoolRecognizer(MaskRecognizer):
     """Path (b): mask pooling of a convolutional CLIP's dense map, then CLIP's own head per mask.
 
