@@ -36,7 +36,6 @@ its SAM input (``(1024, "pil_bicubic")``), that tensor then ``bicubic_float`` to
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Optional, Sequence, Union
@@ -66,8 +65,6 @@ __all__ = [
     "prepare_batch",
     "preprocess_spec",
 ]
-
-logger = logging.getLogger(__name__)
 
 FIT_MODES = ("longest_side_pad", "resize_square", "resize_center_crop")
 INTERPOLATIONS = ("bilinear", "bicubic", "pil_bicubic", "bicubic_float")

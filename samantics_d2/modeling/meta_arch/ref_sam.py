@@ -46,7 +46,6 @@ initialises RefSAM through ``train.init_checkpoint``.
 """
 from __future__ import annotations
 
-import logging
 import pydoc
 from functools import partial
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
@@ -89,8 +88,6 @@ __all__ = [
     "ref_sam_lr_factor",
     "ref_sam_lr_factor_func",
 ]
-
-logger = logging.getLogger(__name__)
 
 QUERY_CLASSES = ("all", "present", "image_references")
 BOX_SOURCES = ("predicted", "gt")

@@ -21,7 +21,6 @@ predicted IoU, keep predicted IoU > 0.4).
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional, Sequence
 
@@ -44,8 +43,6 @@ __all__ = [
     "point_grid",
     "stability_score",
 ]
-
-logger = logging.getLogger(__name__)
 
 POINT_LAYOUTS = ("input_linspace", "cell_centres")
 #: per-proposal SAM embeddings :class:`PointGridProposals` can return (``mask_embeddings=``)

@@ -18,7 +18,6 @@ Per target image (the caller runs the semantic encoder once on the image), in th
 """
 from __future__ import annotations
 
-import logging
 from typing import NamedTuple, Optional
 
 import torch
@@ -48,8 +47,6 @@ __all__ = [
     "prototype_scores",
     "soft_merge_scores",
 ]
-
-logger = logging.getLogger(__name__)
 
 MERGE_MODES = ("soft", "none")
 NMS_RANKS = ("predicted_iou", "score")
