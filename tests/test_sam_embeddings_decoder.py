@@ -3,7 +3,7 @@
 Every parameter of the segment_anything / segment_anything_hq / sam2 mask decoder is random; the
 reference mask tokens come from the UPSTREAM ``mask_decoder(...)`` call on all prompts (a forward
 hook on its two-way transformer for SAM and HQ-SAM, sam2's own ``sam_tokens_out`` for SAM 2), and
-``decode(..., return_mask_tokens=True)`` must give them, on the shared-image path and on the
+``decode_embeddings(..., return_mask_tokens=True)`` must give them, on the shared-image path and on the
 upstream-call path, while its masks and IoU stay exactly those of the call without the option.
 """
 from __future__ import annotations
@@ -50,6 +50,12 @@ def _prompts(count: int = 11, seed: int = 2):
     return points, labels
 
 
+def _decode_with_tokens(decoder, feats, *, points=None, point_labels=None, boxes=None, **options):
+    """``decode`` with the mask tokens: its three steps, with ``return_mask_tokens=True``."""
+    sparse, dense = decoder.embed_prompts(points=points, point_labels=point_labels, boxes=boxes)
+    return decoder.decode_embeddings(decoder.prepare_image(feats), sparse, dense, return_mask_tokens=True, **options)
+
+
 def _upstream_tokens(decoder, feats, points, labels, multimask_output: bool):
     """The upstream decoder's masks, IoU and the mask tokens of its returned masks, for all prompts in one call."""
     image = decoder.prepare_image(feats)
@@ -91,8 +97,8 @@ def test_mask_tokens_are_the_upstream_decoders(family, multimask_output, shared)
     with torch.no_grad():
         want_logits, want_iou, want_tokens = _upstream_tokens(decoder, feats, points, labels, multimask_output)
         plain = decoder.decode(feats, points=points, point_labels=labels, multimask_output=multimask_output, points_per_batch=4)
-        logits, iou, tokens = decoder.decode(feats, points=points, point_labels=labels, multimask_output=multimask_output,
-                                             points_per_batch=4, return_mask_tokens=True)
+        logits, iou, tokens = _decode_with_tokens(decoder, feats, points=points, point_labels=labels,
+                                                  multimask_output=multimask_output, points_per_batch=4)
     m = 3 if multimask_output else 1
     assert tokens.shape == (11, m, EMBED) and want_tokens.shape == (11, m, EMBED)
     assert want_tokens.abs().max() > 0.1  # a real comparison
@@ -110,8 +116,8 @@ def test_hq_sam_mask_tokens_are_the_upstream_decoders(multimask_output, hq_token
     with torch.no_grad():
         _, _, want_tokens = _upstream_tokens(decoder, feats, points, labels, multimask_output)
         plain = decoder.decode(feats, points=points, point_labels=labels, multimask_output=multimask_output, points_per_batch=3)
-        logits, iou, tokens = decoder.decode(feats, points=points, point_labels=labels, multimask_output=multimask_output,
-                                             points_per_batch=3, return_mask_tokens=True)
+        logits, iou, tokens = _decode_with_tokens(decoder, feats, points=points, point_labels=labels,
+                                                  multimask_output=multimask_output, points_per_batch=3)
     assert tokens.shape == (11, 1, EMBED)
     torch.testing.assert_close(tokens, want_tokens, rtol=0, atol=1e-5)
     assert torch.equal(logits, plain[0]) and torch.equal(iou, plain[1])
@@ -122,10 +128,9 @@ def test_best_only_tokens_follow_the_kept_mask(family):
     decoder = _decoder(family, seed=6)
     feats, (points, labels) = _features(seed=7), _prompts(count=24, seed=8)
     with torch.no_grad():
-        _, all_iou, all_tokens = decoder.decode(feats, points=points, point_labels=labels, multimask_output=True,
-                                                return_mask_tokens=True)
-        _, iou, tokens = decoder.decode(feats, points=points, point_labels=labels, multimask_output=True, best_only=True,
-                                        mask_iou_floor=float(all_iou.max(dim=1).values.median()), return_mask_tokens=True)
+        _, all_iou, all_tokens = _decode_with_tokens(decoder, feats, points=points, point_labels=labels, multimask_output=True)
+        _, iou, tokens = _decode_with_tokens(decoder, feats, points=points, point_labels=labels, multimask_output=True,
+                                             best_only=True, mask_iou_floor=float(all_iou.max(dim=1).values.median()))
     best = all_iou.argmax(dim=1)
     torch.testing.assert_close(tokens[:, 0], all_tokens[torch.arange(24), best], rtol=0, atol=1e-5)
     torch.testing.assert_close(iou[:, 0], all_iou[torch.arange(24), best], rtol=1e-5, atol=1e-5)
@@ -134,8 +139,7 @@ def test_best_only_tokens_follow_the_kept_mask(family):
 def test_mask_tokens_keep_gradients_in_training():
     decoder = _decoder("sam").train()
     feats, (points, labels) = _features(), _prompts(count=4)
-    logits, _, tokens = decoder.decode(feats, points=points, point_labels=labels, multimask_output=True,
-                                       return_mask_tokens=True)
+    logits, _, tokens = _decode_with_tokens(decoder, feats, points=points, point_labels=labels, multimask_output=True)
     tokens.sum().backward()
     assert decoder.mask_decoder.mask_tokens.weight.grad.abs().sum() > 0
     assert logits.shape == (4, 3, 4 * H, 4 * H)
@@ -144,8 +148,7 @@ def test_mask_tokens_keep_gradients_in_training():
 def test_no_prompts_give_empty_tokens():
     decoder = _decoder("sam")
     with torch.no_grad():
-        logits, iou, tokens = decoder.decode(_features(), boxes=torch.zeros(0, 4), multimask_output=False,
-                                             return_mask_tokens=True)
+        logits, iou, tokens = _decode_with_tokens(decoder, _features(), boxes=torch.zeros(0, 4), multimask_output=False)
     assert logits.shape[0] == iou.shape[0] == 0 and tokens.shape == (0, 1, EMBED)
 
 
@@ -160,7 +163,7 @@ def test_proposals_carry_embeddings_of_their_own_masks(family, min_region_area):
         got = PointGridProposals(**options, mask_embeddings=MASK_EMBEDDINGS)(feats, fit)
         boxes = torch.tensor([[5.0, 10.0, 60.0, 100.0], [0.0, 0.0, 127.0, 127.0]])
         box_props = PointGridProposals(**options, mask_embeddings=["mask_token"])(feats, fit, boxes=boxes)
-        _, _, box_tokens = decoder.decode(feats, boxes=boxes, multimask_output=False, return_mask_tokens=True)
+        _, _, box_tokens = _decode_with_tokens(decoder, feats, boxes=boxes, multimask_output=False)
     assert plain.mask_tokens is None and plain.image_pooled is None
     assert len(got) == 20 and torch.equal(got.mask_logits, plain.mask_logits) and torch.equal(got.iou_pred, plain.iou_pred)
     # the kept proposals' tokens: those of their prompts' best masks
@@ -168,8 +171,8 @@ def test_proposals_carry_embeddings_of_their_own_masks(family, min_region_area):
                                       indexing="ij")[::-1], -1).reshape(-1, 2)
     index = torch.cdist(got.points, grid).argmin(dim=1)
     with torch.no_grad():
-        _, _, all_tokens = decoder.decode(feats, points=grid[index][:, None], point_labels=torch.ones(len(index), 1),
-                                          multimask_output=True, best_only=True, return_mask_tokens=True)
+        _, _, all_tokens = _decode_with_tokens(decoder, feats, points=grid[index][:, None], point_labels=torch.ones(len(index), 1),
+                                            multimask_output=True, best_only=True)
     torch.testing.assert_close(got.mask_tokens, all_tokens[:, 0], rtol=0, atol=1e-5)
     # image_pooled: the image embedding averaged under each mask (share of each cell covered)
     embedding = decoder.prepare_image(feats)["embedding"][0]

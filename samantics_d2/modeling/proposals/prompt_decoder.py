@@ -28,7 +28,7 @@ computed once per image where it is shared, the per-prompt products are folded t
 few tokens, and only the kept masks are upscaled. The chunk loop has no host-device
 synchronisation unless ``mask_iou_floor`` asks to skip masks (one per chunk).
 
-``decode(..., return_mask_tokens=True)`` also returns each mask's SAM mask embedding (the two-way
+``decode_embeddings(..., return_mask_tokens=True)`` also returns each mask's SAM mask embedding (the two-way
 transformer's output of the mask token that made it) from the same call, on either path; without
 the option the outputs are those of the plain call, bit for bit.
 
@@ -363,11 +363,23 @@ class PromptDecoder(nn.Module):
         mask_iou_floor: Optional[float] = None,
         return_mask_tokens: bool = False,
     ) -> tuple[torch.Tensor, ...]:
-        """The chunk loop of :meth:`decode` on embedded prompts.
+        """Masks for ``P`` embedded prompts on one prepared image, in chunks of ``points_per_batch``.
 
         Args:
             image: :meth:`prepare_image` of one image.
-            sparse, dense: :meth:`embed_prompts`.
+            sparse, dense: :meth:`embed_prompts` of the ``P`` prompts.
+            multimask_output, points_per_batch, best_only: as in :meth:`decode`.
+            mask_iou_floor: masks whose predicted IoU is ``<= mask_iou_floor`` are returned as
+                ``-inf`` logits, and with ``shared_image_decoding`` not computed (for callers that
+                drop them anyway; one host-device synchronisation per chunk). None: all masks.
+            return_mask_tokens: also return each mask's SAM mask embedding: the two-way
+                transformer's output of the mask token that made the mask (the decoder's
+                hypernetwork input), from the same decoder call as the masks (off by default:
+                the two outputs below are then unchanged).
+
+        Returns:
+            ``mask_logits [P, M, Hm, Wm]`` and ``iou_pred [P, M]`` as :meth:`decode`; with
+            ``return_mask_tokens``, third: ``mask_tokens [P, M, C]`` (``C = embed_dim``).
         """
         if points_per_batch < 1:
             raise ValueError(f"points_per_batch={points_per_batch} must be >= 1.")
@@ -406,9 +418,7 @@ class PromptDecoder(nn.Module):
         multimask_output: bool,
         points_per_batch: int = 256,
         best_only: bool = False,
-        mask_iou_floor: Optional[float] = None,
-        return_mask_tokens: bool = False,
-    ) -> tuple[torch.Tensor, ...]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Masks for ``P`` prompts on one image.
 
         Args:
@@ -424,31 +434,21 @@ class PromptDecoder(nn.Module):
             points_per_batch: prompts per mask-decoder call (memory bound, see the module doc).
             best_only: keep only the mask with the highest predicted IoU per prompt (``M = 1``),
                 selected chunk by chunk.
-            mask_iou_floor: masks whose predicted IoU is ``<= mask_iou_floor`` are returned as
-                ``-inf`` logits, and with ``shared_image_decoding`` not computed (for callers that
-                drop them anyway; one host-device synchronisation per chunk). None: all masks.
-            return_mask_tokens: also return each mask's SAM mask embedding: the two-way
-                transformer's output of the mask token that made the mask (the decoder's
-                hypernetwork input), from the same decoder call as the masks (off by default:
-                the two outputs below are then unchanged).
 
         Returns:
             ``mask_logits [P, M, Hm, Wm]`` (``Hm = Wm = 4 * S / 16``, covering the whole input
-            square) and ``iou_pred [P, M]``, in the decoder's dtype and device; with
-            ``return_mask_tokens``, third: ``mask_tokens [P, M, C]`` (``C = embed_dim``).
+            square) and ``iou_pred [P, M]``, in the decoder's dtype and device.
+
+        To decode many prompt sets on one image, to skip masks below an IoU floor or to get the
+        mask tokens too, call :meth:`prepare_image` and :meth:`embed_prompts` once and
+        :meth:`decode_embeddings` (this method is those three calls).
         """
-        image = self.prepare_image(image_features)
         sparse, dense = self.embed_prompts(points=points, point_labels=point_labels, boxes=boxes)
-        return self.decode_embeddings(
-            image,
-            sparse,
-            dense,
-            multimask_output=multimask_output,
-            points_per_batch=points_per_batch,
-            best_only=best_only,
-            mask_iou_floor=mask_iou_floor,
-            return_mask_tokens=return_mask_tokens,
+        logits, iou = self.decode_embeddings(
+            self.prepare_image(image_features), sparse, dense, multimask_output=multimask_output,
+            points_per_batch=points_per_batch, best_only=best_only,
         )
+        return logits, iou
 
     def extra_repr(self) -> str:
         return (
