@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Callable, Collection, Optional, Sequence, Union
 
@@ -268,34 +268,30 @@ def _sam_keys(keys: Collection[str]) -> bool:
     return "image_encoder.patch_embed.proj.weight" in keys
 
 
-register(
-    FamilySpec(
-        name="sam",
-        description="Segment Anything (segment_anything .pth: image_encoder/prompt_encoder/mask_decoder)",
-        backbone="samantics_d2.modeling.backbone.sam:SAMBackbone",
-        prompt_decoder="samantics_d2.modeling.proposals.prompt_decoder:SAMPromptDecoder",
-        preprocess=_SAM_PREPROCESS,
-        layout=_SAM_LAYOUT,
-        signature=_sam_keys,
-        mask_tokens=4,  # 1 single-mask + 3 multimask tokens
-        tiny=_SAM_TINY,
-        guess_order=20,
-    )
+_SAM_FAMILY = FamilySpec(
+    name="sam",
+    description="Segment Anything (segment_anything .pth: image_encoder/prompt_encoder/mask_decoder)",
+    backbone="samantics_d2.modeling.backbone.sam:SAMBackbone",
+    prompt_decoder="samantics_d2.modeling.proposals.prompt_decoder:SAMPromptDecoder",
+    preprocess=_SAM_PREPROCESS,
+    layout=_SAM_LAYOUT,
+    signature=_sam_keys,
+    mask_tokens=4,  # 1 single-mask + 3 multimask tokens
+    tiny=_SAM_TINY,
+    guess_order=20,
 )
-register(
-    FamilySpec(
-        name="hq_sam",
-        description="HQ-SAM (segment_anything_hq .pth: SAM keys + mask_decoder.hf_token ...)",
-        backbone="samantics_d2.modeling.backbone.sam:HQSAMBackbone",
-        prompt_decoder="samantics_d2.modeling.proposals.prompt_decoder:HQSAMPromptDecoder",
-        preprocess=_SAM_PREPROCESS,
-        layout=_SAM_LAYOUT,
-        signature=lambda keys: _sam_keys(keys) and any(k.startswith("mask_decoder.hf_") for k in keys),
-        mask_tokens=5,  # SAM's 4 + the HQ token
-        tiny=_SAM_TINY,
-        guess_order=10,
-    )
-)
+register(_SAM_FAMILY)
+# HQ-SAM: SAM's file layout, preprocessing and tiny sizes, plus the HQ token and its decoder.
+register(replace(
+    _SAM_FAMILY,
+    name="hq_sam",
+    description="HQ-SAM (segment_anything_hq .pth: SAM keys + mask_decoder.hf_token ...)",
+    backbone="samantics_d2.modeling.backbone.sam:HQSAMBackbone",
+    prompt_decoder="samantics_d2.modeling.proposals.prompt_decoder:HQSAMPromptDecoder",
+    signature=lambda keys: _sam_keys(keys) and any(k.startswith("mask_decoder.hf_") for k in keys),
+    mask_tokens=5,  # SAM's 4 + the HQ token
+    guess_order=10,
+))
 register(
     FamilySpec(
         name="sam2",
@@ -372,49 +368,35 @@ _CLIP_LAYOUT = CheckpointLayout(
         "vocab_size",
     ),
 )
-register(
-    FamilySpec(
-        name="clip",
-        description="CLIP (OpenAI TorchScript .pt or open_clip .bin/.safetensors: visual.*, transformer.*)",
-        backbone="samantics_d2.modeling.backbone.clip:CLIPBackbone",
-        preprocess=_CLIP_PREPROCESS,
-        # the vision tower; the text tower is dropped
-        layout=_CLIP_LAYOUT,
-        signature=lambda keys: "visual.conv1.weight" in keys or "visual.class_embedding" in keys,
-        tiny=dict(width=32, layers=2, output_dim=32),
-        guess_order=30,
-    )
-)
-# Convolutional CLIPs (mask pooling of their dense map, then CLIP's own head: issue 14). Same file
-# layout as the ViT CLIPs; Resize(S, bicubic) + CenterCrop(S) with OpenAI statistics (open_clip's
-# preprocessing for these models), S per tag; stride 32.
-register(
-    FamilySpec(
-        name="clip_convnext",
-        description="open_clip ConvNeXt CLIP (.bin/.safetensors: visual.trunk.* (timm), visual.head.*, text tower)",
-        backbone="samantics_d2.modeling.backbone.clip:CLIPConvNeXtBackbone",
-        preprocess=_CLIP_PREPROCESS,
-        layout=_CLIP_LAYOUT,
-        signature=lambda keys: "visual.trunk.stem.0.weight" in keys and "visual.head.mlp.fc1.weight" in keys,
-        tiny=dict(depths=(1, 1, 1, 1), dims=(16, 16, 32, 32), output_dim=32, image_size=64),
-        guess_order=25,
-    )
-)
-register(
-    FamilySpec(
-        name="clip_resnet",
-        description="OpenAI ResNet CLIP (TorchScript .pt or open_clip .bin: visual.conv1-3, visual.layerN, "
-        "visual.attnpool.*, text tower)",
-        backbone="samantics_d2.modeling.backbone.clip:CLIPResNetBackbone",
-        preprocess=_CLIP_PREPROCESS,
-        layout=_CLIP_LAYOUT,
-        # before "clip" (30): a ResNet CLIP file also has visual.conv1.weight
-        signature=lambda keys: "visual.attnpool.c_proj.weight" in keys,
-        tiny=dict(layers=(1, 1, 1, 1), width=8, output_dim=32, image_size=64),
-        guess_order=25,
-    )
-)
 
+
+def _register_clip_family(name: str, description: str, backbone: str, *, signature, tiny: dict, guess_order: int) -> None:
+    """Every CLIP family: the same file layout and preprocessing; ``backbone``: a class of backbone/clip.py."""
+    register(FamilySpec(name=name, description=description, backbone=f"samantics_d2.modeling.backbone.clip:{backbone}",
+                        preprocess=_CLIP_PREPROCESS, layout=_CLIP_LAYOUT, signature=signature, tiny=tiny,
+                        guess_order=guess_order))
+
+
+_register_clip_family(
+    "clip", "CLIP (OpenAI TorchScript .pt or open_clip .bin/.safetensors: visual.*, transformer.*)", "CLIPBackbone",
+    signature=lambda keys: "visual.conv1.weight" in keys or "visual.class_embedding" in keys,
+    tiny=dict(width=32, layers=2, output_dim=32), guess_order=30,
+)
+# Convolutional CLIPs (mask pooling of their dense map, then CLIP's own head: issue 14).
+_register_clip_family(
+    "clip_convnext",
+    "open_clip ConvNeXt CLIP (.bin/.safetensors: visual.trunk.* (timm), visual.head.*, text tower)", "CLIPConvNeXtBackbone",
+    signature=lambda keys: "visual.trunk.stem.0.weight" in keys and "visual.head.mlp.fc1.weight" in keys,
+    tiny=dict(depths=(1, 1, 1, 1), dims=(16, 16, 32, 32), output_dim=32, image_size=64), guess_order=25,
+)
+_register_clip_family(
+    "clip_resnet",
+    "OpenAI ResNet CLIP (TorchScript .pt or open_clip .bin: visual.conv1-3, visual.layerN, visual.attnpool.*, text tower)",
+    "CLIPResNetBackbone",
+    # before "clip" (30): a ResNet CLIP file also has visual.conv1.weight
+    signature=lambda keys: "visual.attnpool.c_proj.weight" in keys,
+    tiny=dict(layers=(1, 1, 1, 1), width=8, output_dim=32, image_size=64), guess_order=25,
+)
 
 # ----------------------------------------------------------------------------- the weight tags
 
