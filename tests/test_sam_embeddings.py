@@ -3,6 +3,7 @@ whole/part mining, seeded K-means centres, unknown decisions, and the cache (reu
 changed)."""
 from __future__ import annotations
 
+import dataclasses
 from unittest import mock
 
 import numpy as np
@@ -16,12 +17,14 @@ from samantics_d2.modeling.meta_arch.training_free import build_sam_proposer
 from samantics_d2.modeling.semantic import sam_embeddings
 from samantics_d2.references import order_references
 from samantics_d2.utils.clicks import click_points
+from samantics_d2.utils.io import CACHE_ENV
 from samantics_d2.modeling.semantic.sam_embeddings import (
     ROLES,
+    InstanceEmbeddingConfig,
     MiningConfig,
     SamMaskEmbedder,
     classify_embeddings,
-    load_or_build_instance_embeddings,
+    instance_embeddings,
     mine_whole_part,
     sam_memory_bank,
     top1_accuracy,
@@ -95,10 +98,8 @@ def test_classify_with_threshold_and_background():
 
 
 def test_embeddings_of_boxes_and_clicks(dataset, embedder):
-    stored = sam_embeddings.instance_embeddings(
-        dataset, embedder=embedder, thing_classes=THING_CLASSES, classes=THING_CLASSES[:2],
-        mining=MiningConfig(whole_iou=0.0, background_points_per_side=3),
-    )
+    config = InstanceEmbeddingConfig(classes=THING_CLASSES[:2], mining=MiningConfig(whole_iou=0.0, background_points_per_side=3))
+    stored = instance_embeddings(dataset, embedder=embedder, thing_classes=THING_CLASSES, config=config)
     t = stored.tensors
     assert t["box/mask_token"].shape == (6, 32) and t["box/image_pooled"].shape == (6, 32)
     assert t["box/semantic_pooled"].shape[0] == 6
@@ -134,38 +135,63 @@ def test_bank_centres_are_seeded(dataset):
 
 def test_cache_is_reused_only_when_nothing_changed(dataset, embedder, tmp_path):
     embedder = SamMaskEmbedder(backbone=embedder.backbone, proposals=embedder.proposals)  # SAM only: faster
-    path = tmp_path / "bank.safetensors"
-    options = dict(embedder=embedder, thing_classes=THING_CLASSES, classes=THING_CLASSES[:2], path=path, clicks=False)
-    with mock.patch.object(sam_embeddings, "instance_embeddings", wraps=sam_embeddings.instance_embeddings) as compute:
-        first = load_or_build_instance_embeddings(dataset, **options)
-        again = load_or_build_instance_embeddings(dataset, **options)
+    config = InstanceEmbeddingConfig(classes=THING_CLASSES[:2], clicks=False)
+    options = dict(embedder=embedder, thing_classes=THING_CLASSES, cache=tmp_path / "bank.safetensors")
+    with mock.patch.object(sam_embeddings, "_embed_instances", wraps=sam_embeddings._embed_instances) as compute:
+        first = instance_embeddings(dataset, **options, config=config)
+        again = instance_embeddings(dataset, **options, config=config)
         assert compute.call_count == 1 and torch.equal(first.tensors["box/mask_token"], again.tensors["box/mask_token"])
+        assert again.provenance["options"]["classes"] == THING_CLASSES[:2] and again.provenance["options"]["clicks"] is False
+        # the same config spelled again (a list of classes, the default mining): the same provenance, reused
+        instance_embeddings(dataset, **options, config=InstanceEmbeddingConfig(classes=list(THING_CLASSES[:2]), clicks=False))
+        assert compute.call_count == 1
+        uncached = instance_embeddings(dataset, embedder=embedder, thing_classes=THING_CLASSES, config=config)
+        assert compute.call_count == 2 and uncached.provenance == {}  # no cache: computed, nothing stored
+        assert torch.equal(uncached.tensors["box/mask_token"], first.tensors["box/mask_token"])
         moved = [dict(d, annotations=[dict(d["annotations"][0], bbox=[9, 8, 32, 32]), d["annotations"][1]]) if i == 0 else d
                  for i, d in enumerate(dataset)]
-        load_or_build_instance_embeddings(moved, **options)  # an annotation changed
-        assert compute.call_count == 2
+        instance_embeddings(moved, **options, config=config)  # an annotation changed
+        assert compute.call_count == 3
         relinked = [dict(d, annotations=[d["annotations"][0], dict(d["annotations"][1], part_of=None)]) if i == 2 else d
                     for i, d in enumerate(dataset)]
-        load_or_build_instance_embeddings(relinked, **options)  # a part-of link changed
-        assert compute.call_count == 3
+        instance_embeddings(relinked, **options, config=config)  # a part-of link changed
+        assert compute.call_count == 4
         with torch.no_grad():
             embedder.proposals.decoder.mask_decoder.mask_tokens.weight[0, 0] += 1.0
         try:
-            load_or_build_instance_embeddings(dataset, **options)  # the weights changed
+            instance_embeddings(dataset, **options, config=config)  # the weights changed
         finally:
             with torch.no_grad():
                 embedder.proposals.decoder.mask_decoder.mask_tokens.weight[0, 0] -= 1.0
-        assert compute.call_count == 4
-        load_or_build_instance_embeddings(dataset, **options, mining=MiningConfig(whole_iou=0.7))  # an option changed
         assert compute.call_count == 5
-        load_or_build_instance_embeddings(dataset, **options)  # the file now holds the last build: recomputed
-        assert compute.call_count == 6
+        count = compute.call_count
+        for changed in (dict(mining=MiningConfig(whole_iou=0.7)), dict(classes=THING_CLASSES[:1]), dict(prompt="click"),
+                        dict(clicks=True)):  # each field of the config is in the provenance
+            instance_embeddings(dataset, **options, config=dataclasses.replace(config, **changed))
+            count += 1
+            assert compute.call_count == count, changed
+        instance_embeddings(dataset, **options, config=config)  # the file now holds the last build: recomputed
+        assert compute.call_count == count + 1
+    with pytest.raises(ValueError, match="cache=3"):
+        instance_embeddings(dataset, embedder=embedder, thing_classes=THING_CLASSES, cache=3)
+
+
+def test_default_store_path_keeps_one_file_per_provenance(dataset, embedder, tmp_path, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    embedder = SamMaskEmbedder(backbone=embedder.backbone, proposals=embedder.proposals)
+    options = dict(embedder=embedder, thing_classes=THING_CLASSES, cache=True, source="shapes", weights_id="tiny-seed-0")
+    with mock.patch.object(sam_embeddings, "_embed_instances", wraps=sam_embeddings._embed_instances) as compute:
+        for config in (InstanceEmbeddingConfig(clicks=False), InstanceEmbeddingConfig(clicks=False, prompt="click")) * 2:
+            instance_embeddings(dataset[:1], **options, config=config)
+        assert compute.call_count == 2  # switching back and forth rebuilds nothing
+    files = sorted(p.name for p in (tmp_path / "references" / "sam_instance_embeddings").glob("*.safetensors"))
+    assert len(files) == 2 and all(name.startswith("shapes-") for name in files)
 
 
 def test_click_prompts_keep_the_output_closest_to_the_instance(dataset, embedder):
     embedder = SamMaskEmbedder(backbone=embedder.backbone, proposals=embedder.proposals)
-    stored = sam_embeddings.instance_embeddings(dataset[:1], embedder=embedder, thing_classes=THING_CLASSES,
-                                                classes=THING_CLASSES[:2], prompt="click", clicks=False)
+    config = InstanceEmbeddingConfig(classes=THING_CLASSES[:2], prompt="click", clicks=False)
+    stored = instance_embeddings(dataset[:1], embedder=embedder, thing_classes=THING_CLASSES, config=config)
     items = sorted(order_references(dataset[:1], 3), key=lambda r: r.index)  # whole, part
     gt = torch.from_numpy(np.stack([r.mask() for r in items]))
     assert gt[0, 8:40, 8:40].all() and gt[1, 18:30, 18:30].all() and int(gt[1].sum()) < 200
@@ -180,7 +206,7 @@ def test_click_prompts_keep_the_output_closest_to_the_instance(dataset, embedder
     torch.testing.assert_close(stored.tensors["box/mask_token"], out["mask_token"][torch.arange(2), best])
     assert "click/role" not in stored.tensors
     with pytest.raises(ValueError, match="prompt='points'"):
-        sam_embeddings.instance_embeddings(dataset, embedder=embedder, thing_classes=THING_CLASSES, prompt="points")
+        InstanceEmbeddingConfig(prompt="points")
 
 
 def test_bank_detections_label_proposals_by_their_embeddings(dataset, embedder):

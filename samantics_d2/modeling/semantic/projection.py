@@ -38,11 +38,12 @@ from ...utils.io import atomic_path
 from .classifier import PrototypeClassifier
 from .sam_embeddings import (
     ROLES,
+    InstanceEmbeddingConfig,
     MiningConfig,
     SamMaskEmbedder,
     bank_detections,
     classify_embeddings,
-    load_or_build_instance_embeddings,
+    instance_embeddings,
     sam_memory_bank,
     top1_accuracy,
 )
@@ -367,11 +368,10 @@ def run_sam_clustering(
     train_config = ProjectionTrainingConfig(**(training or {}))
     stored = {}
     for split, dataset, name in (("train", train_dataset, train_name), ("val", val_dataset, val_name)):
-        path = os.path.join(cache_dir, f"{name}.safetensors") if cache_dir else None
-        stored[split] = load_or_build_instance_embeddings(
-            dataset, embedder=embedder, thing_classes=thing_classes, classes=classes, mining=mining_config,
-            clicks=split == "train", prompt=prompt, source=name, path=path,
-        )
+        config = InstanceEmbeddingConfig(classes=classes, prompt=prompt, clicks=split == "train", mining=mining_config)
+        cache = os.path.join(cache_dir, f"{name}.safetensors") if cache_dir else True
+        stored[split] = instance_embeddings(dataset, embedder=embedder, thing_classes=thing_classes, config=config,
+                                            cache=cache, source=name)
     results: dict[str, Any] = {"classes": list(classes), "num_centres": num_centres, "seed": seed, "prompt": prompt,
                                "training": asdict(train_config), "mining": asdict(mining_config), "sources": {}}
     t = stored["train"].tensors

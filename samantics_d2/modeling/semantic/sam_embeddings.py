@@ -15,10 +15,10 @@ cosine similarity to the centres. Here, for SAM, HQ-SAM and SAM 2:
   ground-truth box (``box/*`` rows: wholes, and parts labelled with the class of their whole
   through ``part_of``), and the three multimask outputs of one click inside each whole
   (``click/*`` rows; :func:`mine_whole_part` marks which is the whole and which are parts), and
-  optionally background masks (grid clicks whose masks overlap no instance: ``background/*``).
-  Cached in the references store (:func:`load_or_build_instance_embeddings`): a stored file is
-  reused only when its provenance (instances and their content, part links, encoder weights
-  fingerprint, options) is exactly the expected one.
+  optionally background masks (grid clicks whose masks overlap no instance: ``background/*``); what
+  is computed is one :class:`InstanceEmbeddingConfig`. With ``cache`` they are kept in the
+  references store: a stored file is reused only when its provenance (instances and their content,
+  part links, encoder weights fingerprint, every field of the config) is exactly the expected one.
 - :func:`sam_memory_bank`: a :class:`~.memory_bank.MemoryBank` of one source's box rows, so the
   per-class centres are :meth:`MemoryBank.prototypes` (``aggregation="kmeans"``: seeded, the same
   centres for the same seed); :func:`classify_embeddings`: cosine to the centres with an unknown
@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
@@ -51,12 +51,12 @@ __all__ = [
     "ROLES",
     "SAM_EMBEDDINGS_FORMAT",
     "SOURCES",
+    "InstanceEmbeddingConfig",
     "MiningConfig",
     "SamMaskEmbedder",
     "bank_detections",
     "classify_embeddings",
     "instance_embeddings",
-    "load_or_build_instance_embeddings",
     "mine_whole_part",
     "sam_memory_bank",
     "top1_accuracy",
@@ -64,7 +64,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SAM_EMBEDDINGS_FORMAT = 1
+#: 2: the provenance's options are the fields of :class:`InstanceEmbeddingConfig` (``classes``, no
+#: longer ``label_space``), so stores of format 1 are rebuilt, not misread
+SAM_EMBEDDINGS_FORMAT = 2
 SOURCES = ("mask_token", "image_pooled", "semantic_pooled")
 #: how instances are prompted (:func:`instance_embeddings`)
 PROMPTS = ("box", "click")
@@ -176,6 +178,45 @@ class MiningConfig:
     background_max_iou: float = 0.1
 
 
+@dataclass(frozen=True)
+class InstanceEmbeddingConfig:
+    """What :func:`instance_embeddings` computes; every field is part of the stored provenance.
+
+    Attributes:
+        classes: the label space (None: the dataset's ``thing_classes``); instances of other classes
+            (and the part classes themselves) are labelled by their whole's class or left out.
+        prompt: how the instance rows (``box/*``) are prompted: ``"box"`` (the ground-truth box, single
+            mask output: the seed's) or ``"click"`` (a click at the instance's deepest pixel, of SAM's
+            multimask outputs the one with the highest IoU with the instance: for SAMs trained with
+            clicks only, as the tiny SAM of configs/quick/tiny_sam_shapes.py).
+        clicks: also the three multimask outputs of a click at the deepest pixel of every whole (``click/*``).
+        mining: how whole/part roles and background masks are read (:class:`MiningConfig`).
+    """
+
+    classes: Optional[tuple[str, ...]] = None
+    prompt: str = "box"
+    clicks: bool = True
+    mining: MiningConfig = field(default_factory=MiningConfig)
+
+    def __post_init__(self) -> None:
+        if self.prompt not in PROMPTS:
+            raise ValueError(f"InstanceEmbeddingConfig got prompt={self.prompt!r}; expected one of {PROMPTS}.")
+        if not isinstance(self.clicks, bool):
+            raise ValueError(f"InstanceEmbeddingConfig got clicks={self.clicks!r}; expected True or False.")
+        if not isinstance(self.mining, MiningConfig):
+            raise ValueError(
+                f"InstanceEmbeddingConfig got mining={self.mining!r}; expected a MiningConfig (MiningConfig(**fields))."
+            )
+        if self.classes is not None:
+            if isinstance(self.classes, str) or not all(isinstance(name, str) for name in self.classes):
+                raise ValueError(f"InstanceEmbeddingConfig got classes={self.classes!r}; expected None or class names.")
+            object.__setattr__(self, "classes", tuple(self.classes))  # frozen, hashable
+
+    def label_space(self, thing_classes: Sequence[str]) -> list[str]:
+        """The class names of the labels: :attr:`classes`, or ``thing_classes`` when None."""
+        return list(self.classes if self.classes is not None else thing_classes)
+
+
 def mine_whole_part(masks: torch.Tensor, instance: torch.Tensor, config: MiningConfig) -> torch.Tensor:
     """Roles of the ``M`` multimask outputs of a click inside an instance (:data:`ROLES`).
 
@@ -224,34 +265,53 @@ def instance_embeddings(
     *,
     embedder: SamMaskEmbedder,
     thing_classes: Sequence[str],
-    classes: Optional[Sequence[str]] = None,
-    mining: MiningConfig = MiningConfig(),
-    clicks: bool = True,
-    prompt: str = "box",
+    config: InstanceEmbeddingConfig = InstanceEmbeddingConfig(),
+    cache: Union[None, bool, str, os.PathLike] = None,
+    source: str = "<dataset dicts>",
+    weights_id: Optional[str] = None,
 ) -> StoredFeatures:
-    """Embeddings of every instance of ``dataset`` (one encoder forward per image; see the module doc).
+    """Embeddings of every instance of ``dataset`` (one encoder forward per image; see the module doc),
+    computed, or with ``cache`` read from the references store when nothing changed.
 
     Args:
         dataset: Detectron2 dataset dicts (contiguous ``category_id`` into ``thing_classes``; parts
             carry ``part_of`` = their whole's annotation ``id``).
-        classes: the label space (default ``thing_classes``); instances of other classes (and the
-            part classes themselves) are labelled by their whole's class or left out.
-        clicks: also the three multimask outputs of a click at the deepest pixel of every whole.
-        prompt: how the instance rows (``box/*``) are prompted: ``"box"`` (the ground-truth box, single
-            mask output: the seed's) or ``"click"`` (a click at the instance's deepest pixel, of SAM's
-            multimask outputs the one with the highest IoU with the instance: for SAMs trained with
-            clicks only, as the tiny SAM of configs/quick/tiny_sam_shapes.py).
+        config: label space, prompt, clicks and mining (:class:`InstanceEmbeddingConfig`).
+        cache: None or False: compute them; True: the references store's file
+            ``cache_root()/references/sam_instance_embeddings/<source>-<provenance hash>.safetensors``;
+            a path: that file. A stored file is used only when its provenance equals the expected one
+            (instances and their content, part links, encoders and their weights, ``config``);
+            otherwise they are computed and stored there.
+        source: the dataset's name (provenance, and the default file name); with ``cache`` only.
+        weights_id: identity of the weights (default: :func:`module_fingerprint` of the embedder); with
+            ``cache`` only.
 
     Returns:
         :class:`StoredFeatures` with tensors ``box/<source> [R, D]``, ``box/class_ids``, ``box/is_part``,
-        ``box/iou_gt`` (IoU of the box mask with the instance), with ``clicks`` ``click/<source> [W * M, D]``,
-        ``click/class_ids``, ``click/role``, ``click/whole_row`` (the ``box`` row of the clicked whole), and
-        ``background/<source>`` when ``mining.background_points_per_side``; ``records``: one per box row.
+        ``box/iou_gt`` (IoU of the box mask with the instance), with ``config.clicks``
+        ``click/<source> [W * M, D]``, ``click/class_ids``, ``click/role``, ``click/whole_row`` (the
+        ``box`` row of the clicked whole), and ``background/<source>`` when
+        ``config.mining.background_points_per_side``; ``records``: one per box row; ``provenance``
+        (with ``cache``; empty without).
     """
-    if prompt not in PROMPTS:
-        raise ValueError(f"instance_embeddings got prompt={prompt!r}; expected one of {PROMPTS}.")
-    classes = list(classes if classes is not None else thing_classes)
     items = order_references(dataset, len(thing_classes), class_names=thing_classes)
+    build = lambda: _embed_instances(items, embedder=embedder, thing_classes=thing_classes, config=config)  # noqa: E731
+    if cache is None or cache is False:
+        return build()
+    if cache is not True and (not isinstance(cache, (str, os.PathLike)) or not str(cache)):
+        raise ValueError(f"instance_embeddings got cache={cache!r}; expected None/False, True or a file path.")
+    provenance = _provenance(items, embedder=embedder, thing_classes=thing_classes, config=config, source=source,
+                             weights_id=weights_id)
+    path = default_store_path(provenance, name=source) if cache is True else cache
+    return load_or_build_features(path, provenance=provenance, build=build, what="SAM instance embeddings")
+
+
+def _embed_instances(
+    items: Sequence[ReferenceInstance], *, embedder: SamMaskEmbedder, thing_classes: Sequence[str],
+    config: InstanceEmbeddingConfig,
+) -> StoredFeatures:
+    """The computation of :func:`instance_embeddings` (``items``: the dataset's :func:`order_references`)."""
+    classes, mining = config.label_space(thing_classes), config.mining
     space = _label_space(items, thing_classes, classes)
     by_image: "OrderedDict[str, list[ReferenceInstance]]" = OrderedDict()
     for r in sorted(items, key=lambda r: r.index):
@@ -271,7 +331,7 @@ def instance_embeddings(
             first_row = len(records)
             records.extend({"annotation_id": r.annotation_id, "file_name": file_name} for r in kept)
             clicked = None  # every instance's multimask outputs of a click at its deepest pixel
-            if prompt == "box":
+            if config.prompt == "box":
                 out = embedder(image, boxes=torch.tensor([r.box_xyxy() for r in kept], dtype=torch.float32))
                 chosen = torch.zeros(len(kept), dtype=torch.long)
             else:
@@ -284,7 +344,7 @@ def instance_embeddings(
                 "iou_gt": mask_iou_matrix(out["masks"][take, chosen], gt_kept).diagonal(),
             })
             wholes = [i for i, r in enumerate(kept) if not space["is_part"][r.annotation_id]]
-            if clicks and wholes:
+            if config.clicks and wholes:
                 if clicked is None:
                     out = embedder(image, points=click_points(gt_kept[wholes]) + 0.5)
                 else:
@@ -340,9 +400,10 @@ def _module_description(module: Optional[nn.Module]) -> Optional[dict[str, Any]]
             "size": getattr(module, "size", None), "preprocess": asdict(preprocess) if preprocess is not None else None}
 
 
-def _provenance(dataset: Sequence[dict], *, embedder: SamMaskEmbedder, thing_classes, classes, mining, clicks, prompt,
-                source: str, weights_id: Optional[str]) -> dict[str, Any]:
-    items = order_references(dataset, len(thing_classes), class_names=thing_classes)
+def _provenance(items: Sequence[ReferenceInstance], *, embedder: SamMaskEmbedder, thing_classes: Sequence[str],
+                config: InstanceEmbeddingConfig, source: str, weights_id: Optional[str]) -> dict[str, Any]:
+    """The provenance of :func:`instance_embeddings` of ``items``: every field of ``config`` (``asdict``,
+    the label space resolved), the encoders and their weights, the instances and their part links."""
     encoder = {
         "sam": _module_description(embedder.backbone), "decoder": type(embedder.proposals.decoder).__name__,
         "decoder_options": embedder.proposals.decoder.extra_repr(),
@@ -350,41 +411,13 @@ def _provenance(dataset: Sequence[dict], *, embedder: SamMaskEmbedder, thing_cla
         "weights": weights_id or module_fingerprint(embedder),
     }
     options = {
-        "format_version": SAM_EMBEDDINGS_FORMAT, "sources": list(embedder.sources), "prompt": prompt, "box_multimask_output": False,
-        "clicks": bool(clicks), "click_rule": "deepest pixel (utils.clicks.click_points) + 0.5",
-        "mining": asdict(mining), "label_space": list(classes if classes is not None else thing_classes),
+        "format_version": SAM_EMBEDDINGS_FORMAT, "sources": list(embedder.sources), "box_multimask_output": False,
+        "click_rule": "deepest pixel (utils.clicks.click_points) + 0.5",
+        **asdict(config), "classes": config.label_space(thing_classes),
         "part_of": [[r.annotation_id, r.annotation.get("part_of")] for r in items if r.annotation.get("part_of") is not None],
     }
     return reference_provenance(kind="sam_instance_embeddings", source=source, num_classes=len(thing_classes),
                                 class_names=list(thing_classes), items=items, encoder=encoder, options=options)
-
-
-def load_or_build_instance_embeddings(
-    dataset: Sequence[dict],
-    *,
-    embedder: SamMaskEmbedder,
-    thing_classes: Sequence[str],
-    classes: Optional[Sequence[str]] = None,
-    mining: MiningConfig = MiningConfig(),
-    clicks: bool = True,
-    prompt: str = "box",
-    source: str = "<dataset dicts>",
-    path: Optional[Union[str, os.PathLike]] = None,
-    weights_id: Optional[str] = None,
-) -> StoredFeatures:
-    """:func:`instance_embeddings`, stored in the references store and reused only when nothing changed.
-
-    Args:
-        source: the dataset's name (provenance, and the default file name).
-        path: where to store them; default ``cache_root()/references/sam_instance_embeddings/<source>-<hash>``.
-        weights_id: identity of the weights (default: :func:`module_fingerprint` of the embedder).
-    """
-    provenance = _provenance(dataset, embedder=embedder, thing_classes=thing_classes, classes=classes, mining=mining,
-                             clicks=clicks, prompt=prompt, source=source, weights_id=weights_id)
-    path = path if path is not None else default_store_path(provenance, name=source)
-    build = lambda: instance_embeddings(dataset, embedder=embedder, thing_classes=thing_classes,  # noqa: E731
-                                        classes=classes, mining=mining, clicks=clicks, prompt=prompt)
-    return load_or_build_features(path, provenance=provenance, build=build, what="SAM instance embeddings")
 
 
 def sam_memory_bank(stored: StoredFeatures, source: str, *, parts: bool = False) -> MemoryBank:
