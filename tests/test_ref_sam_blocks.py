@@ -20,6 +20,8 @@ from samantics_d2.modeling.ref_sam import (
     generalized_box_iou,
     multi_scale_deformable_attention,
 )
+from samantics_d2.modeling.meta_arch.ref_sam import ref_sam_lr_factor
+from samantics_d2.modeling.ref_sam.deformable_detr import _FeedForward
 
 
 # ----------------------------------------------------------------------------- deformable attention
@@ -162,6 +164,107 @@ def test_ref_detr_head_refinement_detaches_boxes_between_layers():
     assert all(p.grad is None or p.grad.abs().max() == 0 for p in bbox_embed[0].parameters())
 
 
+class _EncoderLayerBeforeSharing(torch.nn.Module):
+    """DeformableEncoderLayer as it was before the decoder shared its block (keys ``self_attn.*``)."""
+
+    def __init__(self, *, d_model, d_ffn, dropout, n_levels, n_heads, n_points):
+        super().__init__()
+        self.self_attn = MSDeformAttn(d_model=d_model, n_levels=n_levels, n_heads=n_heads, n_points=n_points)
+        self.dropout = torch.nn.Dropout(dropout)
+        self.norm = torch.nn.LayerNorm(d_model)
+        self.ffn = _FeedForward(d_model=d_model, d_ffn=d_ffn, dropout=dropout)
+
+    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
+        attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
+        return self.ffn(self.norm(src + self.dropout(attended)))
+
+
+class _DecoderLayerBeforeSharing(torch.nn.Module):
+    """DeformableDecoderLayer as it was before it held a DeformableEncoderLayer (keys ``self_attn.*``,
+    ``norm1.*``, ``cross_attn.*``, ``norm2.*``, ``ffn.*``)."""
+
+    def __init__(self, *, d_model, d_ffn, dropout, n_levels, n_heads, n_points):
+        super().__init__()
+        self.self_attn = torch.nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.dropout1, self.norm1 = torch.nn.Dropout(dropout), torch.nn.LayerNorm(d_model)
+        self.cross_attn = MSDeformAttn(d_model=d_model, n_levels=n_levels, n_heads=n_heads, n_points=n_points)
+        self.dropout2, self.norm2 = torch.nn.Dropout(dropout), torch.nn.LayerNorm(d_model)
+        self.ffn = _FeedForward(d_model=d_model, d_ffn=d_ffn, dropout=dropout)
+
+    def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index, memory_padding_mask):
+        q = tgt + query_pos
+        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, q, tgt, need_weights=False)[0]))
+        attended = self.cross_attn(
+            tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index, memory_padding_mask
+        )
+        return self.ffn(self.norm2(tgt + self.dropout2(attended)))
+
+
+def test_state_dicts_of_the_layers_before_the_shared_block_load_strictly_with_identical_outputs():
+    """A head whose layers have the earlier layout (encoder ``self_attn``; decoder ``cross_attn``, ``norm2``,
+    ``ffn``) saves a state dict that today's head loads strictly; each loaded layer then returns exactly
+    what the earlier layer returns (eval, and train mode with the same dropout draws)."""
+    torch.manual_seed(0)
+    options = dict(d_model=32, d_ffn=64, dropout=0.1, n_levels=2, n_heads=4, n_points=2)
+    before = _tiny_head(num_encoder_layers=2)
+    transformer = before.transformer
+    transformer.encoder_layers = torch.nn.ModuleList(_EncoderLayerBeforeSharing(**options) for _ in range(2))
+    transformer.decoder_layers = torch.nn.ModuleList(_DecoderLayerBeforeSharing(**options) for _ in range(3))
+    with torch.no_grad():
+        for p in before.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # no zero-initialised offsets or weights left
+    state = before.state_dict()
+    assert "transformer.decoder_layers.0.cross_attn.sampling_offsets.weight" in state
+    assert "transformer.decoder_layers.2.norm2.weight" in state
+    assert "transformer.decoder_layers.1.ffn.linear1.bias" in state
+    assert "transformer.encoder_layers.1.self_attn.value_proj.weight" in state
+
+    after = _tiny_head(num_encoder_layers=2)
+    legacy_prefixes = ("transformer.encoder_layers.0.self_attn.", "transformer.decoder_layers.0.cross_attn.")
+    assert not any(key.startswith(legacy_prefixes) for key in after.state_dict())
+    after.load_state_dict(state, strict=True)
+    renamed = after.state_dict()
+    assert len(renamed) == len(state)
+    torch.testing.assert_close(renamed["transformer.decoder_layers.2.deformable.attn.sampling_offsets.weight"],
+                               state["transformer.decoder_layers.2.cross_attn.sampling_offsets.weight"], rtol=0, atol=0)
+
+    shapes = torch.tensor([[6, 6], [3, 3]])
+    starts = torch.tensor([0, 36])
+    memory, memory_pos = torch.randn(2, 45, 32), torch.randn(2, 45, 32)
+    queries, query_pos = torch.randn(2, 7, 32), torch.randn(2, 7, 32)
+    mask = torch.zeros(2, 45, dtype=torch.bool)
+    mask[1, 30:36] = True
+    memory_points, query_boxes = torch.rand(2, 45, 2, 2), torch.rand(2, 7, 2, 4)
+    for train in (False, True):
+        before.train(train)
+        after.train(train)
+        # Encoder: (src, pos, points) before, (query, query_pos, points, value) now; decoder: unchanged.
+        pairs = [(old, new, (memory, memory_pos, memory_points), (memory, memory_pos, memory_points, memory))
+                 for old, new in zip(before.transformer.encoder_layers, after.transformer.encoder_layers)]
+        pairs += [(old, new, (queries, query_pos, query_boxes, memory), (queries, query_pos, query_boxes, memory))
+                  for old, new in zip(before.transformer.decoder_layers, after.transformer.decoder_layers)]
+        for old, new, old_args, new_args in pairs:
+            torch.manual_seed(1)
+            expected = old(*old_args, shapes, starts, mask)
+            torch.manual_seed(1)
+            torch.testing.assert_close(new(*new_args, shapes, starts, mask), expected, rtol=0, atol=0)
+
+
+def test_lr_factor_slows_exactly_the_sampling_offsets_and_reference_points_of_a_built_head():
+    """ref_sam_lr_factor on the real parameter names (encoder and decoder layers): 0.1 for the parameters of
+    every MSDeformAttn's ``sampling_offsets`` and of the transformer's ``reference_points``, 1 otherwise."""
+    head = _tiny_head(num_encoder_layers=2)
+    slow_modules = [m.sampling_offsets for m in head.modules() if isinstance(m, MSDeformAttn)]
+    slow_modules.append(head.transformer.reference_points)
+    assert len(slow_modules) == 2 + 3 + 1
+    slow = {id(p) for module in slow_modules for p in module.parameters()}
+    names = [name for name, _ in head.named_parameters()]
+    assert "transformer.encoder_layers.1.attn.sampling_offsets.weight" in names
+    assert "transformer.decoder_layers.2.deformable.attn.sampling_offsets.bias" in names
+    for name, p in head.named_parameters():
+        assert ref_sam_lr_factor(f"head.{name}") == (0.1 if id(p) in slow else 1.0), name
+
+
 # ----------------------------------------------------------------------------- neck, token fuser
 def test_multi_level_neck_shapes_and_errors():
     shapes = [ShapeSpec(channels=16, stride=16)] * 4
@@ -284,8 +387,8 @@ def test_set_criterion_gradients_reach_the_head():
         "class_embed": head.class_embed[0].weight,
         "bbox_embed": transformer.bbox_embed[0].layers[-1].weight,
         "reference_points": transformer.reference_points.weight,
-        "encoder_offsets": transformer.encoder_layers[0].self_attn.sampling_offsets.weight,
-        "encoder_values": transformer.encoder_layers[0].self_attn.value_proj.weight,
+        "encoder_offsets": transformer.encoder_layers[0].attn.sampling_offsets.weight,
+        "encoder_values": transformer.encoder_layers[0].attn.value_proj.weight,
         "decoder_self_attention": transformer.decoder_layers[0].self_attn.in_proj_weight,
     }
     for name, param in reached.items():

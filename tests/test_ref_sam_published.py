@@ -55,7 +55,7 @@ def test_encoder_and_decoder_ffn_widths_and_box_size_bias():
                                       num_decoder_layers=3, size_bias_layers="first")
     ours = DeformableTransformer(d_model=32, n_heads=4, d_ffn=128, num_encoder_layers=1, num_decoder_layers=3)
     assert published.encoder_layers[0].ffn.linear1.out_features == 64
-    assert [layer.ffn.linear1.out_features for layer in published.decoder_layers] == [128] * 3
+    assert [layer.deformable.ffn.linear1.out_features for layer in published.decoder_layers] == [128] * 3
     assert ours.encoder_layers[0].ffn.linear1.out_features == 128  # the decoder's width for both
     expected_first = torch.tensor([0.0, 0.0, -2.0, -2.0])
     for transformer, later in ((published, torch.zeros(4)), (ours, expected_first)):
@@ -274,7 +274,7 @@ def test_published_configs_resolve_the_authors_values(name, batch, per_epoch, ca
     assert model.neck.strides == (16, 16, 16, 16)
     transformer = model.head.transformer
     assert [layer.ffn.linear1.out_features for layer in transformer.encoder_layers] == [512]
-    assert [layer.ffn.linear1.out_features for layer in transformer.decoder_layers] == [1024] * 6
+    assert [layer.deformable.ffn.linear1.out_features for layer in transformer.decoder_layers] == [1024] * 6
     assert [float(mlp.layers[-1].bias.detach()[2]) for mlp in transformer.bbox_embed] == [-2.0] + [0.0] * 5
     assert (model.topk, model.topk_scope, model.query_classes, model.head.num_queries) == (100, "class",
                                                                                           "image_references", 300)

@@ -12,6 +12,7 @@ the whole map when no padding masks are given; with masks, the valid fraction of
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Optional
 
@@ -20,6 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .deformable_attention import MSDeformAttn
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "MLP",
@@ -99,42 +102,82 @@ class _FeedForward(nn.Module):
         return self.norm(x + self.dropout2(self.linear2(self.dropout1(F.relu(self.linear1(x))))))
 
 
+class _RenameLegacyKeys:
+    """``load_state_dict`` pre-hook of a layer whose layout changed: renames, in place, the keys
+    ``prefix + old + rest`` to ``prefix + new + rest`` for each ``(old, new)`` of ``renames``, and logs it."""
+
+    def __init__(self, *renames: tuple[str, str]):
+        self.renames = renames
+
+    def __call__(self, module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
+        renamed = 0
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            for old, new in self.renames:
+                if key[len(prefix):].startswith(old):
+                    state_dict[prefix + new + key[len(prefix) + len(old):]] = state_dict.pop(key)
+                    renamed += 1
+                    break
+        if renamed:
+            logger.info("%s %r: renamed %d keys of its earlier layout (%s).", type(module).__name__, prefix, renamed,
+                        ", ".join(f"{old} -> {new}" for old, new in self.renames))
+
+
 class DeformableEncoderLayer(nn.Module):
-    """Deformable self-attention over the flattened multi-scale memory, then an FFN (post-norm)."""
+    """Deformable attention of queries over a multi-scale value sequence, then an FFN (post-norm):
+    ``ffn(norm(query + dropout(attn(query + query_pos, reference_points, value))))``.
+
+    The encoder layer (queries = values = the flattened multi-scale memory) and the second half of
+    :class:`DeformableDecoderLayer` (queries = the decoder's targets, values = the encoder's memory).
+
+    State dicts of the earlier layout (attention under ``self_attn.``) load: the keys are renamed to ``attn.``.
+    """
 
     def __init__(self, *, d_model: int, d_ffn: int, dropout: float, n_levels: int, n_heads: int, n_points: int):
         super().__init__()
-        self.self_attn = MSDeformAttn(d_model=d_model, n_levels=n_levels, n_heads=n_heads, n_points=n_points)
+        self.attn = MSDeformAttn(d_model=d_model, n_levels=n_levels, n_heads=n_heads, n_points=n_points)
         self.dropout = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(d_model)
         self.ffn = _FeedForward(d_model=d_model, d_ffn=d_ffn, dropout=dropout)
+        self._register_load_state_dict_pre_hook(_RenameLegacyKeys(("self_attn.", "attn.")), with_module=True)
 
     def forward(
         self,
-        src: torch.Tensor,
-        pos: torch.Tensor,
+        query: torch.Tensor,
+        query_pos: torch.Tensor,
         reference_points: torch.Tensor,
+        value: torch.Tensor,
         spatial_shapes: torch.Tensor,
         level_start_index: torch.Tensor,
         padding_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """src, pos: [B, S, C]; reference_points: [B, S, L, 2]; padding_mask: bool [B, S]. Returns [B, S, C]."""
-        attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
-        return self.ffn(self.norm(src + self.dropout(attended)))
+        """
+        query, query_pos: [B, Q, C]; reference_points: [B, Q, L, 2 or 4]; value: [B, S, C], the
+        flattened levels; padding_mask: bool [B, S], True at padded values. Returns [B, Q, C].
+        """
+        attended = self.attn(
+            query + query_pos, reference_points, value, spatial_shapes, level_start_index, padding_mask
+        )
+        return self.ffn(self.norm(query + self.dropout(attended)))
 
 
 class DeformableDecoderLayer(nn.Module):
-    """Self-attention among queries, deformable cross-attention to the memory, FFN (post-norm)."""
+    """Self-attention among queries (post-norm), then a :class:`DeformableEncoderLayer` block over the
+    memory (deformable cross-attention, FFN).
+
+    State dicts of the earlier layout (``cross_attn.``, ``norm2.``, ``ffn.`` directly under the layer)
+    load: the keys are renamed to ``deformable.attn.``, ``deformable.norm.``, ``deformable.ffn.``.
+    """
 
     def __init__(self, *, d_model: int, d_ffn: int, dropout: float, n_levels: int, n_heads: int, n_points: int):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
-        self.cross_attn = MSDeformAttn(d_model=d_model, n_levels=n_levels, n_heads=n_heads, n_points=n_points)
-        self.dropout2 = nn.Dropout(dropout)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.ffn = _FeedForward(d_model=d_model, d_ffn=d_ffn, dropout=dropout)
+        self.deformable = DeformableEncoderLayer(
+            d_model=d_model, d_ffn=d_ffn, dropout=dropout, n_levels=n_levels, n_heads=n_heads, n_points=n_points
+        )
+        renames = (("cross_attn.", "deformable.attn."), ("norm2.", "deformable.norm."), ("ffn.", "deformable.ffn."))
+        self._register_load_state_dict_pre_hook(_RenameLegacyKeys(*renames), with_module=True)
 
     def forward(
         self,
@@ -152,11 +195,9 @@ class DeformableDecoderLayer(nn.Module):
         """
         q = k = tgt + query_pos
         tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, tgt, need_weights=False)[0]))
-        attended = self.cross_attn(
-            tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index, memory_padding_mask
+        return self.deformable(
+            tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index, memory_padding_mask
         )
-        tgt = self.norm2(tgt + self.dropout2(attended))
-        return self.ffn(tgt)
 
 
 def _scale_by_valid_ratios(reference: torch.Tensor, valid_ratios: torch.Tensor) -> torch.Tensor:
@@ -304,7 +345,7 @@ class DeformableTransformer(nn.Module):
             self._encoder_reference_points(spatial_shapes_list, valid_ratios), valid_ratios
         )
         for layer in self.encoder_layers:
-            memory = layer(memory, pos, encoder_reference, spatial_shapes, level_start_index, padding_mask)
+            memory = layer(memory, pos, encoder_reference, memory, spatial_shapes, level_start_index, padding_mask)
 
         initial_reference = self.reference_points(query_pos).sigmoid()  # [B, Q, 2]
         reference = initial_reference
