@@ -47,7 +47,7 @@ from .modeling.backbone import EncoderBackbone, build_encoder
 from .modeling.catalog import get_weight_spec
 from .modeling.preprocess import ImageFit
 from .modeling.proposals import PromptDecoder, build_prompt_decoder
-from .modeling.proposals.granularity import GranularityMasks, MultiGranularityDecoder
+from .modeling.proposals.granularity import ClickSet, GranularityMasks, MultiGranularityDecoder
 from .modeling.semantic.labeller import PrototypeLabeller, dense_features
 
 __all__ = ["ClickPrediction", "MaskLabels", "PrototypeLabeller", "SamanticsPredictor", "DEFAULT_BOX_SCALES",
@@ -280,8 +280,9 @@ class SamanticsPredictor:
 
     # ------------------------------------------------------------------ clicks
 
-    def _prompts(self, points, point_labels, box) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """Original-pixel prompts -> encoder-input tensors ``[N, 2]``, ``[N]``, ``[4]`` or None."""
+    def _prompts(self, points, point_labels, box) -> ClickSet:
+        """Original-pixel prompts -> their :class:`ClickSet` in encoder-input pixels
+        (``[N, 2]``, ``[N]``, ``[4]`` or None)."""
         fit = self._fit
         coords = torch.as_tensor(np.asarray(points if points is not None else np.zeros((0, 2)), dtype=np.float32))
         if coords.ndim != 2 or coords.shape[-1] != 2:
@@ -300,7 +301,7 @@ class SamanticsPredictor:
             box = fit.boxes_to_input(box.to(self.device))
         if coords.shape[0] == 0 and box is None:
             raise ValueError("predict got neither points nor a box: give at least one click or a box.")
-        return fit.points_to_input(coords.to(self.device)), labels.to(self.device), box
+        return ClickSet(points=fit.points_to_input(coords.to(self.device)), point_labels=labels.to(self.device), box=box)
 
     @torch.inference_mode()
     def predict_masks(
@@ -314,14 +315,14 @@ class SamanticsPredictor:
     ) -> GranularityMasks:
         """The masks of :meth:`predict` as :class:`GranularityMasks` (tensors, no labels)."""
         self._require_image()
-        coords, labels, box_input = self._prompts(points, point_labels, box)
+        clicks = self._prompts(points, point_labels, box)
         if multi_granularity:
-            return self.granularity.decode_prepared(self._prepared, self._fit, points=coords, point_labels=labels,
-                                                    box=box_input)
+            return self.granularity.decode_prepared(self._prepared, self._fit, clicks)
+        has_points = clicks.points.shape[0] > 0
         sparse, dense = self.decoder.embed_prompts(
-            points=coords[None] if coords.shape[0] else None,
-            point_labels=labels[None] if coords.shape[0] else None,
-            boxes=box_input[None] if box_input is not None else None,
+            points=clicks.points[None] if has_points else None,
+            point_labels=clicks.point_labels[None] if has_points else None,
+            boxes=clicks.box[None] if clicks.box is not None else None,
         )
         logits, iou = self.decoder.decode_embeddings(self._prepared, sparse, dense, multimask_output=multimask_output)
         return self.granularity.describe(logits[0], iou[0], self._fit)

@@ -169,7 +169,8 @@ class _StubDecoder:
     def prepare_image(self, features):
         return {}
 
-    def decode_prepared(self, image, fit, *, points, point_labels, box=None):
+    def decode_prepared(self, image, fit, clicks):
+        points, point_labels = clicks.points, clicks.point_labels
         self.calls.append(points.tolist())
         mask = torch.zeros(self.size, self.size, dtype=torch.bool)
         for (x, y), label in zip(points.long().tolist(), point_labels.tolist()):

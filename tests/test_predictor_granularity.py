@@ -1,5 +1,5 @@
 """MultiGranularityDecoder: candidate prompts, deduplication, order, part-of (hand-made answers) and
-the decoder calls it makes."""
+the decoder calls it makes; ClickSet's validation."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,6 +11,7 @@ from samantics_d2.modeling.preprocess import ImageFit
 from samantics_d2.modeling.proposals import build_prompt_decoder
 from samantics_d2.modeling.semantic import masks_to_original
 from samantics_d2.modeling.proposals.granularity import (
+    ClickSet,
     GranularityMasks,
     MultiGranularityDecoder,
     click_boxes,
@@ -96,7 +97,8 @@ def test_candidates_come_from_one_call_per_token_layout(tiny, monkeypatch):
     click = fit.points_to_input(torch.tensor([[50.0, 40.0]]))
     with torch.no_grad():
         image = granularity.prepare_image(features)
-        logits, iou, prompt, mask = granularity.candidates(image, fit, points=click, point_labels=torch.tensor([1]))
+        clicks = ClickSet(points=click, point_labels=torch.tensor([1]))
+        logits, iou, prompt, mask = granularity.candidates(image, fit, clicks)
         assert [n for (n, _), _ in calls] == [1, 3]  # the click; its three boxes together
         # the click's own outputs are exactly the decoder's multimask answer to the click
         ref_logits, ref_iou = decoder.decode(features, points=click[None], point_labels=torch.ones(1, 1),
@@ -108,7 +110,7 @@ def test_candidates_come_from_one_call_per_token_layout(tiny, monkeypatch):
     box = fit.boxes_to_input(torch.tensor([10.0, 10.0, 60.0, 50.0]))
     both = MultiGranularityDecoder(decoder=decoder, box_scales=(0.1, 0.3), box_multimask_output=True)
     with torch.no_grad():
-        _, _, prompt, _ = both.candidates(image, fit, points=click, point_labels=torch.tensor([1]), box=box)
+        _, _, prompt, _ = both.candidates(image, fit, ClickSet(points=click, point_labels=torch.tensor([1]), box=box))
     assert calls == [((3, calls[0][0][1]), True)]  # given box + same multimask flag: one call for all
     assert prompt.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
 
@@ -120,8 +122,8 @@ def test_selection_is_deduplicated_sorted_and_capped(tiny):
     click = fit.points_to_input(torch.tensor([[60.0, 45.0]]))
     with torch.no_grad():
         result = granularity(features, fit, points=click, point_labels=torch.tensor([1]))
-        logits, iou, _, _ = granularity.candidates(granularity.prepare_image(features), fit, points=click,
-                                                  point_labels=torch.tensor([1]))
+        logits, iou, _, _ = granularity.candidates(granularity.prepare_image(features), fit,
+                                                  ClickSet(points=click, point_labels=torch.tensor([1])))
     assert 1 <= len(result) <= 4
     assert torch.all(result.areas[1:] >= result.areas[:-1]) and torch.all(result.areas > 0)
     masks = result.mask_logits > 0
@@ -139,6 +141,32 @@ def test_selection_is_deduplicated_sorted_and_capped(tiny):
     assert torch.equal(result.part_of, part_of_matrix(result.masks, threshold=0.8))
 
 
+def test_click_set_validates_once_and_moves_with_its_values():
+    with pytest.raises(ValueError, match=r"points \[N, 2\].*got \(1, 1, 2\) and \(1, 1\)"):
+        ClickSet(points=torch.zeros(1, 1, 2), point_labels=torch.ones(1, 1))
+    with pytest.raises(ValueError, match=r"point_labels \[N\]; got \(2, 2\) and \(3,\)"):
+        ClickSet(points=torch.zeros(2, 2), point_labels=torch.ones(3))
+    with pytest.raises(ValueError, match=r"box \[4\] XYXY in input pixels; got \(3,\)"):
+        ClickSet(points=torch.zeros(1, 2), point_labels=torch.ones(1), box=torch.zeros(3))
+    with pytest.raises(ValueError, match="no point and no box: give at least one click or a box"):
+        ClickSet(points=torch.zeros(0, 2), point_labels=torch.zeros(0))
+    clicks = ClickSet(points=torch.tensor([[1.5, 2.0]], dtype=torch.float64), point_labels=torch.tensor([1.0]),
+                      box=torch.tensor([[0.0, 1.0, 5.0, 6.5]]))
+    assert clicks.points.dtype == torch.float32 and clicks.point_labels.dtype == torch.int64
+    assert clicks.box.shape == (4,)  # 4 values of any shape -> [4]
+    box_only = ClickSet(points=torch.zeros(0, 2), point_labels=torch.zeros(0), box=torch.tensor([0.0, 0.0, 2.0, 2.0]))
+    assert box_only.points.shape == (0, 2)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        moved = clicks.to(device)
+        assert moved.points.device.type == device and moved.box.device.type == device
+        assert moved.points.cpu().tolist() == [[1.5, 2.0]] and moved.point_labels.cpu().tolist() == [1]
+        assert moved.box.cpu().tolist() == [0.0, 1.0, 5.0, 6.5]
+        assert moved.points.dtype == torch.float32 and moved.point_labels.dtype == torch.int64
+    no_box = ClickSet(points=clicks.points, point_labels=clicks.point_labels)
+    assert no_box.to("cpu").box is None
+
+
 def test_errors_name_the_problem(tiny):
     decoder, features, fit = tiny
     with pytest.raises(ValueError, match="box_scales"):
@@ -148,3 +176,5 @@ def test_errors_name_the_problem(tiny):
         granularity(features, fit, points=torch.zeros(1, 1, 2), point_labels=torch.ones(1, 1))
     with pytest.raises(ValueError, match="no point and no box"):
         granularity(features, fit, points=torch.zeros(0, 2), point_labels=torch.zeros(0))
+    with pytest.raises(TypeError, match="ClickSet"):
+        granularity.decode_prepared(granularity.prepare_image(features), fit, torch.zeros(1, 2))

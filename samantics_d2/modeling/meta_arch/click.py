@@ -43,7 +43,7 @@ from ...utils.clicks import NO_CLICK, click_points, next_clicks, point_boxes
 from ..backbone import EncoderBackbone
 from ..preprocess import ImageFit
 from ..proposals.prompt_decoder import build_prompt_decoder
-from ..proposals.granularity import GranularityMasks, MultiGranularityDecoder
+from ..proposals.granularity import ClickSet, GranularityMasks, MultiGranularityDecoder
 from ..semantic.labeller import PrototypeLabeller, dense_features
 from ...yacs_config import check_yacs_config, node_kwargs
 from .training_free import TrainingFreeSegmenter, sam_proposer_from_config
@@ -187,13 +187,12 @@ class ClickSegmenter(nn.Module):
                     rounds[r].append(answer)
                     continue
                 given = point_labels[s, : r + 1] != NO_CLICK
-                result = self.granularity.decode_prepared(
-                    prepared,
-                    fit,
+                clicks = ClickSet(
                     points=fit.points_to_input(points[s, : r + 1][given].to(self.device)),
                     point_labels=point_labels[s, : r + 1][given].to(self.device),
                     box=box,
                 )
+                result = self.granularity.decode_prepared(prepared, fit, clicks)
                 masks, ious, classes = self._candidates(result, semantic if r == 0 else None, (height, width))
                 best = int(ious.argmax())
                 keep = slice(None) if r == 0 or self.keep_all_candidates else slice(best, best + 1)

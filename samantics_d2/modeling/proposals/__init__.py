@@ -10,10 +10,12 @@ Typical use, one encoder forward per image and all prompts through the decoder t
     per_image = [proposals({k: v[i] for k, v in feats.items()}, fits[i]) for i in range(len(fits))]
 """
 from . import prompt_decoder as _prompt_decoder
+from .granularity import ClickSet, GranularityMasks, MultiGranularityDecoder
 from .point_grid import MaskProposals, PointGridProposals, mask_logits_to_boxes, point_grid, stability_score
 from .prompt_decoder import *  # noqa: F401,F403  (its __all__: the decoders, their builder and loader)
 
 __all__ = sorted(
-    ["MaskProposals", "PointGridProposals", "mask_logits_to_boxes", "point_grid", "stability_score"]
+    ["ClickSet", "GranularityMasks", "MaskProposals", "MultiGranularityDecoder", "PointGridProposals",
+     "mask_logits_to_boxes", "point_grid", "stability_score"]
     + _prompt_decoder.__all__
 )

@@ -3,11 +3,12 @@
 :class:`MultiGranularityDecoder` (math only, no config, no I/O) takes ONE image's encoder features
 (as :meth:`~.prompt_decoder.PromptDecoder.decode` takes them, or their
 :meth:`~.prompt_decoder.PromptDecoder.prepare_image` output, cached once per image) and ONE click
-set, and returns a :class:`GranularityMasks`::
+set (a :class:`ClickSet`), and returns a :class:`GranularityMasks`::
 
     granularity = MultiGranularityDecoder(decoder=build_prompt_decoder(backbone), box_scales=(0.25, 0.5))
     image = granularity.prepare_image(features)                     # once per image
-    result = granularity.decode_prepared(image, fit, points=p, point_labels=l)   # per click
+    clicks = ClickSet(points=p, point_labels=l)                     # validated here
+    result = granularity.decode_prepared(image, fit, clicks)        # per click set
     result = granularity(features, fit, points=p, point_labels=l)   # the same, in one call
     result.mask_logits            # [K, Hm, Wm] low-res logits over the encoder input square
     result.original_masks()       # [K, H, W] bool on the original image
@@ -18,16 +19,18 @@ Signature (stable; the click meta-architecture, modeling/meta_arch/click.py, bui
         multimask_output: bool = True, box_multimask_output: bool = False, max_masks: int = 6,
         dedup_iou: float = 0.8, min_iou: Optional[float] = None, part_threshold: float = 0.8,
         stability_score_offset: float = 1.0, points_per_batch: int = 64)
+    ClickSet(points [N, 2], point_labels [N], box [4] | None = None); .to(device)   (frozen, validated)
     .prepare_image(image_features) -> dict                                  (decoder.prepare_image)
-    .decode_prepared(image, fit, *, points [N, 2], point_labels [N], box [4] | None) -> GranularityMasks
-    .forward(image_features, fit, *, points, point_labels, box=None) -> GranularityMasks
+    .candidates(image, fit, clicks: ClickSet) -> (logits [C, Hm, Wm], iou [C], prompt_index [C], mask_index [C])
+    .decode_prepared(image, fit, clicks: ClickSet) -> GranularityMasks
+    .forward(image_features, fit, *, points, point_labels, box=None) -> GranularityMasks   (builds the ClickSet)
     .describe(mask_logits [K, Hm, Wm], iou_pred [K], fit) -> GranularityMasks   (given masks, unselected)
     GranularityMasks(mask_logits [K, Hm, Wm], iou_pred [K], stability [K], masks [K, H, W], areas [K], part_of [K, K],
         prompt_index [K], mask_index [K], fit); len(), .original_masks(threshold=0.0), .parents()
 
 Candidate prompts (all in the encoder-input pixel frame, ``fit`` maps original pixels there):
 
-- prompt 0: the click set itself (``points``, ``point_labels`` and the given ``box``, if any), with
+- prompt 0: the click set itself (the :class:`ClickSet`'s points, labels and ``box``, if any), with
   ``multimask_output`` (SAM's three masks: whole, part, subpart);
 - prompts ``1 .. len(box_scales)``: the same points plus a square box of side
   ``scale * max(image width, image height)`` (the image's extent in the input, ``fit.valid_box``)
@@ -70,7 +73,53 @@ from ..semantic.mask_ops import mask_iou_matrix, mask_overlap_over_area, masks_t
 from .point_grid import _image_region, stability_score
 from .prompt_decoder import PromptDecoder
 
-__all__ = ["GranularityMasks", "MultiGranularityDecoder", "click_boxes", "greedy_mask_nms", "part_of_matrix"]
+__all__ = ["ClickSet", "GranularityMasks", "MultiGranularityDecoder", "click_boxes", "greedy_mask_nms", "part_of_matrix"]
+
+
+@dataclass(frozen=True, eq=False)
+class ClickSet:
+    """One click set: the prompt :class:`MultiGranularityDecoder` answers, validated once, here.
+
+    Attributes:
+        points: ``[N, 2]`` float32 (x, y) in encoder-input pixels (``fit.points_to_input``); ``N``
+            may be 0 with a ``box``.
+        point_labels: ``[N]`` int64: 1 foreground, 0 background.
+        box: ``[4]`` float32 XYXY in encoder-input pixels (``fit.boxes_to_input``), or None.
+
+    Construction converts the dtypes (and a box of 4 values of any shape to ``[4]``), keeps the
+    devices, and raises ``ValueError`` naming the received shapes when they do not fit.
+    """
+
+    points: torch.Tensor
+    point_labels: torch.Tensor
+    box: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        points = torch.as_tensor(self.points, dtype=torch.float32)
+        point_labels = torch.as_tensor(self.point_labels, dtype=torch.int64)
+        if points.ndim != 2 or points.shape[-1] != 2 or tuple(point_labels.shape) != (points.shape[0],):
+            raise ValueError(
+                f"ClickSet expects points [N, 2] (x, y in input pixels) and point_labels [N]; got "
+                f"{tuple(points.shape)} and {tuple(point_labels.shape)}."
+            )
+        box = self.box
+        if box is not None:
+            box = torch.as_tensor(box, dtype=torch.float32).reshape(-1)
+            if box.numel() != 4:
+                raise ValueError(f"ClickSet expects box [4] XYXY in input pixels; got {tuple(box.shape)}.")
+        if points.shape[0] == 0 and box is None:
+            raise ValueError("ClickSet got no point and no box: give at least one click or a box.")
+        object.__setattr__(self, "points", points)
+        object.__setattr__(self, "point_labels", point_labels)
+        object.__setattr__(self, "box", box)
+
+    def to(self, device: torch.device | str) -> "ClickSet":
+        """The same click set with its tensors on ``device`` (values and dtypes kept)."""
+        return ClickSet(
+            points=self.points.to(device),
+            point_labels=self.point_labels.to(device),
+            box=self.box.to(device) if self.box is not None else None,
+        )
 
 
 @dataclass
@@ -274,33 +323,23 @@ class MultiGranularityDecoder(nn.Module):
         point_labels: torch.Tensor,
         box: Optional[torch.Tensor] = None,
     ) -> GranularityMasks:
-        """:meth:`decode_prepared` on the backbone outputs of one image (``{name: [C, h, w]}``)."""
-        return self.decode_prepared(self.prepare_image(image_features), fit, points=points, point_labels=point_labels, box=box)
+        """:meth:`decode_prepared` on the backbone outputs of one image (``{name: [C, h, w]}``), the
+        click set given as keywords (``points [N, 2]``, ``point_labels [N]``, ``box [4]`` or None, in
+        input pixels: :class:`ClickSet`)."""
+        clicks = ClickSet(points=points, point_labels=point_labels, box=box)
+        return self.decode_prepared(self.prepare_image(image_features), fit, clicks)
 
     def candidates(
-        self,
-        image: Mapping[str, torch.Tensor],
-        fit: ImageFit,
-        *,
-        points: torch.Tensor,
-        point_labels: torch.Tensor,
-        box: Optional[torch.Tensor] = None,
+        self, image: Mapping[str, torch.Tensor], fit: ImageFit, clicks: ClickSet
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Every candidate mask, unselected: ``(logits [C, Hm, Wm], iou [C], prompt_index [C], mask_index [C])``."""
+        """Every candidate mask of ``clicks``, unselected: ``(logits [C, Hm, Wm], iou [C], prompt_index [C],
+        mask_index [C])``."""
+        if not isinstance(clicks, ClickSet):
+            raise TypeError(f"MultiGranularityDecoder takes a ClickSet(points=..., point_labels=..., box=...); "
+                            f"got {type(clicks).__name__}.")
         device = self.decoder.device
-        points = points.to(device=device, dtype=torch.float32)
-        point_labels = point_labels.to(device=device, dtype=torch.int64)
-        if points.ndim != 2 or points.shape[-1] != 2 or tuple(point_labels.shape) != (points.shape[0],):
-            raise ValueError(
-                f"MultiGranularityDecoder expects points [N, 2] (x, y in input pixels) and point_labels [N]; got "
-                f"{tuple(points.shape)} and {tuple(point_labels.shape)}."
-            )
-        if box is not None:
-            box = box.to(device=device, dtype=torch.float32).reshape(-1)
-            if box.numel() != 4:
-                raise ValueError(f"MultiGranularityDecoder expects box [4] XYXY in input pixels; got {tuple(box.shape)}.")
-        if points.shape[0] == 0 and box is None:
-            raise ValueError("MultiGranularityDecoder got no point and no box: give at least one click or a box.")
+        clicks = clicks.to(device)
+        points, point_labels, box = clicks.points, clicks.point_labels, clicks.box
         groups = [(box[None] if box is not None else None, self.multimask_output, [0])]
         if self.box_scales:
             if points.shape[0] == 0:
@@ -331,31 +370,18 @@ class MultiGranularityDecoder(nn.Module):
             mask_index.append(torch.arange(M, device=device).repeat(count))
         return torch.cat(logits), torch.cat(ious), torch.cat(prompt_index), torch.cat(mask_index)
 
-    def decode_prepared(
-        self,
-        image: Mapping[str, torch.Tensor],
-        fit: ImageFit,
-        *,
-        points: torch.Tensor,
-        point_labels: torch.Tensor,
-        box: Optional[torch.Tensor] = None,
-    ) -> GranularityMasks:
+    def decode_prepared(self, image: Mapping[str, torch.Tensor], fit: ImageFit, clicks: ClickSet) -> GranularityMasks:
         """The masks of one click set.
 
         Args:
             image: :meth:`prepare_image` of the image.
             fit: the image's :class:`ImageFit` (``backbone.prepare_with_fits``): the image area.
-            points: ``[N, 2]`` (x, y) in encoder-input pixels (``fit.points_to_input``); ``N`` may
-                be 0 with a ``box``.
-            point_labels: ``[N]``: 1 foreground, 0 background.
-            box: ``[4]`` XYXY in input pixels, or None.
+            clicks: the :class:`ClickSet` (points, labels, optional box in encoder-input pixels).
 
         Returns:
             :class:`GranularityMasks`, at most ``max_masks``, small to large.
         """
-        logits, iou, prompt_index, mask_index = self.candidates(
-            image, fit, points=points, point_labels=point_labels, box=box
-        )
+        logits, iou, prompt_index, mask_index = self.candidates(image, fit, clicks)
         region = _image_region(fit, tuple(logits.shape[-2:]))
         in_image = logits[(slice(None), *region)]
         masks = in_image > 0
