@@ -37,8 +37,9 @@ the constructors' docstrings document the keys.
         FUSER, NECK, TRANSFORMER, HEAD, MATCHER and LOSS (``TokenFuser``, ``MultiLevelNeck``,
         ``DeformableTransformer``, ``RefDETRHead``, ``HungarianMatcher``, ``SetCriterion``); the sizes
         that must agree with the SAM (tokens, widths, levels) are taken from the built SAM
-        (``ref_sam_heads``).
-    LINEAR_PROBE: ``LinearProbe`` options. SAM_TRAINER: ``PromptableSamTrainer`` options.
+        (``ref_sam_heads``); the loss weights are LOSS.LOSS_WEIGHT.{LOSS_FOCAL, LOSS_BBOX, LOSS_GIOU}.
+    LINEAR_PROBE: ``LinearProbe`` options. SAM_TRAINER: ``PromptableSamTrainer`` options (loss weights:
+        SAM_TRAINER.LOSS_WEIGHT.{LOSS_MASK_FOCAL, LOSS_MASK_DICE, LOSS_IOU}).
     TINY_SEGMENTER: ``TinySegmenter`` options (pixel statistics: ``MODEL.PIXEL_MEAN/STD``).
     CLICK: ``ClickSegmenter`` options (MAX_CLICKS, CLICK_BOX, KEEP_ALL_CANDIDATES) with GRANULARITY
         (``MultiGranularityDecoder``) over the prompt decoder of the SAM of BACKBONE; LABELS: True
@@ -69,6 +70,7 @@ from __future__ import annotations
 
 import inspect
 import re
+from collections.abc import Mapping
 from typing import Any, Callable, Iterable, Optional
 
 from .d2 import CfgNode, DatasetCatalog
@@ -94,6 +96,9 @@ def options_node(target: Callable, *, exclude: Iterable[str] = (), **extra: Any)
     Args:
         target: a class or function.
         exclude: options not in the node (built sub-modules, options resolved from other keys).
+            An option whose default is a mapping becomes a sub-node of upper-cased keys (``loss_weight``
+            -> ``LOSS_WEIGHT.LOSS_BBOX``); :func:`node_kwargs` leaves sub-nodes out, so the model's
+            ``from_config`` passes ``node_kwargs(node.LOSS_WEIGHT)``.
         extra: more keys (upper-case) or values for options without a default.
     """
     node = CfgNode()
@@ -103,6 +108,9 @@ def options_node(target: Callable, *, exclude: Iterable[str] = (), **extra: Any)
             continue
         if param.default is param.empty:
             assert name.upper() in extra, f"{target.__name__}: give {name.upper()}=... for {name!r} (no default)"
+            continue
+        if isinstance(param.default, Mapping):  # e.g. loss_weight: a sub-node, read back by node_kwargs(node.LOSS_WEIGHT)
+            node[name.upper()] = CfgNode({key.upper(): value for key, value in param.default.items()})
             continue
         assert isinstance(param.default, _YACS_TYPES), (target.__name__, name, param.default)
         node[name.upper()] = param.default

@@ -393,3 +393,27 @@ def test_set_criterion_gradients_reach_the_head():
     }
     for name, param in reached.items():
         assert param.grad is not None and torch.isfinite(param.grad).all() and param.grad.abs().sum() > 0, name
+
+
+def test_set_criterion_loss_weight_follows_detectron2s_convention():
+    """``loss_weight``: a number for every loss or ``{loss name: weight}``; a loss left out keeps its default."""
+    torch.manual_seed(0)
+    logits, boxes = torch.randn(1, 4, 1), torch.rand(1, 4, 4).mul(0.5).add(0.2)
+    outputs = {"pred_logits": logits, "pred_boxes": boxes, "aux_outputs": [{"pred_logits": logits, "pred_boxes": boxes}]}
+    targets = [{"boxes": torch.tensor([[0.4, 0.5, 0.2, 0.3], [0.6, 0.4, 0.1, 0.2]])}]
+    default = SetCriterion(matcher=HungarianMatcher())(outputs, targets)
+    assert SetCriterion.DEFAULT_LOSS_WEIGHT == {"loss_focal": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+    changed = SetCriterion(matcher=HungarianMatcher(), loss_weight={"loss_bbox": 0.5})(outputs, targets)
+    for suffix in ("", "_0"):  # the auxiliary layer's losses take the same weights
+        torch.testing.assert_close(changed["loss_bbox" + suffix], default["loss_bbox" + suffix] / 10)
+        assert torch.equal(changed["loss_focal" + suffix], default["loss_focal" + suffix])
+        assert torch.equal(changed["loss_giou" + suffix], default["loss_giou" + suffix])
+    ones = SetCriterion(matcher=HungarianMatcher(), loss_weight=1)(outputs, targets)
+    torch.testing.assert_close(ones["loss_giou"], default["loss_giou"] / 2)
+    torch.testing.assert_close(ones["loss_bbox"], default["loss_bbox"] / 5)
+    with pytest.raises(ValueError, match=r"SetCriterion: loss_weight names \['loss_box'\].*'loss_bbox'"):
+        SetCriterion(matcher=HungarianMatcher(), loss_weight={"loss_box": 1.0})
+    with pytest.raises(ValueError, match=r"loss_weight\['loss_giou'\]=-1.0 must be a number >= 0"):
+        SetCriterion(matcher=HungarianMatcher(), loss_weight={"loss_giou": -1.0})
+    with pytest.raises(TypeError, match="loss_weight must be a number or a mapping"):
+        SetCriterion(matcher=HungarianMatcher(), loss_weight="5")

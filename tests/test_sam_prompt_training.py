@@ -158,6 +158,27 @@ def test_click_attention_loss_teaches_the_decoder_to_attend_to_the_click(batch):
         _trainer(0, click_attention_weight=-1)
 
 
+def test_loss_weight_scales_each_loss_and_picks_the_supervised_mask(batch):
+    """Detectron2's ``loss_weight`` convention; the mask losses' weights also choose the mask of each
+    click that is supervised, so weighting dice alone changes the focal loss too."""
+    default = _trainer(0, points_per_image=4).train()
+    assert default.loss_weight == {"loss_mask_focal": 20.0, "loss_mask_dice": 1.0, "loss_iou": 1.0}
+    torch.manual_seed(1)
+    reference = default(batch)
+    iou = _trainer(0, points_per_image=4, loss_weight={"loss_iou": 3.0}).train()
+    torch.manual_seed(1)
+    scaled = iou(batch)
+    torch.testing.assert_close(scaled["loss_iou"], 3 * reference["loss_iou"])
+    assert torch.equal(scaled["loss_mask_focal"], reference["loss_mask_focal"])
+    dice_only = _trainer(0, points_per_image=4, loss_weight={"loss_mask_focal": 0.0}).train()
+    torch.manual_seed(1)
+    losses = dice_only(batch)
+    assert float(losses["loss_mask_focal"].detach()) == 0
+    assert float(losses["loss_mask_dice"].detach()) < float(reference["loss_mask_dice"].detach())  # dice-best masks
+    with pytest.raises(ValueError, match=r"PromptableSamTrainer: loss_weight names \['loss_focal'\]"):
+        _trainer(0, loss_weight={"loss_focal": 1.0})
+
+
 def test_box_prompts_train_the_single_mask_output(batch):
     model = _trainer(0, points_per_image=4, box_fraction=0.5)
     model.train()

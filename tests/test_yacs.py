@@ -173,6 +173,25 @@ def test_example_builds_the_architecture_of_its_lazy_config(name, tmp_path, monk
     assert shapes[0] == shapes[1]
 
 
+@pytest.mark.parametrize("name, key, lazy_key", [
+    ("sam_trainer_shapes", "SAM_TRAINER.LOSS_WEIGHT.LOSS_IOU", "model.loss_weight.loss_iou"),
+    ("ref_sam_shapes", "REF_SAM.LOSS.LOSS_WEIGHT.LOSS_BBOX", "model.criterion.loss_weight.loss_bbox"),
+])
+def test_loss_weights_are_set_the_same_way_on_both_paths(name, key, lazy_key, tmp_path, monkeypatch):
+    """A loss weight set in the yacs node (a sub-node of the loss names) or by a LazyConfig override
+    reaches the model; the other weights keep the defaults, which are the same on both paths."""
+    monkeypatch.setenv("SAMANTICS_CACHE", str(tmp_path / "cache"))
+    lazy = LazyConfig.apply_overrides(LazyConfig.load(str(ROOT / "configs" / LAZY_TWINS[name])), [f"{lazy_key}=7.5"])
+    from_lazy = instantiate(lazy.model)
+    from_yacs = build_model(_cfg(ROOT / "configs" / "yacs" / f"{name}.yaml", f"MODEL.SAMANTICS.{key}", 7.5))
+    weights = [getattr(m, "criterion", m).loss_weight for m in (from_yacs, from_lazy)]
+    loss = key.rsplit(".", 1)[1].lower()
+    assert weights[0] == weights[1] and weights[0][loss] == 7.5
+    defaults = type(getattr(from_yacs, "criterion", from_yacs)).DEFAULT_LOSS_WEIGHT
+    assert {k: v for k, v in weights[0].items() if k != loss} == {k: v for k, v in defaults.items() if k != loss}
+    assert defaults[loss] != 7.5
+
+
 @pytest.mark.parametrize("family, tag", [("sam", "sam_vit_b"), ("hq_sam", "hq_sam_vit_b"), ("sam2", "sam2.1_hiera_t"),
                                          ("dinov2", "dinov2_vits14"), ("clip", "clip_vit_b32_openai")])
 def test_build_backbone_gives_the_encoder_of_the_tag(family, tag):

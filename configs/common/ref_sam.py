@@ -62,9 +62,7 @@ model = L(build_ref_sam)(
     head=dict(num_queries=300),
     criterion=L(SetCriterion)(
         matcher=L(HungarianMatcher)(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0),
-        weight_focal=2.0,
-        weight_bbox=5.0,
-        weight_giou=2.0,
+        loss_weight={"loss_focal": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0},
     ),
     # eval: the label space (the test set's classes) and the references of the class prompts, resolved
     # when the config is built; their tokens are encoded once the weights are loaded (references store).

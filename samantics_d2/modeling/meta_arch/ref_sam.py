@@ -335,7 +335,9 @@ class RefSAM(nn.Module):
             **options,
             **parts,
             "proposer": proposer,
-            "criterion": SetCriterion(matcher=HungarianMatcher(**node_kwargs(opts.MATCHER)), **node_kwargs(opts.LOSS)),
+            "criterion": SetCriterion(
+                matcher=HungarianMatcher(**node_kwargs(opts.MATCHER)), loss_weight=node_kwargs(opts.LOSS.LOSS_WEIGHT)
+            ),
             "reference_bank": reference_bank,
         }
 

@@ -8,7 +8,7 @@ proposes meaningless masks. :class:`PromptableSamTrainer` trains one on any inst
 - ``points_per_image`` positive clicks per image, each uniform inside a GT instance drawn uniformly
   (torch's global RNG, seeded by ``train.seed``); the target is that instance's mask;
 - all clicks of an image through the prompt decoder at once, with SAM's 3 masks per click;
-- per click, only the mask with the lowest ``focal_weight * focal + dice_weight * dice`` loss is
+- per click, only the mask with the lowest weighted focal + dice loss (``loss_weight``) is
   supervised (SAM's multimask recipe), at the low-resolution mask size, inside the image area
   (targets are resampled through the image fit: longest side resized, padded bottom-right);
 - the IoU head learns the actual IoU of every predicted mask (mean squared error);
@@ -60,6 +60,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from types import MappingProxyType
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -69,6 +70,7 @@ import torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss
 
 from ...d2 import META_ARCH_REGISTRY, BitMasks, Boxes, DatasetEvaluator, Instances, comm, configurable
+from ...utils.checks import LossWeight, loss_weights
 from ...yacs_config import check_yacs_config, node_kwargs
 from ..preprocess import ImageFit
 from ..proposals.point_grid import _image_region
@@ -207,8 +209,10 @@ class PromptableSamTrainer(nn.Module):
             its grid options only matter in eval mode.
         points_per_image: prompts sampled per image and iteration (clicks, and boxes).
         multimask_output: decode 3 masks per click and supervise the best (False: SAM's single mask).
-        focal_weight, dice_weight: weights of the mask losses (SAM: 20 and 1).
-        iou_weight: weight of the IoU-prediction loss (SAM: 1).
+        loss_weight: the weight of each loss, Detectron2's convention (``FastRCNNOutputLayers``): a
+            number for all of them or ``{"loss_mask_focal": ..., "loss_mask_dice": ..., "loss_iou": ...}``;
+            a loss left out keeps its default (SAM's 20, 1, 1). The mask losses' weights also pick
+            the lowest-loss mask of each click.
         box_fraction: share of the prompts that are GT boxes instead of clicks (SAM: half of its
             first prompts), decoded with one mask (what box prompts use at inference).
         box_noise: std of the noise added to each box coordinate, as a fraction of the box side
@@ -221,6 +225,8 @@ class PromptableSamTrainer(nn.Module):
             otherwise learns to follow the click late and seed-dependently (module docstring).
     """
 
+    DEFAULT_LOSS_WEIGHT = MappingProxyType({"loss_mask_focal": 20.0, "loss_mask_dice": 1.0, "loss_iou": 1.0})
+
     @configurable
     def __init__(
         self,
@@ -228,9 +234,7 @@ class PromptableSamTrainer(nn.Module):
         proposer: SamProposer,
         points_per_image: int = 16,
         multimask_output: bool = True,
-        focal_weight: float = 20.0,
-        dice_weight: float = 1.0,
-        iou_weight: float = 1.0,
+        loss_weight: LossWeight = DEFAULT_LOSS_WEIGHT,
         box_fraction: float = 0.0,
         box_noise: float = 0.1,
         click_attention_weight: float = 0.0,
@@ -249,9 +253,7 @@ class PromptableSamTrainer(nn.Module):
         self.proposer = proposer
         self.points_per_image = points_per_image
         self.multimask_output = multimask_output
-        self.focal_weight = focal_weight
-        self.dice_weight = dice_weight
-        self.iou_weight = iou_weight
+        self.loss_weight = loss_weights("PromptableSamTrainer", self.DEFAULT_LOSS_WEIGHT, loss_weight)
         self.box_fraction = box_fraction
         self.box_noise = box_noise
         self.click_attention_weight = click_attention_weight
@@ -261,7 +263,8 @@ class PromptableSamTrainer(nn.Module):
     def from_config(cls, cfg) -> dict:
         """Yacs path (:mod:`samantics_d2.yacs_config`): ``MODEL.SAMANTICS.BACKBONE``, ``.PROPOSALS`` and ``.SAM_TRAINER``."""
         check_yacs_config(cfg, cls.__name__)
-        return {"proposer": sam_proposer_from_config(cfg), **node_kwargs(cfg.MODEL.SAMANTICS.SAM_TRAINER)}
+        opts = cfg.MODEL.SAMANTICS.SAM_TRAINER
+        return {"proposer": sam_proposer_from_config(cfg), "loss_weight": node_kwargs(opts.LOSS_WEIGHT), **node_kwargs(opts)}
 
     @property
     def device(self) -> torch.device:
@@ -290,9 +293,9 @@ class PromptableSamTrainer(nn.Module):
             return {name: zero for name in names}
         focal, dice, iou_pred, iou_actual, attention = (torch.cat(t) for t in zip(*terms))
         losses = {
-            "loss_mask_focal": self.focal_weight * focal.mean(),
-            "loss_mask_dice": self.dice_weight * dice.mean(),
-            "loss_iou": self.iou_weight * F.mse_loss(iou_pred, iou_actual),
+            "loss_mask_focal": self.loss_weight["loss_mask_focal"] * focal.mean(),
+            "loss_mask_dice": self.loss_weight["loss_mask_dice"] * dice.mean(),
+            "loss_iou": self.loss_weight["loss_iou"] * F.mse_loss(iou_pred, iou_actual),
         }
         if self.click_attention_weight:
             # mean over clicks (boxes have none); a batch of boxes only gives 0 that still reaches the decoder
@@ -356,7 +359,8 @@ class PromptableSamTrainer(nn.Module):
         focal = sigmoid_focal_loss(logits, targets, reduction="none").mean(dim=2)  # [P, M]
         prob = logits.sigmoid()
         dice = 1 - (2 * (prob * targets).sum(2) + 1) / (prob.sum(2) + targets.sum(2) + 1)
-        best = (self.focal_weight * focal + self.dice_weight * dice).detach().argmin(dim=1, keepdim=True)
+        weight = self.loss_weight
+        best = (weight["loss_mask_focal"] * focal + weight["loss_mask_dice"] * dice).detach().argmin(dim=1, keepdim=True)
         with torch.no_grad():
             predicted, wanted = logits > 0, targets > 0.5
             intersection = (predicted & wanted).sum(2).float()

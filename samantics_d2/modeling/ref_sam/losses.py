@@ -7,11 +7,14 @@ distributed run and at least 1, so that every process weighs a box the same.
 """
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torchvision.ops
 
+from ...utils.checks import LossWeight, loss_weights
 from .matcher import HungarianMatcher, box_cxcywh_to_xyxy, generalized_box_iou
 
 __all__ = ["SetCriterion"]
@@ -35,21 +38,21 @@ class SetCriterion(nn.Module):
 
     The focal loss uses the matcher's ``focal_alpha`` and ``focal_gamma``: the loss a query is
     trained with and the cost it is matched by are one focal loss, set in one place.
+
+    Args:
+        matcher: assigns queries to ground-truth boxes.
+        loss_weight: the weight of each loss, Detectron2's convention (``FastRCNNOutputLayers``): a
+            number for all of them or ``{"loss_focal": ..., "loss_bbox": ..., "loss_giou": ...}``;
+            a loss left out keeps its default (Deformable DETR's 2, 5, 2). The auxiliary losses of a
+            decoder layer take the weight of the loss they repeat.
     """
 
-    def __init__(
-        self,
-        *,
-        matcher: HungarianMatcher,
-        weight_focal: float = 2.0,
-        weight_bbox: float = 5.0,
-        weight_giou: float = 2.0,
-    ):
+    DEFAULT_LOSS_WEIGHT = MappingProxyType({"loss_focal": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0})
+
+    def __init__(self, *, matcher: HungarianMatcher, loss_weight: LossWeight = DEFAULT_LOSS_WEIGHT):
         super().__init__()
         self.matcher = matcher
-        self.weight_focal = weight_focal
-        self.weight_bbox = weight_bbox
-        self.weight_giou = weight_giou
+        self.loss_weight = loss_weights("SetCriterion", self.DEFAULT_LOSS_WEIGHT, loss_weight)
 
     def layer_losses(self, outputs: dict, targets: list[dict], num_boxes: float) -> dict[str, torch.Tensor]:
         """Weighted losses of one layer's ``{"pred_logits": [B, Q, 1], "pred_boxes": [B, Q, 4]}``."""
@@ -73,9 +76,9 @@ class SetCriterion(nn.Module):
         giou = generalized_box_iou(box_cxcywh_to_xyxy(matched_boxes), box_cxcywh_to_xyxy(gt_boxes))
         giou_loss = (1.0 - giou.diagonal()).sum()
         return {
-            "loss_focal": self.weight_focal * focal / num_boxes,
-            "loss_bbox": self.weight_bbox * l1 / num_boxes,
-            "loss_giou": self.weight_giou * giou_loss / num_boxes,
+            "loss_focal": self.loss_weight["loss_focal"] * focal / num_boxes,
+            "loss_bbox": self.loss_weight["loss_bbox"] * l1 / num_boxes,
+            "loss_giou": self.loss_weight["loss_giou"] * giou_loss / num_boxes,
         }
 
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
