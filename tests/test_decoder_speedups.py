@@ -31,6 +31,7 @@ def _randomize(module: nn.Module, seed: int) -> nn.Module:
 
 def _decoder(family: str, seed: int = 0, **options):
     cls = SAM2PromptDecoder if family == "sam2" else SAMPromptDecoder
+    torch.manual_seed(seed)  # buffers drawn at construction (the prompt encoder's Fourier matrix) too
     return _randomize(cls(embed_dim=EMBED, image_size=SIDE, **options), seed)
 
 
@@ -121,13 +122,26 @@ def test_sam2_single_mask_falls_back_by_stability_as_upstream():
     _assert_same(logits, iou, want_logits, want_iou)
 
 
+def _floor_between_the_middle(iou: torch.Tensor) -> float:
+    """A floor in the widest gap between sorted predicted IoUs in their middle half, so that some but not
+    all prompts pass it however the decoder's batching rounds them (a floor at one of the values, such as
+    the median, flips that prompt with the chunk size: seen in CI, sam2)."""
+    values = iou.flatten().sort().values
+    n = values.numel()
+    low = n // 4
+    gaps = values[low + 1 : n - low] - values[low : n - low - 1]
+    i = int(gaps.argmax())
+    assert float(gaps[i]) > 1e-5, values  # far above float32 rounding at 1 (6e-8)
+    return float(values[low + i : low + i + 2].mean())
+
+
 @pytest.mark.parametrize("family", ["sam", "sam2"])
 def test_mask_iou_floor_skips_the_upscaling_of_dropped_prompts(family):
     decoder = _decoder(family, seed=7)
     image, sparse, dense = _inputs(decoder, prompts=20, seed=8)
     with torch.no_grad():
         full_logits, full_iou = decoder.decode_embeddings(image, sparse, dense, multimask_output=True, best_only=True)
-    floor = float(full_iou.median())
+    floor = _floor_between_the_middle(full_iou)
     kept = full_iou[:, 0] > floor
     upscaled = []
     real = shared_image_decoding._upscaled_masks
@@ -147,11 +161,11 @@ def test_mask_iou_floor_skips_the_upscaling_of_dropped_prompts(family):
 
 
 def test_mask_iou_floor_with_the_upstream_path_gives_the_same():
-    decoder = _decoder("sam2", seed=9)
-    image, sparse, dense = _inputs(decoder, prompts=10, seed=10)
+    decoder = _decoder("sam2", seed=11)  # seeds whose predicted IoUs spread (many random SAM 2 decoders give ~1)
+    image, sparse, dense = _inputs(decoder, prompts=10, seed=12)
     options = dict(multimask_output=True, best_only=True)
     with torch.no_grad():
-        floor = float(decoder.decode_embeddings(image, sparse, dense, **options)[1].median())
+        floor = _floor_between_the_middle(decoder.decode_embeddings(image, sparse, dense, **options)[1])
         shared = decoder.decode_embeddings(image, sparse, dense, mask_iou_floor=floor, **options)
         decoder.shared_image_decoding = False
         upstream = decoder.decode_embeddings(image, sparse, dense, mask_iou_floor=floor, **options)
