@@ -32,6 +32,7 @@ def _decoder(family: str, seed: int = 0, **options):
     cls = {"sam": SAMPromptDecoder, "sam2": SAM2PromptDecoder, "hq_sam": HQSAMPromptDecoder}[family]
     if family == "hq_sam":
         options = {"vit_dim": 32, "interm_feature": "block1", **options}
+    torch.manual_seed(seed)  # buffers drawn at construction (the prompt encoder's Fourier matrix) too
     return _randomize(cls(embed_dim=EMBED, image_size=SIDE, **options), seed)
 
 
