@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 import samantics_d2  # noqa: F401  (registers datasets and components)
 from samantics_d2.checkpoint import load_init_checkpoint
-from samantics_d2.config import check_override_keys, check_weights_available
+from samantics_d2.config import check_override_keys, check_weights_available, load_config
 from samantics_d2.d2 import (
     DetectionCheckpointer,
     LazyConfig,
@@ -95,9 +95,7 @@ def main(args):
 
 
 def run(args):
-    cfg = LazyConfig.load(args.config_file)
-    check_override_keys(cfg, args.opts)  # a misspelt key fails here, before anything runs
-    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    cfg = load_config(args.config_file, args.opts)  # a misspelt key fails here, before anything runs
     check_weights_available(cfg, args.config_file)  # every missing weight file at once, before any work
     default_setup(cfg, args)
     write_run_files(cfg.train.output_dir, args)  # Detectron2's default_setup only logs them

@@ -5,13 +5,21 @@ import difflib
 import os
 import inspect
 import pydoc
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-__all__ = ["check_override_keys", "check_weights_available", "config_keys", "missing_weights"]
+__all__ = [
+    "USER_TOOL_OVERRIDES", "check_override_keys", "check_weights_available", "config_keys", "load_config", "missing_weights",
+]
 
 _MISSING = object()
+
+# What the user tools (tools/segment.py, the web app) change in a training-free config, before the
+# user's own overrides (which win): a detection whose mask is empty at the image size is neither
+# drawn (it would be a labelled box at the origin) nor written. Evaluation (train_net.py) keeps the
+# config as written: No Time to Train's code keeps such detections.
+USER_TOOL_OVERRIDES = ("model.drop_empty_masks=True",)
 
 
 def config_keys(cfg: Any, prefix: str = "") -> list[str]:
@@ -136,6 +144,21 @@ def check_override_keys(cfg: DictConfig, overrides: Iterable[str]) -> None:
             f"Override {o.input_line!r}: key {key!r} does not exist in the config.{hint} "
             "Check the spelling; keys are dotted paths such as train.max_iter."
         )
+
+
+def load_config(config_file: str, overrides: Sequence[str] = (), *, user_tool: bool = False) -> DictConfig:
+    """``LazyConfig.load(config_file)`` with the ``key=value`` ``overrides`` checked
+    (:func:`check_override_keys`: a misspelt key or a wrong type fails here, naming it) and applied.
+
+    ``user_tool``: the config of a tool that shows results to a user (tools/segment.py, the web app):
+    :data:`USER_TOOL_OVERRIDES` go first, so the user's own ``overrides`` win.
+    """
+    from .d2 import LazyConfig
+
+    overrides = [*(USER_TOOL_OVERRIDES if user_tool else ()), *overrides]
+    cfg = LazyConfig.load(config_file)
+    check_override_keys(cfg, overrides)
+    return LazyConfig.apply_overrides(cfg, overrides)
 
 
 def _check_override_value(cfg: DictConfig, key: str, value: Any, input_line: str) -> None:

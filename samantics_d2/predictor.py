@@ -212,12 +212,10 @@ class SamanticsPredictor:
         ``key=value`` overrides; its ``train.init_checkpoint`` is loaded when set, and the references'
         prototypes are prepared (the memory bank is read from the store or computed)."""
         from .checkpoint import load_init_checkpoint
-        from .config import check_override_keys, check_weights_available
-        from .d2 import LazyConfig, instantiate
+        from .config import check_weights_available, load_config
+        from .d2 import instantiate
 
-        cfg = LazyConfig.load(config_file)
-        check_override_keys(cfg, list(overrides))
-        cfg = LazyConfig.apply_overrides(cfg, list(overrides))
+        cfg = load_config(config_file, overrides)
         check_weights_available(cfg, config_file)
         seed = cfg.train.get("seed", -1) if "train" in cfg else -1
         torch.manual_seed(seed if seed >= 0 else 0)  # randomly initialised (tiny) encoders: the same every run

@@ -302,6 +302,17 @@ def test_workspace_words_need_a_text_tower(tmp_path):
         ws.sync()
 
 
+def test_workspace_drops_empty_masks_unless_overridden(tmp_path):
+    """What the app shows never includes a detection whose mask vanished at the image size (it would
+    be a labelled box at the origin); an override keeps them."""
+    from samantics_d2.app import Workspace
+
+    config = str(ROOT / "configs/training_free/shapes_tiny_random.py")
+    assert Workspace.from_config(config, folder=str(tmp_path)).model.drop_empty_masks is True
+    kept = Workspace.from_config(config, folder=str(tmp_path), overrides=["model.drop_empty_masks=False"])
+    assert kept.model.drop_empty_masks is False
+
+
 def test_app_command_serves_the_page(tmp_path):
     """`python tools/app.py` as a user runs it (`make app`): it serves the page on the given port
     (run from the tools folder, tools/click.py must not shadow the `click` package Gradio imports)."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from samantics_d2.config import check_override_keys
+from samantics_d2.config import check_override_keys, load_config
 from samantics_d2.d2 import LazyCall as L
 from samantics_d2.d2 import LazyConfig, ShapeSpec, instantiate
 
@@ -48,6 +48,22 @@ def test_overrides_and_strict_key_check():
     # Detectron2 semantics: apply_overrides itself adds a new key silently.
     LazyConfig.apply_overrides(cfg, ["train.brand_new=1"])
     assert cfg.train.brand_new == 1
+
+
+def test_load_config_checks_and_applies_overrides():
+    cfg = load_config(CHILD, ["train.max_iter=7"])
+    assert cfg.train.max_iter == 7 and cfg.model.width == 16
+    with pytest.raises(KeyError, match=r"train\.max_itr.*train\.max_iter"):
+        load_config(CHILD, ["train.max_itr=3"])
+
+
+def test_user_tools_drop_empty_masks_unless_the_user_says_otherwise():
+    """segment.py and the web app load their config with user_tool=True: empty masks are dropped
+    (USER_TOOL_OVERRIDES), an override of the user wins, and evaluation configs stay as written."""
+    config = os.path.join(HERE, os.pardir, "configs", "training_free", "shapes_tiny_random.py")
+    assert load_config(config).model.drop_empty_masks is False  # as written (No Time to Train's)
+    assert load_config(config, user_tool=True).model.drop_empty_masks is True
+    assert load_config(config, ["model.drop_empty_masks=False"], user_tool=True).model.drop_empty_masks is False
 
 
 def test_override_of_lazycall_argument_left_at_default():

@@ -7,6 +7,7 @@ from samantics_d2.data.mapper import DetectionMapper
 from samantics_d2.data.shapes import generate_shapes
 from samantics_d2.modeling.backbone import build_encoder
 from samantics_d2.modeling.meta_arch.training_free import TrainingFreeSegmenter, build_sam_proposer
+from samantics_d2.modeling.proposals import MaskProposals
 from samantics_d2.modeling.semantic import PrototypeClassifier
 from samantics_d2.references import build_reference_bank
 
@@ -51,3 +52,54 @@ def test_outputs_at_the_requested_size(shapes, tmp_path, with_references):
         assert (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all()
     else:  # no reference: no prototype, no detection (this raised RuntimeError when the size differed)
         assert len(instances) == 0
+
+
+class _ThinAndThickProposals(torch.nn.Module):
+    """The real proposer's encoder fit, with made-up masks: squares (2 x 2 cells of the mask grid)
+    and lines one cell wide, all apart, so that only the lines can vanish at a small output size."""
+
+    def __init__(self, proposer):
+        super().__init__()
+        self.proposer = proposer
+
+    def forward(self, image, *, boxes=None):
+        real = self.proposer(image, boxes=boxes)
+        side = real.mask_logits.shape[-1]
+        logits = torch.full((8, side, side), -10.0)
+        for i in range(4):
+            row, col = 1 + 4 * i, 2 + 3 * i  # the image (64 of 128 input px) is the grid's top-left half
+            logits[i, row : row + 2, col : col + 2] = 10.0  # a square
+            logits[4 + i, row + 2, 0 : side // 2] = 10.0  # a line
+        count = len(logits)
+        return MaskProposals(mask_logits=logits, iou_pred=torch.linspace(0.9, 0.5, count), stability=torch.ones(count),
+                             points=torch.zeros(count, 2), fit=real.fit)
+
+
+def test_drop_empty_masks_removes_only_the_detections_that_vanish_at_the_output_size(shapes, tmp_path):
+    """A thin mask can vanish when the masks are resized down to the output size; with the option
+    those detections go, and every other one is kept as it was (same order, scores, classes, masks)."""
+    dicts, classes = shapes
+    image = DetectionMapper(is_train=False, augmentations=[])(dicts[0])["image"]  # [3, 64, 64]
+    size = 6  # resized from 64 px by nearest: one row in about 10 is sampled
+    segmenter = _segmenter(dicts, classes, tmp_path / "bank.safetensors")
+    segmenter.proposer = _ThinAndThickProposals(segmenter.proposer)
+    with torch.no_grad():
+        kept_all = segmenter([{"image": image, "height": size, "width": size}])[0]["instances"]
+        segmenter.drop_empty_masks = True
+        dropped = segmenter([{"image": image, "height": size, "width": size}])[0]["instances"]
+    non_empty = kept_all.pred_masks.flatten(1).any(dim=1)
+    assert (~non_empty).any() and non_empty.any(), f"the case at hand needs masks that vanish and masks that stay: {non_empty}"
+    assert dropped.pred_masks.flatten(1).any(dim=1).all()
+    assert torch.equal(dropped.pred_masks, kept_all.pred_masks[non_empty])
+    assert torch.equal(dropped.scores, kept_all.scores[non_empty])
+    assert torch.equal(dropped.pred_classes, kept_all.pred_classes[non_empty])
+    assert torch.equal(dropped.pred_boxes.tensor, kept_all.pred_boxes.tensor[non_empty])
+
+
+def test_drop_empty_masks_must_be_a_bool(shapes, tmp_path):
+    dicts, classes = shapes
+    segmenter = _segmenter(dicts, classes, tmp_path / "bank.safetensors")
+    with pytest.raises(ValueError, match="drop_empty_masks='yes'"):
+        TrainingFreeSegmenter(proposer=segmenter.proposer, semantic_encoder=segmenter.semantic_encoder,
+                              classifier=PrototypeClassifier(), reference_bank=segmenter.reference_bank,
+                              drop_empty_masks="yes")

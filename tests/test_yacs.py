@@ -192,6 +192,17 @@ def test_loss_weights_are_set_the_same_way_on_both_paths(name, key, lazy_key, tm
     assert defaults[loss] != 7.5
 
 
+def test_training_free_options_are_set_the_same_way_on_both_paths(tmp_path, monkeypatch):
+    """TrainingFreeSegmenter's own options (here drop_empty_masks) are keys of the TRAINING_FREE node."""
+    monkeypatch.setenv("SAMANTICS_CACHE", str(tmp_path / "cache"))
+    path = ROOT / "configs" / "yacs" / "training_free_shapes.yaml"
+    lazy = LazyConfig.apply_overrides(LazyConfig.load(str(ROOT / "configs" / LAZY_TWINS["training_free_shapes"])),
+                                      ["model.drop_empty_masks=True"])
+    models = [instantiate(lazy.model), build_model(_cfg(path, "MODEL.SAMANTICS.TRAINING_FREE.DROP_EMPTY_MASKS", True))]
+    assert [m.drop_empty_masks for m in models] == [True, True]
+    assert build_model(_cfg(path)).drop_empty_masks is False  # the default keeps them, as No Time to Train
+
+
 @pytest.mark.parametrize("family, tag", [("sam", "sam_vit_b"), ("hq_sam", "hq_sam_vit_b"), ("sam2", "sam2.1_hiera_t"),
                                          ("dinov2", "dinov2_vits14"), ("clip", "clip_vit_b32_openai")])
 def test_build_backbone_gives_the_encoder_of_the_tag(family, tag):

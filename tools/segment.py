@@ -41,6 +41,8 @@ ConvNeXt-L), with words and references ``configs/open_vocab/everything_fused_sam
 weights under $SAMANTICS_WEIGHTS; a relative path that does not exist
 from the current folder is taken from the project folder); ``key=value`` overrides apply to it, and
 ``train.init_checkpoint`` (when set) is loaded into it, checked (``samantics_d2.checkpoint``).
+Detections whose mask is empty at the image size are dropped (``model.drop_empty_masks=True``, set
+before your overrides: ``model.drop_empty_masks=False`` keeps them, as the evaluation configs do).
 To try it without weights, with the demo's tiny models on the synthetic shapes, see the README.
 """
 from __future__ import annotations
@@ -60,8 +62,8 @@ from pycocotools import mask as mask_util
 from tqdm import tqdm
 
 from samantics_d2.checkpoint import load_init_checkpoint
-from samantics_d2.config import check_override_keys, check_weights_available, resolve_config_file
-from samantics_d2.d2 import BoxMode, DatasetCatalog, LazyConfig, LazyCall, MetadataCatalog, instantiate, setup_logger
+from samantics_d2.config import check_weights_available, load_config, resolve_config_file
+from samantics_d2.d2 import BoxMode, DatasetCatalog, LazyCall, MetadataCatalog, instantiate, setup_logger
 from samantics_d2.data.io import read_image
 from samantics_d2.data.classification import IMAGE_EXTENSIONS
 from samantics_d2.data.vocabularies import get_vocabulary, parse_class_list
@@ -285,9 +287,7 @@ def main(argv: list[str] | None = None) -> int:
                              "rename one of them.")
     config_file = resolve_config_file(args.config_file, example=DEFAULT_CONFIG)
 
-    cfg = LazyConfig.load(config_file)
-    check_override_keys(cfg, args.opts)
-    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    cfg = load_config(config_file, args.opts, user_tool=True)
     if words is not None:
         use_words(cfg, with_references=args.references is not None, config_file=config_file)
     check_weights_available(cfg, config_file)

@@ -68,6 +68,9 @@ model = L(TrainingFreeSegmenter)(
         crop="square_clipped", context=0.1, mask_weights="bilinear_nearest", crop_interpolation="bicubic_float"
     ),
     prompt_mode="points",
+    # theirs: a detection whose mask is empty at the image size (a thin proposal lost when the mask
+    # grid is resized down) is kept; tools/segment.py and the web app set True (USER_TOOL_OVERRIDES)
+    drop_empty_masks=False,
 )
 
 dataloader.test.dataset.names = "coco_2017_val_novel"

@@ -29,8 +29,8 @@ import torch
 from pycocotools import mask as mask_util
 
 from ..checkpoint import load_init_checkpoint
-from ..config import check_override_keys, check_weights_available
-from ..d2 import BoxMode, LazyConfig, instantiate
+from ..config import check_weights_available, load_config
+from ..d2 import BoxMode, instantiate
 from ..data.mapper import segmentation_to_mask
 from ..modeling.proposals import MaskProposals
 from ..modeling.semantic.open_vocab_classifier import OpenVocabClassifier
@@ -164,9 +164,7 @@ class Workspace:
                     checkpoint: Optional[str] = None) -> "Workspace":
         """Build the model of a training-free LazyConfig (``overrides``: ``key=value``; ``checkpoint``:
         a tiny SAM trained with train_net.py, or ``train.init_checkpoint``)."""
-        cfg = LazyConfig.load(config_file)
-        check_override_keys(cfg, list(overrides))
-        cfg = LazyConfig.apply_overrides(cfg, list(overrides))
+        cfg = load_config(config_file, overrides, user_tool=True)
         check_weights_available(cfg, config_file)
         seed = cfg.train.get("seed", -1)
         torch.manual_seed(seed if seed >= 0 else 0)  # random (tiny) encoders: the same in every run

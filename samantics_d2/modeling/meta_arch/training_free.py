@@ -125,6 +125,11 @@ class TrainingFreeSegmenter(nn.Module):
             ``image_logit_scale`` without background (classes without references: text only); the
             two label spaces must be equal.
         image_logit_scale: the logit scale of the image side's softmax in the fused mode.
+        drop_empty_masks: drop the detections whose mask is empty at the output size (``height`` x
+            ``width``): a thin proposal can vanish when the mask grid is resized down, and COCO's
+            evaluation counts it as a false positive (box and mask). Dropped after the top K, so
+            an image may get fewer than ``classifier.topk``. False keeps them, as No Time to
+            Train's code does.
     """
 
     @configurable
@@ -141,6 +146,7 @@ class TrainingFreeSegmenter(nn.Module):
         prompt_mode: str = "points",
         open_vocab: Optional[OpenVocabClassifier] = None,
         image_logit_scale: float = 100.0,
+        drop_empty_masks: bool = False,
     ):
         super().__init__()
         if prompt_mode not in PROMPT_MODES:
@@ -148,6 +154,9 @@ class TrainingFreeSegmenter(nn.Module):
         self._check_prototype_banks(reference_bank, semantic_encoder, open_vocab)
         self.open_vocab = open_vocab
         self.image_logit_scale = float(image_logit_scale)
+        if not isinstance(drop_empty_masks, bool):
+            raise ValueError(f"TrainingFreeSegmenter got drop_empty_masks={drop_empty_masks!r}; expected True or False.")
+        self.drop_empty_masks = drop_empty_masks
         self.proposer = proposer
         self.semantic_encoder = semantic_encoder
         self.classifier = classifier
@@ -356,10 +365,14 @@ class TrainingFreeSegmenter(nn.Module):
                 masks = torch.nn.functional.interpolate(masks[None].float(), size=(height, width), mode="nearest")[0] > 0.5
             else:  # interpolate cannot resize zero masks
                 masks = masks.new_zeros((0, height, width))
+        scores, classes = kept.scores, kept.classes
+        if self.drop_empty_masks:
+            non_empty = masks.flatten(1).any(dim=1)
+            masks, scores, classes = masks[non_empty], scores[non_empty], classes[non_empty]
         result = Instances((height, width))
         result.pred_masks = masks
         result.pred_boxes = Boxes(masks_to_boxes(masks, convention=self.classifier.box_convention))
-        result.scores = kept.scores
-        result.pred_classes = kept.classes
+        result.scores = scores
+        result.pred_classes = classes
         return result
 
