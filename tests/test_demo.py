@@ -20,9 +20,9 @@ def demo(monkeypatch, tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     monkeypatch.setattr(module, "ROOT", str(tmp_path))
-    real_fingerprint = module.config_fingerprint
-    monkeypatch.setattr(module, "config_fingerprint",
-                        lambda config_file, overrides: real_fingerprint(str(ROOT / config_file), overrides))
+    real_load = module.load_sam_config
+    monkeypatch.setattr(module, "load_sam_config",
+                        lambda config_file, overrides: real_load(str(ROOT / config_file), overrides))
     module.recall = 95.0
     module.calls = []
 
@@ -92,7 +92,7 @@ def test_low_recall_removes_the_checkpoint_and_exits_non_zero(demo, tmp_path, ca
     assert demo.main(["--output", "out"]) == 1
     assert [c[:3] for c in demo.calls] == ["1/3"]  # nothing runs on a failed tiny SAM
     err = capsys.readouterr().err
-    assert "0.0 %" in err and "plateau" in err and "--seed" in err
+    assert "0.0 %" in err and "plateau" in err and "(seed 0)" in err and "--seed 1`" in err  # the config's seed is 0
     assert not _sam_dir(tmp_path).exists()
     rejected = tmp_path / "out" / "tiny_sam.rejected"
     assert (rejected / demo.CHECKPOINT).is_file()
@@ -104,8 +104,15 @@ def test_low_recall_removes_the_checkpoint_and_exits_non_zero(demo, tmp_path, ca
     assert demo.calls[0].startswith("1/3")
 
 
+def test_low_recall_advice_names_another_seed_than_the_one_that_failed(demo, capsys):
+    demo.recall = 50.0
+    assert demo.main(["--output", "out", "--seed", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "(seed 1)" in err and "--seed 2`" in err and "--seed 1`" not in err
+
+
 def test_interrupted_training_of_the_same_config_is_resumed(demo, tmp_path):
-    fingerprint = demo.config_fingerprint(demo.SAM_CONFIG, [f"train.output_dir={_sam_dir(tmp_path)}"])
+    fingerprint = demo.config_fingerprint(demo.load_sam_config(demo.SAM_CONFIG, [f"train.output_dir={_sam_dir(tmp_path)}"]))
     demo.write_stamp(str(_sam_dir(tmp_path)), {"config_sha256": fingerprint, "status": "training"})
     (_sam_dir(tmp_path) / "model_0000399.pth").write_bytes(b"x")
     assert demo.main(["--output", "out"]) == 0

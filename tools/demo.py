@@ -81,11 +81,17 @@ def _duration(seconds: float) -> str:
     return f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
 
 
-def config_fingerprint(config_file: str, overrides: list[str]) -> str:
-    """SHA-256 of ``config_file`` with ``overrides`` applied, as LazyConfig saves it (YAML)."""
+def load_sam_config(config_file: str, overrides: list[str]):
+    """``config_file`` (relative to the project folder) with ``overrides`` applied."""
     from samantics_d2.d2 import LazyConfig
 
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(os.path.join(ROOT, config_file)), overrides)
+    return LazyConfig.apply_overrides(LazyConfig.load(os.path.join(ROOT, config_file)), overrides)
+
+
+def config_fingerprint(cfg) -> str:
+    """SHA-256 of the config ``cfg`` as LazyConfig saves it (YAML)."""
+    from samantics_d2.d2 import LazyConfig
+
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "config.yaml")
         LazyConfig.save(cfg, path)
@@ -166,7 +172,7 @@ def latest_metric(metrics_file: str, key: str) -> Optional[float]:
     return value
 
 
-def check_recall(sam_dir: str, fingerprint: str, min_recall: float) -> float:
+def check_recall(sam_dir: str, fingerprint: str, min_recall: float, *, seed: int) -> float:
     """Gate on the trained tiny SAM's point-grid recall@0.5; stamps it when it passes.
 
     Raises:
@@ -185,9 +191,10 @@ def check_recall(sam_dir: str, fingerprint: str, min_recall: float) -> float:
         aside = _move_aside(sam_dir, ".rejected")
         raise DemoError(
             f"the tiny SAM's point-grid proposals cover only {recall:.1f} % of the shapes_val instances at IoU 0.5 "
-            f"(at least {min_recall:g} % needed): its training did not converge (it stayed on the 'mask every shape' "
-            f"plateau), so the pipeline would show nothing. The checkpoint was moved to {aside} and will not be "
-            "used. Try another training seed: `python tools/demo.py --seed 1`."
+            f"(at least {min_recall:g} % needed): its training (seed {seed}) did not converge (it stayed on or near "
+            f"the 'mask every shape' plateau), so the pipeline would show little. The checkpoint was moved to {aside} "
+            f"and will not be used. Try another training seed: `python tools/demo.py --seed {seed + 1}` (training "
+            "follows the CPU's float rounding, so a seed that passes on one CPU can fail on another)."
         )
     write_stamp(sam_dir, {"config_sha256": fingerprint, "status": "passed", "recall@0.5": recall,
                           "min_recall": min_recall, "checkpoint_sha256": sha256_of(checkpoint)})
@@ -221,7 +228,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     sam_overrides = [f"train.output_dir={sam_dir}"] + ([f"train.seed={args.seed}"] if args.seed is not None else [])
     start = time.monotonic()
     try:
-        fingerprint = config_fingerprint(SAM_CONFIG, sam_overrides)
+        sam_config = load_sam_config(SAM_CONFIG, sam_overrides)
+        fingerprint, seed = config_fingerprint(sam_config), int(sam_config.train.seed)
         if prepare_sam_dir(sam_dir, fingerprint):
             trained = "reused from an earlier run"
             recall = float(_read_stamp(sam_dir)["recall@0.5"])
@@ -231,7 +239,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                         *sam_overrides],
                      "about 3 minutes on an idle 2-core CPU: 1000 iterations, a log line every 20",
                      threads=TRAINING_THREADS)
-            recall = check_recall(sam_dir, fingerprint, args.min_recall)
+            recall = check_recall(sam_dir, fingerprint, args.min_recall, seed=seed)
             trained = "trained in step 1"
         print(f"\nTiny SAM ({trained}): point-grid recall@0.5 {recall:.1f} % (required: {args.min_recall:g} %).")
 
