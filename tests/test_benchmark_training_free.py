@@ -286,3 +286,12 @@ def test_detection_agreement_by_hand(tool):
     other = tool.detection_agreement([ours], [instances(shifted, [0, 2, 2], [0.9, 0.8, 0.7])])  # class and mask differ
     assert other["agree"] == pytest.approx(1 / 3)
     assert tool.detection_agreement([ours], [instances(masks[:0], [], [])])["agree"] == 0.0
+    # an empty mask (a proposal that vanished at the image size) agrees with an empty mask of its class
+    emptied = masks.clone()
+    emptied[1] = False
+    agree = tool.detection_agreement([instances(emptied, [0, 1, 2], [0.9, 0.8, 0.7])],
+                                     [instances(emptied.clone(), [0, 1, 2], [0.9, 0.8, 0.7])])
+    assert agree["agree"] == 1.0
+    other_class = tool.detection_agreement([instances(emptied, [0, 1, 2], [0.9, 0.8, 0.7])],
+                                           [instances(emptied.clone(), [0, 0, 2], [0.9, 0.8, 0.7])])
+    assert other_class["agree"] == pytest.approx(2 / 3)

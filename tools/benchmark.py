@@ -932,7 +932,8 @@ def resize_inputs(inputs: Sequence[dict], size: int) -> list[dict]:
 def detection_agreement(ours: Sequence[dict], theirs: Sequence[dict], *, mask_iou: float = 0.9) -> dict:
     """Share of detections two pipelines agree on, over the same images: a detection agrees when the
     other pipeline has one of the same class with mask IoU > ``mask_iou`` (matched one to one, in
-    decreasing score). Returns ``{"agree": share of the larger list, "max_score_diff": over matches}``."""
+    decreasing score; two empty masks are the same mask: IoU 1). Returns ``{"agree": share of the
+    larger list, "max_score_diff": over matches}``."""
     from samantics_d2.modeling.semantic import mask_iou_matrix
 
     matched, total, score_diff = 0, 0, 0.0
@@ -942,6 +943,8 @@ def detection_agreement(ours: Sequence[dict], theirs: Sequence[dict], *, mask_io
         if not len(a) or not len(b):
             continue
         ious = mask_iou_matrix(a.pred_masks, b.pred_masks)
+        empty_a, empty_b = (~m.pred_masks.flatten(1).any(dim=1) for m in (a, b))
+        ious[empty_a[:, None] & empty_b[None]] = 1.0  # 0 / 0 otherwise
         ious[a.pred_classes[:, None] != b.pred_classes[None]] = 0
         taken = torch.zeros(len(b), dtype=torch.bool)
         for i in torch.argsort(a.scores, descending=True).tolist():
