@@ -15,10 +15,11 @@ __all__ = [
 
 _MISSING = object()
 
-# What the user tools (tools/segment.py, the web app) change in a training-free config, before the
-# user's own overrides (which win): a detection whose mask is empty at the image size is neither
-# drawn (it would be a labelled box at the origin) nor written. Evaluation (train_net.py) keeps the
-# config as written: No Time to Train's code keeps such detections.
+# What the user tools (tools/segment.py, the web app) change in a config whose model takes the
+# option (TrainingFreeSegmenter; other models, e.g. RefSAM, are left as written), before the user's
+# own overrides (which win): a detection whose mask is empty at the image size is neither drawn (it
+# would be a labelled box at the origin) nor written. Evaluation (train_net.py) keeps the config as
+# written: No Time to Train's code keeps such detections.
 USER_TOOL_OVERRIDES = ("model.drop_empty_masks=True",)
 
 
@@ -65,6 +66,15 @@ def _target_parameter(node: Any, name: str) -> Any:
         keyword = params[name].kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
         return params[name] if keyword else _MISSING
     return None if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) else _MISSING
+
+
+def _declares(cfg: DictConfig, key: str) -> bool:
+    """Whether ``cfg`` holds the dotted ``key``, or the call of its parent node names it as a parameter."""
+    if OmegaConf.select(cfg, key, default=_MISSING, throw_on_missing=False) is not _MISSING:
+        return True
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key, default=None) if parent_key else cfg
+    return isinstance(_target_parameter(parent, leaf), inspect.Parameter)
 
 
 def _target_accepts(node: Any, name: str) -> bool:
@@ -151,12 +161,14 @@ def load_config(config_file: str, overrides: Sequence[str] = (), *, user_tool: b
     (:func:`check_override_keys`: a misspelt key or a wrong type fails here, naming it) and applied.
 
     ``user_tool``: the config of a tool that shows results to a user (tools/segment.py, the web app):
-    :data:`USER_TOOL_OVERRIDES` go first, so the user's own ``overrides`` win.
+    each of :data:`USER_TOOL_OVERRIDES` whose key the config holds or its call declares by name (not
+    through ``**kwargs``) goes first, so the user's own ``overrides`` win.
     """
     from .d2 import LazyConfig
 
-    overrides = [*(USER_TOOL_OVERRIDES if user_tool else ()), *overrides]
     cfg = LazyConfig.load(config_file)
+    tool = [o for o in USER_TOOL_OVERRIDES if _declares(cfg, o.split("=", 1)[0])] if user_tool else []
+    overrides = [*tool, *overrides]
     check_override_keys(cfg, overrides)
     return LazyConfig.apply_overrides(cfg, overrides)
 

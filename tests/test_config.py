@@ -64,6 +64,9 @@ def test_user_tools_drop_empty_masks_unless_the_user_says_otherwise():
     assert load_config(config).model.drop_empty_masks is False  # as written (No Time to Train's)
     assert load_config(config, user_tool=True).model.drop_empty_masks is True
     assert load_config(config, ["model.drop_empty_masks=False"], user_tool=True).model.drop_empty_masks is False
+    # a model without the option (RefSAM, built through **options) is left as written: segment.py runs it
+    ref_sam = os.path.join(HERE, os.pardir, "configs", "ref_sam", "tiny_shapes.py")
+    assert "drop_empty_masks" not in load_config(ref_sam, user_tool=True).model
 
 
 def test_override_of_lazycall_argument_left_at_default():

@@ -67,9 +67,9 @@ class _ThinAndThickProposals(torch.nn.Module):
         side = real.mask_logits.shape[-1]
         logits = torch.full((8, side, side), -10.0)
         for i in range(4):
-            row, col = 1 + 4 * i, 2 + 3 * i  # the image (64 of 128 input px) is the grid's top-left half
-            logits[i, row : row + 2, col : col + 2] = 10.0  # a square
-            logits[4 + i, row + 2, 0 : side // 2] = 10.0  # a line
+            row, col = 1 + 4 * i, 2 + 3 * i  # the 64 px image fills the 32 x 32 grid: a cell is 2 image px
+            logits[i, row : row + 2, col : col + 2] = 10.0  # a square, 4 x 4 image px
+            logits[4 + i, row + 2, 0 : side // 2] = 10.0  # a line, 2 image px high
         count = len(logits)
         return MaskProposals(mask_logits=logits, iou_pred=torch.linspace(0.9, 0.5, count), stability=torch.ones(count),
                              points=torch.zeros(count, 2), fit=real.fit)

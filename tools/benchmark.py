@@ -355,12 +355,13 @@ def load_config(config_file: str, opts: Sequence[str] = ()):
     overrides are checked first (a misspelt key or a wrong type fails here, naming it), the weight
     files the config needs must exist, and torch is seeded with ``train.seed`` when it is >= 0."""
     import samantics_d2  # noqa: F401  (registers datasets and components)
-    from samantics_d2.config import check_weights_available, load_config
+    from samantics_d2.config import check_weights_available
+    from samantics_d2.config import load_config as load_checked_config
 
     flags = [o for o in opts if o.startswith("--")]
     if flags:
         raise SystemExit(f"{flags} came after the KEY=VALUE overrides; give the tool's options before them.")
-    cfg = load_config(config_file, opts)
+    cfg = load_checked_config(config_file, opts)
     check_weights_available(cfg, config_file)
     if cfg.train.seed >= 0:
         torch.manual_seed(cfg.train.seed)

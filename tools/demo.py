@@ -82,10 +82,10 @@ def _duration(seconds: float) -> str:
 
 
 def load_sam_config(config_file: str, overrides: list[str]):
-    """``config_file`` (relative to the project folder) with ``overrides`` applied."""
-    from samantics_d2.d2 import LazyConfig
+    """``config_file`` (relative to the project folder) with ``overrides`` checked and applied."""
+    from samantics_d2.config import load_config
 
-    return LazyConfig.apply_overrides(LazyConfig.load(os.path.join(ROOT, config_file)), overrides)
+    return load_config(os.path.join(ROOT, config_file), overrides)
 
 
 def config_fingerprint(cfg) -> str:
